@@ -1,0 +1,260 @@
+"""The ``hpo`` command line. Flags follow the ``optuna`` CLI's names (``--storage``, ``--study-name``)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import json
+import sys
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import optuna
+
+from hpo import inspect as inspect_
+from hpo.errors import HpoError
+from hpo.launcher import check_sqlite_limit, cuda_device_count, parse_gpus, plan_slots, run_children
+from hpo.spec import StudySpec, load_study_file
+from hpo.storage import HeartbeatSettings, is_sqlite, open_storage, redact, resolve_storage_url
+from hpo.studies import adopt_study, create_study, load_study_spec
+from hpo.worker import Worker, WorkerOptions
+
+STORAGE_HELP = (
+    "SQLAlchemy URL of the study database (or grpc://HOST:PORT for hpo serve-storage). "
+    "Defaults to $OPTUNA_STORAGE, then sqlite:///storage/hpo.db"
+)
+
+
+def _add_storage(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--storage", default=None, help=STORAGE_HELP)
+
+
+def cmd_create_study(args: argparse.Namespace) -> int:
+    spec = load_study_file(args.study_file)
+    url = resolve_storage_url(args.storage)
+    storage = open_storage(url)
+    study, created = create_study(storage, spec, args.study_name, args.skip_if_exists)
+    verb = "created" if created else "exists, definition unchanged:"
+    print(f"study {study.study_name!r} {verb} in {redact(url)} ({spec.n_trials} trials queued by design)")
+    return 0
+
+
+def _worker_study(
+    args: argparse.Namespace, storage: optuna.storages.BaseStorage
+) -> tuple[optuna.Study, StudySpec]:
+    if args.study_file and args.spec:
+        raise HpoError("give the study file either as STUDY_FILE or as --spec, not both")
+    if args.study_file:
+        spec = load_study_file(args.study_file)
+        create_study(storage, spec, args.study_name, skip_if_exists=True)
+        return load_study_spec(storage, args.study_name or spec.name)
+    if not args.study_name:
+        raise HpoError(
+            "hpo worker needs a STUDY_FILE or --study-name NAME "
+            "(fix: e.g. hpo worker studies/digits_quickstart.yaml)"
+        )
+    if args.spec:
+        adopt_study(storage, args.study_name, load_study_file(args.spec))
+    return load_study_spec(storage, args.study_name)
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    url = resolve_storage_url(args.storage)
+    heartbeat = HeartbeatSettings(args.heartbeat_interval, args.grace_period, args.max_retry)
+    if heartbeat.interval < 1 or heartbeat.grace_period <= heartbeat.interval:
+        raise HpoError("--grace-period must exceed --heartbeat-interval, and both must be >= 1 second")
+    storage = open_storage(url, heartbeat)
+    study, spec = _worker_study(args, storage)
+    if args.backend == "ray":
+        from hpo.ray_backend import run_on_ray
+
+        return run_on_ray(study, spec, url, args)
+    gpus = parse_gpus(args.gpus, cuda_device_count())
+    slots = plan_slots(gpus, args.trials_per_gpu)
+    check_sqlite_limit(len(slots), is_sqlite(url))
+    if len(slots) > 1:
+        child_args = [
+            "--study-name",
+            study.study_name,
+            "--storage",
+            url,
+            "--gpus",
+            "all",
+            "--heartbeat-interval",
+            str(args.heartbeat_interval),
+            "--grace-period",
+            str(args.grace_period),
+            "--max-retry",
+            str(args.max_retry),
+            "--max-consecutive-failures",
+            str(args.max_consecutive_failures),
+        ]
+        if args.n_trials is not None:
+            child_args += ["--n-trials", str(args.n_trials)]
+        if args.timeout is not None:
+            child_args += ["--timeout", str(args.timeout)]
+        print(f"starting {len(slots)} worker processes: {', '.join(s.label for s in slots)}")
+        return run_children(slots, child_args)
+    slot = slots[0]
+    options = WorkerOptions(
+        n_trials=args.n_trials,
+        timeout=args.timeout,
+        device="cpu" if slot.gpu is None else f"cuda:{slot.gpu}",
+        label=args.slot_label or "",
+        max_consecutive_failures=args.max_consecutive_failures,
+        checkpoint_root=Path(args.checkpoint_dir),
+        show_progress=not args.no_progress,
+    )
+    summary = Worker(study, spec, options).run()
+    return 1 if summary.stopped_because.startswith(f"{options.max_consecutive_failures} consecutive") else 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    storage = open_storage(resolve_storage_url(args.storage))
+    if args.study_name:
+        study, spec = load_study_spec(storage, args.study_name)
+        inspect_.print_status(study, spec.n_trials)
+    else:
+        inspect_.print_studies(storage)
+    return 0
+
+
+def cmd_best(args: argparse.Namespace) -> int:
+    storage = open_storage(resolve_storage_url(args.storage))
+    study = inspect_.load(storage, args.study_name)
+    best = inspect_.best_trial(study)
+    if args.json:
+        print(json.dumps(best, indent=2, default=str))
+    else:
+        print(f"best trial {best['number']}: {best['value']:.6g}")
+        for name, value in best["params"].items():
+            print(f"  {name}: {value}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    storage = open_storage(resolve_storage_url(args.storage))
+    study = inspect_.load(storage, args.study_name)
+    text = inspect_.export(study, args.format)
+    if args.output:
+        Path(args.output).write_text(text)
+        print(f"wrote {len(study.trials)} trials to {args.output}")
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hpo",
+        description="Hyperparameter optimisation for PyTorch: "
+        "studies in files, trials in a database, workers anywhere.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser(
+        "create-study", help="create a study from a study file (definition stored, trials queued)"
+    )
+    p.add_argument("study_file", help="path to a study file, e.g. studies/digits_quickstart.yaml")
+    _add_storage(p)
+    p.add_argument("--study-name", default=None, help="name in the storage (default: the file's name:)")
+    p.add_argument(
+        "--skip-if-exists", action="store_true", help="reuse an existing study with the same definition"
+    )
+    p.set_defaults(func=cmd_create_study)
+
+    p = sub.add_parser("worker", help="pull trials of a study from the storage and train them")
+    p.add_argument("study_file", nargs="?", default=None, help="study file (creates the study if missing)")
+    p.add_argument("--study-name", default=None, help="run an existing study by name")
+    p.add_argument("--spec", default=None, help="study file to adopt a study made by `optuna create-study`")
+    _add_storage(p)
+    p.add_argument(
+        "--n-trials", type=int, default=None, help="stop this worker (each process) after N trials"
+    )
+    p.add_argument("--timeout", type=float, default=None, help="start no new trial after SECONDS")
+    p.add_argument("--gpus", default="all", help="all (default), none, or indices like 0,1")
+    p.add_argument("--trials-per-gpu", type=int, default=1, help="trials run side by side on each GPU")
+    p.add_argument(
+        "--heartbeat-interval", type=int, default=10, help="seconds between heartbeats (default 10)"
+    )
+    p.add_argument(
+        "--grace-period",
+        type=int,
+        default=30,
+        help="seconds without heartbeat before a trial is failed and retried (default 30)",
+    )
+    p.add_argument(
+        "--max-retry", type=int, default=3, help="retries of a trial whose worker died (default 3)"
+    )
+    p.add_argument(
+        "--max-consecutive-failures",
+        type=int,
+        default=5,
+        help="stop the worker after this many failed trials in a row (default 5)",
+    )
+    p.add_argument("--checkpoint-dir", default="storage/checkpoints", help="where trials keep checkpoints")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar, one line per trial")
+    p.add_argument(
+        "--backend",
+        choices=["workers", "ray"],
+        default="workers",
+        help="workers (default): this process pulls trials; ray: run trials as Ray Tune trials",
+    )
+    p.add_argument("--address", default=None, help="Ray cluster address (with --backend ray; default: local)")
+    p.add_argument(
+        "--gpus-per-trial",
+        type=float,
+        default=None,
+        help="fraction of a GPU per Ray trial (with --backend ray)",
+    )
+    p.add_argument("--slot-label", default=None, help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("status", help="trials by state, best so far, running trials and their workers")
+    p.add_argument("study_name", nargs="?", default=None, help="a study (default: list all studies)")
+    _add_storage(p)
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("best", help="the best trial's value and parameters")
+    p.add_argument("study_name")
+    _add_storage(p)
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_best)
+
+    p = sub.add_parser("export", help="every trial as CSV or JSON")
+    p.add_argument("study_name")
+    _add_storage(p)
+    p.add_argument("--format", choices=["csv", "json"], default="csv")
+    p.add_argument("--output", "-o", default=None, help="file to write (default: standard output)")
+    p.set_defaults(func=cmd_export)
+
+    for module_name in COMMAND_MODULES:
+        if importlib.util.find_spec(module_name) is not None:  # TODO(spine): drop once all modules landed
+            importlib.import_module(module_name).register(sub)
+    return parser
+
+
+# Modules that contribute sub-commands: each has ``register(subparsers) -> None``.
+COMMAND_MODULES = ("hpo.dashboard", "hpo.serve_storage", "hpo.retrain", "hpo.compare")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning, module="optuna")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except HpoError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""Turning ``--gpus`` and ``--trials-per-gpu`` into worker processes.
+
+Each GPU slot is a child ``hpo worker`` process pinned to one GPU with ``CUDA_VISIBLE_DEVICES``;
+K slots per GPU run K trials side by side on it. Without GPUs the worker runs in this process on
+the CPU. The parent forwards SIGINT/SIGTERM to its children so that each records its running
+trial before exiting.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from types import FrameType
+
+from hpo.errors import HpoError
+
+# SQLite has one writer lock per database file. Measured by tests/test_sqlite_limit.py: 4 worker
+# processes on one SQLite file record every trial exactly once with the busy timeout hpo sets;
+# beyond that the lock queue grows with every heartbeat and report, so hpo refuses more and
+# points to PostgreSQL.
+SQLITE_MAX_WORKER_PROCESSES = 4
+
+
+@dataclass(frozen=True)
+class Slot:
+    gpu: int | None  # physical GPU index, None for the CPU
+    index: int  # slot number on that GPU
+
+    @property
+    def label(self) -> str:
+        return "cpu" if self.gpu is None else f"gpu{self.gpu}.{self.index}"
+
+
+def cuda_device_count() -> int:
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is a dependency
+        return 0
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def parse_gpus(value: str, available: int) -> list[int]:
+    """``all`` (every visible GPU), ``none``, or a comma-separated list of indices."""
+    value = value.strip().lower()
+    if value == "none":
+        return []
+    if value == "all":
+        return list(range(available))
+    try:
+        indices = [int(part) for part in value.split(",") if part.strip()]
+    except ValueError:
+        raise HpoError(f"--gpus {value!r}: expected all, none or indices like 0,1") from None
+    for index in indices:
+        if not 0 <= index < available:
+            raise HpoError(
+                f"--gpus {value}: GPU {index} does not exist; this machine has {available} visible GPU(s) "
+                "(fix: use --gpus all, --gpus none or an index below the count)"
+            )
+    if len(set(indices)) != len(indices):
+        raise HpoError(f"--gpus {value}: a GPU is listed twice (fix: use --trials-per-gpu for several slots)")
+    return indices
+
+
+def plan_slots(gpus: Sequence[int], trials_per_gpu: int) -> list[Slot]:
+    if trials_per_gpu < 1:
+        raise HpoError(f"--trials-per-gpu must be at least 1, got {trials_per_gpu}")
+    if not gpus:
+        return [Slot(None, 0)]
+    return [Slot(gpu, k) for gpu in gpus for k in range(trials_per_gpu)]
+
+
+def check_sqlite_limit(n_processes: int, storage_is_sqlite: bool) -> None:
+    if storage_is_sqlite and n_processes > SQLITE_MAX_WORKER_PROCESSES:
+        raise HpoError(
+            f"{n_processes} worker processes on an SQLite storage exceed the safe limit of "
+            f"{SQLITE_MAX_WORKER_PROCESSES} (fix: use PostgreSQL, e.g. --storage "
+            "postgresql+psycopg://user@host/db, or fewer --gpus/--trials-per-gpu)"
+        )
+
+
+def run_children(slots: Sequence[Slot], child_args: Sequence[str]) -> int:
+    """Start one ``hpo worker`` per slot and wait for all; the worst exit status is returned."""
+    children: list[subprocess.Popen[bytes]] = []
+    for slot in slots:
+        env = dict(os.environ)
+        env["CUDA_VISIBLE_DEVICES"] = "" if slot.gpu is None else str(slot.gpu)
+        args = [sys.executable, "-m", "hpo", "worker", *child_args, "--slot-label", slot.label]
+        children.append(subprocess.Popen(args, env=env))
+
+    def forward(signum: int, frame: FrameType | None) -> None:
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        codes = [child.wait() for child in children]
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+    return max(codes, key=abs) if codes else 0

@@ -1,0 +1,257 @@
+"""The contract between hpo and training code.
+
+An objective is an :class:`Objective`: a ``train(run) -> float`` function plus, optionally, a
+pydantic model of the options it understands (``config``) and of its dataset settings (``data``).
+Every option can be fixed in the study file's ``settings:`` or searched in its search space; the
+objective sees both merged in ``run.config``. A training loop looks like::
+
+    def train(run: TrialRun) -> float:
+        model, optimizer, scheduler = build(run.config, run.device)
+        for epoch in range(1, run.max_epochs + 1):
+            train_one_epoch(model, optimizer, ...)
+            metrics = evaluate(model, ...)            # {"val_loss": ..., "val_acc": ...}
+            if run.report(epoch, metrics):            # records, prunes (raises), early-stops
+                break
+        return run.final_value()
+
+``run.report`` stores every epoch's metrics with the trial, reports the study metric to the
+pruner (raising ``optuna.TrialPruned`` when the pruner says so) and returns True when the study's
+early-stopping rule says training should stop.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from collections.abc import Callable, Mapping, MutableMapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import optuna
+from pydantic import BaseModel, ValidationError
+
+from hpo.errors import SpecError
+
+# System attribute a sampler may set on a trial (in ``before_trial``) to give that trial its own
+# epoch budget; multi-fidelity samplers such as BOHB use it. Absent: the study's max_epochs.
+BUDGET_ATTR = "hpo:budget"
+
+if TYPE_CHECKING:
+    from hpo.spec import EarlyStoppingSpec, StudySpec
+
+
+@dataclass(frozen=True)
+class Objective:
+    """Training code plus the options it accepts.
+
+    ``config`` validates ``settings`` merged with a configuration of the search space; ``data``
+    validates the study file's ``data:`` section. Both are checked when the study file is loaded,
+    before any training starts.
+    """
+
+    train: Callable[[TrialRun], float]
+    config: type[BaseModel] | None = None
+    data: type[BaseModel] | None = None
+    description: str = ""
+
+
+class EarlyStopping:
+    """Pure early-stopping rules over the sequence of a trial's metric values."""
+
+    def __init__(self, spec: EarlyStoppingSpec, direction: str) -> None:
+        self.spec = spec
+        self.sign = 1.0 if direction == "minimize" else -1.0  # sign * value: lower is better
+        self.values: list[float] = []
+        self._result: float | None = None
+
+    def _better(self, a: float, b: float, delta: float = 0.0) -> bool:
+        return self.sign * a < self.sign * b - delta
+
+    def update(self, value: float) -> bool:
+        """Record one epoch's value; True when training should stop now."""
+        self.values.append(value)
+        if self.spec.rule == "consecutive_worse" and len(self.values) >= 3:
+            before, first, second = self.values[-3:]
+            if self._better(before, first) and self._better(before, second):
+                self._result = first if self._better(second, first) else second
+                return True
+        if self.spec.rule == "patience":
+            best_index = self._best_index()
+            if len(self.values) - 1 - best_index >= self.spec.patience:
+                self._result = self.values[best_index]
+                return True
+        return False
+
+    def _best_index(self) -> int:
+        best = 0
+        for i, value in enumerate(self.values):
+            if self._better(value, self.values[best], self.spec.min_delta):
+                best = i
+        return best
+
+    @property
+    def stopped(self) -> bool:
+        return self._result is not None
+
+    def result(self) -> float:
+        """The trial's value: the rule's value when it stopped training, else as the rule scores."""
+        if not self.values:
+            raise RuntimeError("no epoch was reported")
+        if self._result is not None:
+            return self._result
+        if self.spec.rule == "patience":
+            return self.values[self._best_index()]
+        return self.values[-1]
+
+
+@dataclass
+class TrialRun:
+    """What an objective gets for one trial."""
+
+    trial: optuna.Trial
+    spec: StudySpec
+    params: dict[str, Any]
+    max_epochs: int
+    device: str
+    checkpoint_dir: Path
+    cache: MutableMapping[str, Any]
+    on_epoch: Callable[[int, Mapping[str, float]], None] | None = None
+    _stopper: EarlyStopping = field(init=False)
+    _history: dict[str, list[float]] = field(init=False, default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self._stopper = EarlyStopping(self.spec.early_stopping, self.spec.direction)
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """The study's fixed settings overlaid with this trial's parameters."""
+        return self.spec.config_for(self.params)
+
+    @property
+    def data(self) -> dict[str, Any]:
+        return dict(self.spec.data)
+
+    @property
+    def seed(self) -> int:
+        return self.spec.seed
+
+    @property
+    def number(self) -> int:
+        return self.trial.number
+
+    def report(self, epoch: int, metrics: Mapping[str, float]) -> bool:
+        """Record epoch ``epoch`` (1-based); prune or early-stop. Returns True to stop training."""
+        if self.spec.metric not in metrics:
+            raise KeyError(
+                f"the objective reported {sorted(metrics)} but the study's metric is {self.spec.metric!r}"
+            )
+        value = float(metrics[self.spec.metric])
+        if not math.isfinite(value):
+            raise FloatingPointError(f"{self.spec.metric} is {value} at epoch {epoch}")
+        for name, metric in metrics.items():
+            self._history.setdefault(name, []).append(float(metric))
+        self.trial.set_user_attr("metrics", self._history)
+        self.trial.set_user_attr("epochs_done", epoch)
+        self.trial.report(value, epoch)
+        if self.on_epoch is not None:
+            self.on_epoch(epoch, metrics)
+        if self.trial.should_prune():
+            raise optuna.TrialPruned(f"pruned at epoch {epoch} with {self.spec.metric}={value:.6g}")
+        return self._stopper.update(value)
+
+    def final_value(self) -> float:
+        return self._stopper.result()
+
+    @property
+    def history(self) -> dict[str, list[float]]:
+        """Every metric reported so far, one value per epoch."""
+        return {name: list(values) for name, values in self._history.items()}
+
+    def resume(self, history: Mapping[str, list[float]]) -> int:
+        """Re-record the epochs restored from a checkpoint (no pruning decision on them).
+
+        Returns the number of epochs already done, so the loop continues after them.
+        """
+        values = list(history.get(self.spec.metric, []))
+        for epoch, value in enumerate(values, start=1):
+            self.trial.report(value, epoch)
+            self._stopper.update(value)
+        self._history = {name: list(v) for name, v in history.items()}
+        self.trial.set_user_attr("metrics", self._history)
+        self.trial.set_user_attr("resumed_from_epoch", len(values))
+        return len(values)
+
+
+def _known_objectives() -> Mapping[str, str]:
+    from objectives import REGISTRY
+
+    return REGISTRY
+
+
+def resolve_objective(name: str, source: str = "study file") -> Objective:
+    """An objective from the registry in ``objectives/`` or a ``package.module:attribute`` path."""
+    registry = _known_objectives()
+    target = registry.get(name, name)
+    if ":" not in target:
+        raise SpecError(
+            source,
+            "objective",
+            f"unknown objective {name!r}",
+            f"use one of {', '.join(sorted(registry))} or module.path:attribute",
+        )
+    module_name, _, attribute = target.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        raise SpecError(
+            source,
+            "objective",
+            f"cannot import module {module_name!r} ({exc})",
+            "check the module path and that it is installed",
+        ) from None
+    obj = getattr(module, attribute, None)
+    if obj is None:
+        raise SpecError(source, "objective", f"module {module_name!r} has no attribute {attribute!r}")
+    if isinstance(obj, Objective):
+        return obj
+    if callable(obj):
+        return Objective(train=obj)
+    raise SpecError(source, "objective", f"{target} is neither an Objective nor a function")
+
+
+def _check_model(model: type[BaseModel], values: Mapping[str, Any], source: str, section: str) -> None:
+    known = set(model.model_fields)
+    for key in values:
+        if key not in known:
+            raise SpecError(
+                source,
+                f"{section}.{key}",
+                "is not an option of this objective",
+                f"known options: {', '.join(sorted(known))}",
+            )
+    try:
+        model.model_validate(dict(values))
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        loc = ".".join(str(p) for p in first["loc"])
+        raise SpecError(source, f"{section}.{loc}" if loc else section, first["msg"]) from None
+
+
+def check_objective(spec: StudySpec, source: str) -> Objective:
+    """Resolve the objective and check the study's settings and space against its options."""
+    objective = resolve_objective(spec.objective, source)
+    if objective.config is not None:
+        known = set(objective.config.model_fields)
+        for name in spec.space.names:
+            if name not in known:
+                raise SpecError(
+                    source,
+                    f"search_space.{name}",
+                    "is not an option of this objective",
+                    f"known options: {', '.join(sorted(known))}",
+                )
+        _check_model(objective.config, spec.settings, source, "settings")
+    if objective.data is not None:
+        _check_model(objective.data, spec.data, source, "data")
+    return objective

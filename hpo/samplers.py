@@ -1,0 +1,101 @@
+"""Factories from a study file's ``sampler:`` and ``pruner:`` sections to Optuna objects.
+
+Each sampler is built by a function in :data:`SAMPLER_BUILDERS`; adding an algorithm (BOHB, say)
+means adding one entry. Builders receive the options from the study file verbatim, so every
+keyword of the Optuna class is available, and an unknown keyword is reported at load time.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any
+
+import optuna
+from optuna.pruners import BasePruner
+from optuna.samplers import BaseSampler
+
+if TYPE_CHECKING:
+    from hpo.spec import PrunerSpec, StudySpec
+
+SamplerBuilder = Callable[[dict[str, Any], int | None, "StudySpec"], BaseSampler]
+
+
+def _random(options: dict[str, Any], seed: int | None, spec: StudySpec) -> BaseSampler:
+    return optuna.samplers.RandomSampler(seed=seed, **options)
+
+
+def _grid(options: dict[str, Any], seed: int | None, spec: StudySpec) -> BaseSampler:
+    # Grid points are queued as WAITING trials with fixed parameters when the study is created,
+    # so workers pop each point exactly once; the sampler itself is never asked for a value.
+    # (Optuna's GridSampler would pick points per process and repeat them under parallel workers.)
+    if options:
+        raise TypeError(f"the grid sampler takes no options, got {sorted(options)}")
+    return optuna.samplers.RandomSampler(seed=seed)
+
+
+def _tpe(options: dict[str, Any], seed: int | None, spec: StudySpec) -> BaseSampler:
+    defaults: dict[str, Any] = {
+        # Running trials of other workers count as bad results, so parallel workers spread out.
+        "constant_liar": True,
+    }
+    if spec.space.is_conditional:
+        # Multivariate TPE with groups handles conditional (tree-structured) spaces.
+        defaults.update(multivariate=True, group=True)
+    return optuna.samplers.TPESampler(seed=seed, **{**defaults, **options})
+
+
+def _gp(options: dict[str, Any], seed: int | None, spec: StudySpec) -> BaseSampler:
+    return optuna.samplers.GPSampler(seed=seed, **options)
+
+
+def _cmaes(options: dict[str, Any], seed: int | None, spec: StudySpec) -> BaseSampler:
+    return optuna.samplers.CmaEsSampler(seed=seed, **options)
+
+
+SAMPLER_BUILDERS: Mapping[str, SamplerBuilder] = MappingProxyType(
+    {"grid": _grid, "random": _random, "tpe": _tpe, "gp": _gp, "cmaes": _cmaes}
+)
+
+
+def make_sampler(spec: StudySpec, seed: int | None = None) -> BaseSampler:
+    """Build the study's sampler; ``seed`` overrides the file's seed (workers derive per-trial seeds)."""
+    builder = SAMPLER_BUILDERS[spec.sampler.name]
+    return builder(dict(spec.sampler.options), spec.sampler_seed if seed is None else seed, spec)
+
+
+def make_pruner(pruner: PrunerSpec, max_epochs: int) -> BasePruner:
+    options = dict(pruner.options)
+    name = pruner.name
+    if name == "none":
+        if options:
+            raise TypeError(f"pruner none takes no options, got {sorted(options)}")
+        return optuna.pruners.NopPruner()
+    if name == "median":
+        return optuna.pruners.MedianPruner(**options)
+    if name == "percentile":
+        if "percentile" not in options:
+            raise TypeError("pruner percentile needs options.percentile, e.g. 25.0")
+        return optuna.pruners.PercentilePruner(**options)
+    if name == "successive_halving":
+        return optuna.pruners.SuccessiveHalvingPruner(**options)
+    if name == "hyperband":
+        options.setdefault("min_resource", 1)
+        options.setdefault("max_resource", max_epochs)
+        return optuna.pruners.HyperbandPruner(**options)
+    if name == "patient":
+        if "patience" not in options:
+            raise TypeError("pruner patient needs options.patience, e.g. 3")
+        wrapped = make_pruner(pruner.wrapped, max_epochs) if pruner.wrapped is not None else None
+        return optuna.pruners.PatientPruner(wrapped, **options)
+    raise TypeError(f"unknown pruner {name!r}")  # unreachable: PrunerSpec.name is a Literal
+
+
+def accepted_keywords(factory: Callable[..., Any]) -> list[str]:
+    """Keyword names a sampler or pruner class accepts (for error hints)."""
+    return [
+        name
+        for name, p in inspect.signature(factory).parameters.items()
+        if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and name not in {"self", "seed"}
+    ]

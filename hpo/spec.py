@@ -1,0 +1,243 @@
+"""Study files: typed, frozen, validated once at load time.
+
+A study file names the objective, its fixed settings, the search space (a file reference or
+inline), the metric and direction, the sampler, the pruner, the budget and the early-stopping
+rule. :func:`load_study_file` turns it into a :class:`StudySpec` or raises one :class:`SpecError`
+naming the file, the field and the fix. The *definition* (:meth:`StudySpec.definition`) is the
+resolved file with its search space inlined; it is stored with the study so that any worker can
+run the study from the storage URL and the study name alone.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
+
+from hpo.errors import SpecError
+from hpo.samplers import SAMPLER_BUILDERS, make_pruner, make_sampler
+from hpo.space import SearchSpace, grid_points, parse_space, space_to_dict
+
+PRUNER_NAMES = ("none", "median", "percentile", "successive_halving", "hyperband", "patient")
+_STUDY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-/]*$")
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class SamplerSpec(_Frozen):
+    name: str
+    seed: int | None = None
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class PrunerSpec(_Frozen):
+    name: Literal["none", "median", "percentile", "successive_halving", "hyperband", "patient"] = "none"
+    options: dict[str, Any] = Field(default_factory=dict)
+    wrapped: PrunerSpec | None = None
+
+
+class BudgetSpec(_Frozen):
+    max_epochs: PositiveInt
+    min_epochs: PositiveInt = 1
+
+    @model_validator(mode="after")
+    def _ordered(self) -> BudgetSpec:
+        if self.min_epochs > self.max_epochs:
+            raise ValueError("min_epochs must not exceed max_epochs")
+        return self
+
+
+class EarlyStoppingSpec(_Frozen):
+    """``consecutive_worse`` is report 002's rule: stop once two consecutive epochs are both worse
+    than the epoch before them, and score the trial by the worse of those two. ``patience`` stops
+    after ``patience`` epochs without an improvement larger than ``min_delta`` and scores the best.
+    """
+
+    rule: Literal["none", "consecutive_worse", "patience"] = "none"
+    patience: PositiveInt = 3
+    min_delta: float = Field(default=0.0, ge=0.0)
+
+
+class StudySpec(_Frozen):
+    model_config = ConfigDict(frozen=True, extra="forbid", arbitrary_types_allowed=True)
+
+    name: str
+    description: str = ""
+    objective: str
+    data: dict[str, Any] = Field(default_factory=dict)
+    settings: dict[str, Any] = Field(default_factory=dict)
+    space: SearchSpace
+    metric: str
+    direction: Literal["minimize", "maximize"]
+    n_trials: PositiveInt
+    budget: BudgetSpec
+    seed: int = 0
+    sampler: SamplerSpec
+    pruner: PrunerSpec = Field(default_factory=PrunerSpec)
+    early_stopping: EarlyStoppingSpec = Field(default_factory=EarlyStoppingSpec)
+
+    @property
+    def sampler_seed(self) -> int:
+        return self.sampler.seed if self.sampler.seed is not None else self.seed
+
+    def definition(self) -> dict[str, Any]:
+        """The resolved, JSON-ready definition stored with the study."""
+        data = self.model_dump(mode="json", exclude={"space"})
+        data["search_space"] = space_to_dict(self.space)
+        return data
+
+    def config_for(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        """Fixed settings overlaid with a trial's sampled parameters."""
+        return {**self.settings, **params}
+
+
+# --------------------------------------------------------------------------- loading
+
+_TOP_LEVEL = (
+    "name, description, objective, data, settings, search_space, metric, direction, n_trials, "
+    "budget, seed, sampler, pruner, early_stopping"
+)
+
+
+def _read_yaml(path: Path, what: str) -> Any:
+    if not path.is_file():
+        raise SpecError(
+            str(path), "", f"{what} not found", "check the path (relative to the current directory)"
+        )
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise SpecError(str(path), where, f"invalid YAML: {problem}", "fix the YAML syntax") from None
+
+
+def load_space_file(path: str | Path) -> SearchSpace:
+    path = Path(path)
+    return parse_space(_read_yaml(path, "search-space file"), str(path))
+
+
+def _pydantic_error(source: str, error: ValidationError) -> SpecError:
+    first = error.errors()[0]
+    loc = ".".join(str(part) for part in first["loc"])
+    if first["type"] == "extra_forbidden":
+        return SpecError(
+            source, loc, "unknown field", f"remove it or check its spelling; fields: {_TOP_LEVEL}"
+        )
+    if first["type"] == "missing":
+        return SpecError(source, loc, "is required", "add it to the study file")
+    message = first["msg"]
+    if message.startswith("Value error, "):
+        message = message.removeprefix("Value error, ")
+    return SpecError(source, loc, message)
+
+
+def parse_study(raw: Any, source: str, base_dir: Path | None = None) -> StudySpec:
+    """Validate a study mapping (from a file, or a stored definition) into a :class:`StudySpec`."""
+    if not isinstance(raw, Mapping):
+        raise SpecError(source, "", "a study file must be a YAML mapping", f"top-level fields: {_TOP_LEVEL}")
+    raw = dict(raw)
+    if "search_space" not in raw:
+        raise SpecError(source, "search_space", "is required", "search_space: ../search_spaces/NAME.yaml")
+    space_ref = raw.pop("search_space")
+    if isinstance(space_ref, str):
+        space_path = Path(space_ref)
+        if not space_path.is_absolute() and base_dir is not None:
+            space_path = base_dir / space_path
+        space = load_space_file(space_path)
+    else:
+        try:
+            space = parse_space(space_ref, source)
+        except SpecError as exc:
+            raise SpecError(source, f"search_space.{exc.field}".rstrip("."), exc.message, exc.hint) from None
+    for key in ("sampler", "pruner"):
+        if isinstance(raw.get(key), str):
+            raw[key] = {"name": raw[key]}
+    sampler_name = (raw.get("sampler") or {}).get("name") if isinstance(raw.get("sampler"), Mapping) else None
+    if sampler_name is not None and sampler_name not in SAMPLER_BUILDERS:
+        raise SpecError(
+            source,
+            "sampler.name",
+            f"unknown sampler {sampler_name!r}",
+            f"use one of {', '.join(SAMPLER_BUILDERS)}",
+        )
+    if sampler_name == "grid":
+        points = grid_points(space, source)
+        if raw.get("n_trials") is None:
+            raw["n_trials"] = len(points)
+        elif raw["n_trials"] != len(points):
+            raise SpecError(
+                source,
+                "n_trials",
+                f"is {raw['n_trials']} but the grid has {len(points)} points",
+                "remove n_trials for a grid study (it is the grid's size)",
+            )
+    if isinstance(raw.get("name"), str) and not _STUDY_NAME.match(raw["name"]):
+        raise SpecError(
+            source, "name", f"{raw['name']!r} is not a valid study name", "use letters, digits, _ . - /"
+        )
+    try:
+        spec = StudySpec(space=space, **raw)
+    except ValidationError as exc:
+        raise _pydantic_error(source, exc) from None
+    except TypeError as exc:
+        raise SpecError(source, "", str(exc)) from None
+    _check_factories(spec, source)
+    return spec
+
+
+def _check_factories(spec: StudySpec, source: str) -> None:
+    try:
+        make_sampler(spec)
+    except (TypeError, ValueError) as exc:
+        raise SpecError(
+            source, "sampler.options", str(exc), "see the Optuna sampler's keyword arguments"
+        ) from None
+    try:
+        make_pruner(spec.pruner, spec.budget.max_epochs)
+    except (TypeError, ValueError) as exc:
+        raise SpecError(
+            source, "pruner.options", str(exc), "see the Optuna pruner's keyword arguments"
+        ) from None
+
+
+def load_study_file(path: str | Path) -> StudySpec:
+    """Load and validate a study file; also checks the objective and its options."""
+    path = Path(path)
+    spec = parse_study(_read_yaml(path, "study file"), str(path), base_dir=path.parent)
+    from hpo.objective import check_objective  # local import: objectives import torch
+
+    check_objective(spec, str(path))
+    return spec
+
+
+def spec_from_definition(definition: Mapping[str, Any], source: str) -> StudySpec:
+    return parse_study(definition, source)
+
+
+def canonical(definition: Mapping[str, Any]) -> str:
+    """A stable text form of a definition; the study name is not part of what must match."""
+    return json.dumps({k: v for k, v in definition.items() if k != "name"}, sort_keys=True)
+
+
+def definition_diff(stored: Mapping[str, Any], given: Mapping[str, Any]) -> str:
+    """A unified diff between two definitions (empty when they are equivalent)."""
+    if canonical(stored) == canonical(given):
+        return ""
+
+    def dump(d: Mapping[str, Any]) -> list[str]:
+        clean = {k: v for k, v in d.items() if k != "name"}
+        return yaml.safe_dump(json.loads(json.dumps(clean)), sort_keys=True).splitlines()
+
+    return "\n".join(
+        difflib.unified_diff(dump(stored), dump(given), "stored definition", "study file", lineterm="")
+    )

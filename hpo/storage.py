@@ -1,0 +1,192 @@
+"""Where studies live: resolving, validating and opening Optuna storages.
+
+Studies are kept in Optuna's own relational schema (``RDBStorage``), so the ``optuna`` CLI and
+optuna-dashboard read everything hpo writes. The URL is resolved exactly like the ``optuna`` CLI
+does (``--storage``, then ``OPTUNA_STORAGE``), with hpo's default of an SQLite file under
+``storage/``. A ``grpc://host:port`` URL talks to ``hpo serve-storage`` (Optuna's gRPC proxy).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import os
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import optuna
+import sqlalchemy
+from optuna.storages import BaseStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
+from sqlalchemy.engine import URL, make_url
+
+from hpo.errors import StorageError
+
+DEFAULT_STORAGE = "sqlite:///storage/hpo.db"
+ENV_STORAGE = "OPTUNA_STORAGE"
+# SQLite serialises writers on one file lock; a generous busy timeout makes writers wait for it
+# instead of failing with "database is locked" while another worker commits.
+SQLITE_BUSY_TIMEOUT_S = 60
+_EXAMPLES = "sqlite:///storage/hpo.db or postgresql+psycopg://user:password@host:5432/dbname"
+
+
+@dataclass(frozen=True)
+class HeartbeatSettings:
+    """Heartbeats let a live worker prove a RUNNING trial is still being worked on.
+
+    A trial whose heartbeat is older than ``grace_period`` seconds is failed by whichever worker
+    notices first and re-queued (same parameters) up to ``max_retry`` times.
+    """
+
+    interval: int = 10
+    grace_period: int = 30
+    max_retry: int = 3
+
+
+def resolve_storage_url(cli_value: str | None) -> str:
+    """``--storage`` wins, then ``$OPTUNA_STORAGE``, then the SQLite default under ``storage/``."""
+    if cli_value:
+        return cli_value
+    return os.environ.get(ENV_STORAGE) or DEFAULT_STORAGE
+
+
+def is_grpc(url: str) -> bool:
+    return url.startswith("grpc://")
+
+
+def parse_url(url: str) -> URL:
+    """Validate a SQLAlchemy URL and pick psycopg 3 as PostgreSQL's driver when none is named."""
+    try:
+        parsed = make_url(url)
+    except sqlalchemy.exc.ArgumentError:
+        raise StorageError(f"storage URL {url!r} is not a database URL (fix: use {_EXAMPLES})") from None
+    backend = parsed.get_backend_name()
+    if backend not in {"sqlite", "postgresql", "mysql"}:
+        raise StorageError(
+            f"storage URL {url!r}: unsupported database {backend!r} "
+            f"(fix: use SQLite or PostgreSQL, e.g. {_EXAMPLES}; grpc://host:port for hpo serve-storage)"
+        )
+    if backend == "postgresql" and parsed.get_driver_name() == "psycopg2":
+        # Plain postgresql:// means psycopg2 to SQLAlchemy; hpo installs psycopg 3.
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    return parsed
+
+
+def sqlite_path(url: str) -> Path | None:
+    """The database file of an SQLite URL (None for other databases and in-memory SQLite)."""
+    if is_grpc(url):
+        return None
+    parsed = parse_url(url)
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+        return None
+    return Path(parsed.database)
+
+
+def is_sqlite(url: str) -> bool:
+    return not is_grpc(url) and parse_url(url).get_backend_name() == "sqlite"
+
+
+def redact(url: str) -> str:
+    """The URL with its password hidden, for messages and logs."""
+    if is_grpc(url):
+        return url
+    try:
+        return parse_url(url).render_as_string(hide_password=True)
+    except StorageError:
+        return url
+
+
+def open_storage(url: str, heartbeat: HeartbeatSettings | None = None) -> BaseStorage:
+    """Open (and on first use create) the storage behind ``url``.
+
+    Raises :class:`StorageError` with a one-line reason when the URL is malformed, the driver is
+    missing or the server cannot be reached.
+    """
+    if is_grpc(url):
+        return _open_grpc(url)
+    parsed = parse_url(url)
+    engine_kwargs: dict[str, object] = {}
+    if parsed.get_backend_name() == "sqlite":
+        path = sqlite_path(url)
+        if path is not None:
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise StorageError(
+                    f"storage URL {url!r}: cannot create {path.parent}: {exc.strerror}"
+                ) from None
+        engine_kwargs["connect_args"] = {"timeout": SQLITE_BUSY_TIMEOUT_S}
+    else:
+        engine_kwargs["pool_pre_ping"] = True
+    try:
+        with warnings.catch_warnings():
+            # heartbeat_interval and the retry callback are flagged experimental by Optuna.
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return RDBStorage(
+                parsed.render_as_string(hide_password=False),
+                engine_kwargs=engine_kwargs,
+                heartbeat_interval=heartbeat.interval if heartbeat else None,
+                grace_period=heartbeat.grace_period if heartbeat else None,
+                heartbeat_stale_trial_callback=(
+                    RetryHeartbeatStaleTrialCallback(max_retry=heartbeat.max_retry) if heartbeat else None
+                ),
+            )
+    except ImportError as exc:
+        raise StorageError(f"storage URL {redact(url)!r}: database driver missing ({exc})") from None
+    except sqlalchemy.exc.OperationalError as exc:
+        reason = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc).splitlines()[0]
+        raise StorageError(
+            f"cannot open storage {redact(url)!r}: {reason} "
+            "(fix: check host, port, database name and credentials, and that the server is running)"
+        ) from None
+    except sqlalchemy.exc.ArgumentError as exc:
+        raise StorageError(f"storage URL {redact(url)!r}: {exc} (fix: use {_EXAMPLES})") from None
+
+
+def _open_grpc(url: str) -> BaseStorage:
+    from optuna.storages import GrpcStorageProxy
+
+    hostport = url.removeprefix("grpc://").rstrip("/")
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise StorageError(
+            f"storage URL {url!r}: expected grpc://HOST:PORT (fix: e.g. grpc://127.0.0.1:13000)"
+        )
+    try:
+        return GrpcStorageProxy(host=host, port=int(port))
+    except Exception as exc:
+        raise StorageError(f"cannot reach the gRPC storage proxy at {url}: {exc}") from None
+
+
+@contextlib.contextmanager
+def study_lock(storage: BaseStorage, study_name: str) -> Iterator[None]:
+    """Serialise creating/adopting one study across processes and machines.
+
+    Creating a study writes several rows (study, stored definition, queued trials); two workers
+    adopting the same study at once must not both queue its trials. PostgreSQL gets a session
+    advisory lock; SQLite (one machine by nature) a file lock beside the database.
+    """
+    if not isinstance(storage, RDBStorage):
+        yield
+        return
+    key = int.from_bytes(hashlib.sha256(f"hpo:{study_name}".encode()).digest()[:8], "big", signed=True)
+    backend = storage.engine.dialect.name
+    if backend == "postgresql":
+        with storage.engine.connect() as conn:
+            conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": key})
+            try:
+                yield
+            finally:
+                conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+    elif backend == "sqlite" and storage.engine.url.database not in (None, "", ":memory:"):
+        lock_path = Path(f"{storage.engine.url.database}.hpo-lock")
+        with open(lock_path, "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+    else:
+        yield

@@ -1,0 +1,147 @@
+"""Creating, adopting and loading studies together with their stored definition.
+
+A study's definition (the resolved study file) lives in the study's user attribute
+``hpo:definition``. Its trial budget is materialised when the study is created: ``n_trials``
+WAITING trials are queued (the grid's points, with their parameters fixed, for grid search; empty
+slots for every other sampler, whose parameters the sampler picks when a worker claims the slot).
+Workers only ever claim queued trials, and Optuna claims a WAITING trial with a row-locked state
+change, so the study gets exactly ``n_trials`` trials however many workers run, on any machine.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import optuna
+from optuna.storages import BaseStorage
+from optuna.trial import TrialState
+
+from hpo.errors import HpoError, StudyDefinitionMismatch
+from hpo.samplers import make_pruner, make_sampler
+from hpo.space import grid_points
+from hpo.spec import StudySpec, definition_diff, spec_from_definition
+from hpo.storage import study_lock
+
+DEFINITION_ATTR = "hpo:definition"
+
+
+def _load(storage: BaseStorage, study_name: str) -> optuna.Study | None:
+    try:
+        return optuna.load_study(study_name=study_name, storage=storage)
+    except KeyError:
+        return None
+
+
+def stored_definition(study: optuna.Study) -> dict[str, Any] | None:
+    definition = study.user_attrs.get(DEFINITION_ATTR)
+    return definition if isinstance(definition, dict) else None
+
+
+def _queue_budget(study: optuna.Study, spec: StudySpec) -> None:
+    """Queue the study's trials (see the module docstring)."""
+    already = len(study.get_trials(deepcopy=False))
+    if spec.sampler.name == "grid":
+        for point in grid_points(spec.space)[already:]:
+            study.enqueue_trial(point, skip_if_exists=False)
+    else:
+        for _ in range(max(0, spec.n_trials - already)):
+            study.enqueue_trial({})
+
+
+def _check_same(study_name: str, study: optuna.Study, spec: StudySpec) -> None:
+    stored = stored_definition(study)
+    if stored is None:
+        return
+    diff = definition_diff(stored, spec.definition())
+    if diff:
+        raise StudyDefinitionMismatch(
+            f"study {study_name!r} exists with a different definition; refusing to resume it silently.\n"
+            f"{diff}\n"
+            "(fix: restore the study file, or create a new study with --study-name NEW_NAME)"
+        )
+
+
+def _check_direction(study_name: str, study: optuna.Study, spec: StudySpec) -> None:
+    direction = study.direction.name.lower()
+    if direction != spec.direction:
+        raise HpoError(
+            f"study {study_name!r} was created to {direction} but the study file says direction: "
+            f"{spec.direction} (fix: make them agree)"
+        )
+
+
+def create_study(
+    storage: BaseStorage, spec: StudySpec, study_name: str | None = None, skip_if_exists: bool = False
+) -> tuple[optuna.Study, bool]:
+    """Create the study (definition stored, budget queued). Returns the study and whether it is new.
+
+    An existing study is an error unless ``skip_if_exists``; it is always an error when its stored
+    definition differs from ``spec``.
+    """
+    name = study_name or spec.name
+    with study_lock(storage, name):
+        study = _load(storage, name)
+        if study is not None:
+            _check_same(name, study, spec)
+            if not skip_if_exists:
+                raise HpoError(f"study {name!r} already exists (fix: pass --skip-if-exists to reuse it)")
+            if stored_definition(study) is None:
+                _adopt_locked(name, study, spec)
+            return study, False
+        study = optuna.create_study(
+            storage=storage,
+            study_name=name,
+            direction=spec.direction,
+            sampler=make_sampler(spec),
+            pruner=make_pruner(spec.pruner, spec.budget.max_epochs),
+        )
+        study.set_user_attr(DEFINITION_ATTR, spec.definition())
+        _queue_budget(study, spec)
+        return study, True
+
+
+def _adopt_locked(name: str, study: optuna.Study, spec: StudySpec) -> None:
+    _check_direction(name, study, spec)
+    study.set_user_attr(DEFINITION_ATTR, spec.definition())
+    _queue_budget(study, spec)
+
+
+def adopt_study(storage: BaseStorage, study_name: str, spec: StudySpec) -> optuna.Study:
+    """Give a study made elsewhere (``optuna create-study``) hpo's definition and queued budget."""
+    with study_lock(storage, study_name):
+        study = _load(storage, study_name)
+        if study is None:
+            raise HpoError(
+                f"no study named {study_name!r} in this storage "
+                "(fix: create it with hpo create-study or optuna create-study, or check --storage)"
+            )
+        if stored_definition(study) is not None:
+            _check_same(study_name, study, spec)
+        else:
+            _adopt_locked(study_name, study, spec)
+        return study
+
+
+def load_study_spec(storage: BaseStorage, study_name: str) -> tuple[optuna.Study, StudySpec]:
+    """The study and the definition stored with it."""
+    study = _load(storage, study_name)
+    if study is None:
+        raise HpoError(
+            f"no study named {study_name!r} in this storage "
+            "(fix: check the name with `hpo status`, or pass the study file / --storage)"
+        )
+    definition = stored_definition(study)
+    if definition is None:
+        raise HpoError(
+            f"study {study_name!r} has no hpo definition "
+            f"(fix: run `hpo worker --study-name {study_name} --spec STUDY_FILE` once to adopt it)"
+        )
+    spec = spec_from_definition(definition, f"stored definition of study {study_name!r}")
+    return study, spec
+
+
+def trial_counts(study: optuna.Study) -> dict[str, int]:
+    counts = {state.name: 0 for state in TrialState}
+    for trial in study.get_trials(deepcopy=False):
+        counts[trial.state.name] += 1
+    return counts

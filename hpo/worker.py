@@ -1,0 +1,333 @@
+"""The worker loop: claim a queued trial, train it, record the result, repeat.
+
+Guarantees (see also :mod:`hpo.studies`):
+
+* a worker only runs trials queued when the study was created, so all workers together run
+  exactly ``n_trials`` (a trial retried after its worker died replaces the failed one);
+* a trial that raises is recorded FAIL with its reason and the worker goes on, until
+  ``max_consecutive_failures`` trials in a row have failed;
+* with heartbeats, a trial whose worker died is failed after the grace period and re-queued with
+  the same parameters (Optuna's ``RetryHeartbeatStaleTrialCallback``); a checkpoint-aware
+  objective resumes it from the failed attempt's checkpoint;
+* on SIGINT or SIGTERM the running trial is recorded FAIL, re-queued, and the worker exits with
+  nothing of its own left RUNNING.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import shutil
+import signal
+import socket
+import threading
+import time
+import traceback
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import optuna
+from optuna.storages import BaseStorage, RetryHeartbeatStaleTrialCallback, fail_stale_trials
+from optuna.trial import FrozenTrial, TrialState
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from hpo.objective import BUDGET_ATTR, Objective, TrialRun, resolve_objective
+from hpo.samplers import make_pruner, make_sampler
+from hpo.space import suggest
+from hpo.spec import StudySpec
+
+WORKER_ATTR = "hpo:worker"
+
+
+class WorkerInterrupted(BaseException):
+    """Raised in the main thread by SIGTERM/SIGINT; a BaseException so objectives don't swallow it."""
+
+
+@dataclass(frozen=True)
+class WorkerOptions:
+    n_trials: int | None = None  # this worker's own limit
+    timeout: float | None = None  # seconds; no new trial starts after it
+    device: str = "cpu"
+    label: str = ""  # e.g. "gpu0.1", printed before each line
+    max_consecutive_failures: int = 5
+    poll_interval: float = 1.0
+    checkpoint_root: Path = Path("storage/checkpoints")
+    show_progress: bool = True
+
+
+@dataclass
+class WorkerSummary:
+    finished: dict[str, int] = field(default_factory=lambda: {"COMPLETE": 0, "PRUNED": 0, "FAIL": 0})
+    stopped_because: str = ""
+
+    @property
+    def total(self) -> int:
+        return sum(self.finished.values())
+
+
+def worker_identity(label: str = "") -> str:
+    ident = f"{socket.gethostname()}:{os.getpid()}"
+    return f"{ident}:{label}" if label else ident
+
+
+def claim_trial(study: optuna.Study) -> int | None:
+    """Atomically move one WAITING trial of ``study`` to RUNNING; its id, or None if none is left.
+
+    The storage changes the state only if the trial is still WAITING (a row lock on PostgreSQL,
+    the database lock on SQLite), so two workers never claim the same trial.
+    """
+    storage = study._storage
+    for trial in storage.get_all_trials(study._study_id, deepcopy=False, states=(TrialState.WAITING,)):
+        with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
+            if storage.set_trial_state_values(trial._trial_id, state=TrialState.RUNNING):
+                return trial._trial_id
+    return None
+
+
+class Heartbeat:
+    """Records a heartbeat for a running trial every ``interval`` seconds from a daemon thread."""
+
+    def __init__(self, storage: BaseStorage, trial_id: int) -> None:
+        self._storage = storage
+        self._trial_id = trial_id
+        self._stop = threading.Event()
+        interval = getattr(storage, "heartbeat_interval", None)
+        self._interval: int | None = interval if isinstance(interval, int) else None
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> Heartbeat:
+        if self._interval is not None:
+            self._storage.record_heartbeat(self._trial_id)  # type: ignore[attr-defined]
+            self._thread = threading.Thread(target=self._run, name="hpo-heartbeat", daemon=True)
+            self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        assert self._interval is not None
+        while not self._stop.wait(self._interval):
+            with contextlib.suppress(Exception):  # a missed beat is retried next interval
+                self._storage.record_heartbeat(self._trial_id)  # type: ignore[attr-defined]
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+
+@contextlib.contextmanager
+def _signals_raise() -> Iterator[None]:
+    """Turn SIGTERM and SIGINT into WorkerInterrupted while the worker runs (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        raise WorkerInterrupted(signal.Signals(signum).name)
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+@contextlib.contextmanager
+def _signals_ignored() -> Iterator[None]:
+    """Hold off signals while the interrupted trial is written back (nothing must be lost)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def _format_params(params: Mapping[str, Any]) -> str:
+    def fmt(value: Any) -> str:
+        return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+    return ", ".join(f"{k}={fmt(v)}" for k, v in params.items())
+
+
+class Worker:
+    """Runs the trials of one study in this process."""
+
+    def __init__(
+        self,
+        study: optuna.Study,
+        spec: StudySpec,
+        options: WorkerOptions,
+        objective: Objective | None = None,
+        console: Console | None = None,
+    ) -> None:
+        self.study = study
+        self.spec = spec
+        self.options = options
+        self.objective = objective or resolve_objective(spec.objective, "stored definition")
+        self.console = console or Console(highlight=False, soft_wrap=True)
+        self.identity = worker_identity(options.label)
+        # Per-worker data cache: decoded datasets etc. survive from one trial to the next.
+        self.cache: dict[str, Any] = {}
+        study.pruner = make_pruner(spec.pruner, spec.budget.max_epochs)
+
+    # ------------------------------------------------------------------ output
+    def _say(self, message: str) -> None:
+        prefix = f"[{self.options.label}] " if self.options.label else ""
+        self.console.print(f"{prefix}{message}", markup=False)
+
+    def _progress(self) -> Progress | None:
+        if not (self.options.show_progress and self.console.is_terminal):
+            return None
+        return Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=self.console,
+            transient=True,
+        )
+
+    # ------------------------------------------------------------------ loop
+    def run(self) -> WorkerSummary:
+        summary = WorkerSummary()
+        started = time.monotonic()
+        consecutive_failures = 0
+        storage = self.study._storage
+        heartbeat_enabled = getattr(storage, "heartbeat_interval", None) is not None
+        with _signals_raise():
+            try:
+                while True:
+                    if self.options.n_trials is not None and summary.total >= self.options.n_trials:
+                        summary.stopped_because = f"ran its {self.options.n_trials} trial(s)"
+                        break
+                    if (
+                        self.options.timeout is not None
+                        and time.monotonic() - started >= self.options.timeout
+                    ):
+                        summary.stopped_because = f"timeout of {self.options.timeout:g}s reached"
+                        break
+                    if heartbeat_enabled:
+                        fail_stale_trials(self.study)
+                    trial_id = claim_trial(self.study)
+                    if trial_id is None:
+                        if self._study_done(heartbeat_enabled):
+                            summary.stopped_because = "no trials left in the study"
+                            break
+                        time.sleep(self.options.poll_interval)  # others' trials may still be retried
+                        continue
+                    state = self._run_trial(trial_id)
+                    summary.finished[state.name] += 1
+                    consecutive_failures = consecutive_failures + 1 if state == TrialState.FAIL else 0
+                    if consecutive_failures >= self.options.max_consecutive_failures:
+                        summary.stopped_because = (
+                            f"{consecutive_failures} consecutive trials failed; stopping this worker "
+                            "(see each trial's fail_reason with `hpo status`)"
+                        )
+                        break
+            except WorkerInterrupted as interrupt:
+                summary.stopped_because = f"interrupted by {interrupt}"
+        self._say(f"worker {self.identity} stopped: {summary.stopped_because}")
+        return summary
+
+    def _study_done(self, heartbeat_enabled: bool) -> bool:
+        trials = self.study._storage.get_all_trials(
+            self.study._study_id, deepcopy=False, states=(TrialState.WAITING, TrialState.RUNNING)
+        )
+        if not trials:
+            return True
+        # Only wait on other workers' RUNNING trials if a dead worker's trial can be detected
+        # (heartbeats) and re-queued; otherwise there is nothing this worker could pick up.
+        return not heartbeat_enabled and all(t.state == TrialState.RUNNING for t in trials)
+
+    def _run_trial(self, trial_id: int) -> TrialState:
+        storage = self.study._storage
+        number = storage.get_trial_number_from_id(trial_id)
+        # A sampler per trial, seeded by the trial number: reproducible for one worker, and
+        # parallel workers never draw the same random configuration from equal RNG states.
+        self.study.sampler = make_sampler(self.spec, seed=self.spec.sampler_seed + number)
+        trial = optuna.Trial(self.study, trial_id)
+        storage.set_trial_system_attr(trial_id, WORKER_ATTR, self.identity)
+        t0 = time.monotonic()
+        params: dict[str, Any] = {}
+        with Heartbeat(storage, trial_id):
+            try:
+                params = suggest(trial, self.spec.space)
+                value = self._train(trial, params, number)
+                if not math.isfinite(value):
+                    raise FloatingPointError(f"objective returned {value}")
+                frozen = self.study.tell(trial, value)
+            except optuna.TrialPruned as pruned:
+                frozen = self.study.tell(trial, state=TrialState.PRUNED)
+                reason = str(pruned)
+                self._finished(frozen, time.monotonic() - t0, reason)
+                return frozen.state
+            except WorkerInterrupted as interrupt:
+                with _signals_ignored():
+                    self._fail(trial_id, f"worker interrupted by {interrupt}")
+                    frozen = storage.get_trial(trial_id)
+                    RetryHeartbeatStaleTrialCallback()(self.study, frozen)  # re-queue, same params
+                    self._finished(frozen, time.monotonic() - t0, "re-queued")
+                raise
+            except Exception as exc:  # a failing trial must never take the worker down
+                reason = f"{type(exc).__name__}: {exc}"
+                self._fail(trial_id, reason, traceback.format_exc())
+                frozen = storage.get_trial(trial_id)
+                self._finished(frozen, time.monotonic() - t0, reason)
+                return frozen.state
+        self._finished(frozen, time.monotonic() - t0)
+        return frozen.state
+
+    def _train(self, trial: optuna.Trial, params: dict[str, Any], number: int) -> float:
+        frozen = trial.study._storage.get_trial(trial._trial_id)
+        budget = frozen.system_attrs.get(BUDGET_ATTR, self.spec.budget.max_epochs)
+        progress = self._progress()
+        run = TrialRun(
+            trial=trial,
+            spec=self.spec,
+            params=params,
+            max_epochs=int(budget),
+            device=self.options.device,
+            checkpoint_dir=self._checkpoint_dir(frozen),
+            cache=self.cache,
+        )
+        if progress is None:
+            return float(self.objective.train(run))
+        with progress:
+            task = progress.add_task(f"trial {number}", total=run.max_epochs)
+            run.on_epoch = lambda epoch, metrics: progress.update(task, completed=epoch)
+            return float(self.objective.train(run))
+
+    def _checkpoint_dir(self, trial: FrozenTrial) -> Path:
+        # A retried trial shares the checkpoint directory of the attempt it replaces, so it resumes.
+        origin = RetryHeartbeatStaleTrialCallback.retried_trial_number(trial)
+        number = trial.number if origin is None else origin
+        return self.options.checkpoint_root / self.study.study_name / f"trial-{number}"
+
+    def _fail(self, trial_id: int, reason: str, details: str | None = None) -> None:
+        storage = self.study._storage
+        with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
+            storage.set_trial_system_attr(trial_id, "fail_reason", reason)
+            storage.set_trial_user_attr(trial_id, "fail_reason", reason)
+            storage.set_trial_state_values(trial_id, state=TrialState.FAIL)
+        if details and os.environ.get("HPO_DEBUG"):
+            self._say(details)
+
+    def _finished(self, trial: FrozenTrial, seconds: float, note: str = "") -> None:
+        if note != "re-queued":
+            # Finished for good: its checkpoint can no longer be resumed, so reclaim the disk.
+            shutil.rmtree(self._checkpoint_dir(trial), ignore_errors=True)
+        value = f" value={trial.value:.6g}" if trial.value is not None else ""
+        suffix = f" ({note})" if note else ""
+        self._say(
+            f"trial {trial.number} {trial.state.name}{value} [{_format_params(trial.params)}] "
+            f"{seconds:.1f}s{suffix}"
+        )

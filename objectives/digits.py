@@ -1,0 +1,160 @@
+"""Quickstart objective: a small PyTorch MLP on scikit-learn's handwritten digits.
+
+The data (1,797 8x8 images, 10 classes) ships with scikit-learn: nothing is downloaded. The
+searched options follow the reports: optimizer, learning rate, batch size, weight decay, and a
+StepLR schedule (step_size, gamma); momentum applies to SGD.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
+from torch import nn
+
+from hpo.objective import Objective, TrialRun
+from hpo.training import build_optimizer, build_scheduler, load_checkpoint, save_checkpoint, seed_everything
+
+
+class DigitsConfig(BaseModel):
+    """Every option can be fixed under ``settings:`` or searched in the search space."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    hidden_units: int = Field(default=64, ge=4, le=1024)
+    hidden_layers: int = Field(default=2, ge=1, le=8)
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    optimizer: Literal["sgd", "adam", "adamw"] = "adam"
+    lr: float = Field(default=1e-3, gt=0)
+    momentum: float = Field(default=0.9, ge=0.0, lt=1.0)
+    nesterov: bool = False
+    weight_decay: float = Field(default=0.0, ge=0.0)
+    batch_size: int = Field(default=64, ge=1, le=2048)
+    scheduler: Literal["none", "step", "exponential", "cosine"] = "step"
+    step_size: int = Field(default=5, ge=1)
+    gamma: float = Field(default=0.5, gt=0.0, le=1.0)
+
+
+class DigitsData(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    val_fraction: float = Field(default=0.2, gt=0.0, lt=1.0)
+    subset: float = Field(default=1.0, gt=0.0, le=1.0)
+
+
+def load_data(data: DigitsData, seed: int) -> dict[str, torch.Tensor]:
+    """Stratified train/validation split of the digits, features scaled to [0, 1]."""
+    digits = load_digits()
+    x = torch.tensor(digits.data, dtype=torch.float32) / 16.0
+    y = torch.tensor(digits.target, dtype=torch.long)
+    indices = torch.arange(len(y)).numpy()
+    if data.subset < 1.0:
+        indices, _ = train_test_split(indices, train_size=data.subset, stratify=y.numpy(), random_state=seed)
+    train_idx, val_idx = train_test_split(
+        indices, test_size=data.val_fraction, stratify=y.numpy()[indices], random_state=seed
+    )
+    return {"x_train": x[train_idx], "y_train": y[train_idx], "x_val": x[val_idx], "y_val": y[val_idx]}
+
+
+def build_model(cfg: DigitsConfig, n_features: int = 64, n_classes: int = 10) -> nn.Module:
+    layers: list[nn.Module] = []
+    width = n_features
+    for _ in range(cfg.hidden_layers):
+        layers += [nn.Linear(width, cfg.hidden_units), nn.ReLU()]
+        if cfg.dropout > 0:
+            layers.append(nn.Dropout(cfg.dropout))
+        width = cfg.hidden_units
+    layers.append(nn.Linear(width, n_classes))
+    return nn.Sequential(*layers)
+
+
+def train_one_epoch(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    batch_size: int,
+    generator: torch.Generator,
+) -> float:
+    model.train()
+    order = torch.randperm(len(y), generator=generator)
+    total = torch.zeros(())
+    for start in range(0, len(y), batch_size):
+        batch = order[start : start + batch_size]
+        loss = F.cross_entropy(model(x[batch]), y[batch])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total += loss.detach() * len(batch)
+    return float(total) / len(y)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+    model.eval()
+    logits = model(x)
+    return {
+        "val_loss": float(F.cross_entropy(logits, y)),
+        "val_acc": float((logits.argmax(1) == y).float().mean()),
+    }
+
+
+def train(run: TrialRun) -> float:
+    cfg = DigitsConfig(**run.config)
+    data_cfg = DigitsData(**run.data)
+    key = f"digits:{data_cfg.model_dump_json()}:{run.seed}"
+    if key not in run.cache:  # decoded once per worker, reused by every trial it runs
+        run.cache[key] = load_data(data_cfg, run.seed)
+    data = {name: tensor.to(run.device) for name, tensor in run.cache[key].items()}
+
+    generator = seed_everything(run.seed)
+    model = build_model(cfg).to(run.device)
+    optimizer = build_optimizer(
+        cfg.optimizer, model.parameters(), cfg.lr, cfg.weight_decay, cfg.momentum, cfg.nesterov
+    )
+    scheduler = build_scheduler(
+        cfg.scheduler, optimizer, step_size=cfg.step_size, gamma=cfg.gamma, epochs=run.max_epochs
+    )
+
+    config = cfg.model_dump()
+    start_epoch = 1
+    restored = load_checkpoint(
+        run.checkpoint_dir, model=model, optimizer=optimizer, scheduler=scheduler, config=config
+    )
+    if restored is not None:
+        done, history = restored
+        start_epoch = run.resume(history) + 1
+        generator.manual_seed(run.seed + done)
+
+    for epoch in range(start_epoch, run.max_epochs + 1):
+        train_loss = train_one_epoch(
+            model, optimizer, data["x_train"], data["y_train"], cfg.batch_size, generator
+        )
+        if scheduler is not None:
+            scheduler.step()
+        metrics = {"train_loss": train_loss, **evaluate(model, data["x_val"], data["y_val"])}
+        stop = run.report(epoch, metrics)
+        save_checkpoint(
+            run.checkpoint_dir,
+            model=model,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            epoch=epoch,
+            config=config,
+            history=run.history,
+        )
+        if stop:
+            break
+    return run.final_value()
+
+
+DIGITS_MLP = Objective(
+    train=train,
+    config=DigitsConfig,
+    data=DigitsData,
+    description="MLP on scikit-learn's handwritten digits (no download)",
+)
