@@ -19,7 +19,7 @@ from hpo.launcher import check_sqlite_limit, cuda_device_count, parse_gpus, plan
 from hpo.spec import StudySpec, load_study_file
 from hpo.storage import HeartbeatSettings, is_sqlite, open_storage, redact, resolve_storage_url
 from hpo.studies import adopt_study, create_study, load_study_spec
-from hpo.worker import Worker, WorkerOptions
+from hpo.worker import Worker, WorkerOptions, active_workers
 
 STORAGE_HELP = (
     "SQLAlchemy URL of the study database (or grpc://HOST:PORT for hpo serve-storage). "
@@ -73,7 +73,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
         return run_on_ray(study, spec, url, args)
     gpus = parse_gpus(args.gpus, cuda_device_count())
     slots = plan_slots(gpus, args.trials_per_gpu)
-    check_sqlite_limit(len(slots), is_sqlite(url))
+    if is_sqlite(url):
+        check_sqlite_limit(len(slots), already_running=len(active_workers(study)))
     if len(slots) > 1:
         child_args = [
             "--study-name",
@@ -232,7 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     for module_name in COMMAND_MODULES:
         if importlib.util.find_spec(module_name) is not None:  # TODO(spine): drop once all modules landed
-            importlib.import_module(module_name).register(sub)
+            register = getattr(importlib.import_module(module_name), "register", None)
+            if register is not None:
+                register(sub)
     return parser
 
 

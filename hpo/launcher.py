@@ -73,11 +73,14 @@ def plan_slots(gpus: Sequence[int], trials_per_gpu: int) -> list[Slot]:
     return [Slot(gpu, k) for gpu in gpus for k in range(trials_per_gpu)]
 
 
-def check_sqlite_limit(n_processes: int, storage_is_sqlite: bool) -> None:
-    if storage_is_sqlite and n_processes > SQLITE_MAX_WORKER_PROCESSES:
+def check_sqlite_limit(new_processes: int, already_running: int = 0) -> None:
+    """Refuse to run more than :data:`SQLITE_MAX_WORKER_PROCESSES` workers on one SQLite study."""
+    total = new_processes + already_running
+    if total > SQLITE_MAX_WORKER_PROCESSES:
+        running = f" ({already_running} already running trials of this study)" if already_running else ""
         raise HpoError(
-            f"{n_processes} worker processes on an SQLite storage exceed the safe limit of "
-            f"{SQLITE_MAX_WORKER_PROCESSES} (fix: use PostgreSQL, e.g. --storage "
+            f"{total} worker processes on an SQLite storage exceed its safe limit of "
+            f"{SQLITE_MAX_WORKER_PROCESSES}{running} (fix: use PostgreSQL, e.g. --storage "
             "postgresql+psycopg://user@host/db, or fewer --gpus/--trials-per-gpu)"
         )
 

@@ -21,9 +21,11 @@ early-stopping rule says training should stop.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import math
 from collections.abc import Callable, Mapping, MutableMapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -117,6 +119,8 @@ class TrialRun:
     checkpoint_dir: Path
     cache: MutableMapping[str, Any]
     on_epoch: Callable[[int, Mapping[str, float]], None] | None = None
+    # Context manager factory wrapped around storage writes (the worker defers signals there).
+    shield: Callable[[], AbstractContextManager[None]] = contextlib.nullcontext
     _stopper: EarlyStopping = field(init=False)
     _history: dict[str, list[float]] = field(init=False, default_factory=dict)
 
@@ -151,17 +155,29 @@ class TrialRun:
             raise FloatingPointError(f"{self.spec.metric} is {value} at epoch {epoch}")
         for name, metric in metrics.items():
             self._history.setdefault(name, []).append(float(metric))
-        self.trial.set_user_attr("metrics", self._history)
-        self.trial.set_user_attr("epochs_done", epoch)
-        self.trial.report(value, epoch)
+        with self.shield():
+            self.trial.set_user_attr("metrics", self._history)
+            self.trial.set_user_attr("epochs_done", epoch)
+            self.trial.report(value, epoch)
+            should_prune = self.trial.should_prune()
         if self.on_epoch is not None:
             self.on_epoch(epoch, metrics)
-        if self.trial.should_prune():
+        if should_prune:
             raise optuna.TrialPruned(f"pruned at epoch {epoch} with {self.spec.metric}={value:.6g}")
         return self._stopper.update(value)
 
     def final_value(self) -> float:
         return self._stopper.result()
+
+    def upload_artifact(self, path: str | Path) -> str:
+        """Store the file ``path`` (a plot, a report, a final checkpoint) with this trial.
+
+        It goes to the artifact folder (``$HPO_ARTIFACT_DIR``, default ``storage/artifacts``),
+        where ``hpo dashboard`` lists and serves it on the trial's page. Returns the artifact id.
+        """
+        from hpo.artifacts import upload_trial_artifact  # imports optuna.artifacts only when used
+
+        return upload_trial_artifact(self.trial, path)
 
     @property
     def history(self) -> dict[str, list[float]]:
@@ -174,12 +190,13 @@ class TrialRun:
         Returns the number of epochs already done, so the loop continues after them.
         """
         values = list(history.get(self.spec.metric, []))
-        for epoch, value in enumerate(values, start=1):
-            self.trial.report(value, epoch)
-            self._stopper.update(value)
-        self._history = {name: list(v) for name, v in history.items()}
-        self.trial.set_user_attr("metrics", self._history)
-        self.trial.set_user_attr("resumed_from_epoch", len(values))
+        with self.shield():
+            for epoch, value in enumerate(values, start=1):
+                self.trial.report(value, epoch)
+                self._stopper.update(value)
+            self._history = {name: list(v) for name, v in history.items()}
+            self.trial.set_user_attr("metrics", self._history)
+            self.trial.set_user_attr("resumed_from_epoch", len(values))
         return len(values)
 
 

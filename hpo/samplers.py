@@ -54,8 +54,15 @@ def _cmaes(options: dict[str, Any], seed: int | None, spec: StudySpec) -> BaseSa
     return optuna.samplers.CmaEsSampler(seed=seed, **options)
 
 
+def _bohb(options: dict[str, Any], seed: int | None, spec: StudySpec) -> BaseSampler:
+    # Imported lazily: only BOHB studies should pay for ConfigSpace/hpbandster (see hpo/bohb/).
+    from hpo.bohb import build_sampler
+
+    return build_sampler(options, seed, spec)
+
+
 SAMPLER_BUILDERS: Mapping[str, SamplerBuilder] = MappingProxyType(
-    {"grid": _grid, "random": _random, "tpe": _tpe, "gp": _gp, "cmaes": _cmaes}
+    {"grid": _grid, "random": _random, "tpe": _tpe, "gp": _gp, "cmaes": _cmaes, "bohb": _bohb}
 )
 
 

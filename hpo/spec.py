@@ -13,9 +13,9 @@ from __future__ import annotations
 import difflib
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
@@ -24,6 +24,7 @@ from hpo.errors import SpecError
 from hpo.samplers import SAMPLER_BUILDERS, make_pruner, make_sampler
 from hpo.space import SearchSpace, grid_points, parse_space, space_to_dict
 
+_T = TypeVar("_T")
 PRUNER_NAMES = ("none", "median", "percentile", "successive_halving", "hyperband", "patient")
 _STUDY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-/]*$")
 
@@ -126,19 +127,45 @@ def load_space_file(path: str | Path) -> SearchSpace:
     return parse_space(_read_yaml(path, "search-space file"), str(path))
 
 
+def _fields_at(loc: tuple[Any, ...]) -> list[str]:
+    """Field names of the (nested) model that holds the value at ``loc``."""
+    model: Any = StudySpec
+    for part in loc[:-1]:
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        annotation = field.annotation
+        candidates = [a for a in getattr(annotation, "__args__", (annotation,)) if hasattr(a, "model_fields")]
+        if not candidates:
+            return []
+        model = candidates[0]
+    names = [name for name in getattr(model, "model_fields", {}) if name != "space"]
+    return [*names, "search_space"] if model is StudySpec else names
+
+
 def _pydantic_error(source: str, error: ValidationError) -> SpecError:
-    first = error.errors()[0]
+    errors = error.errors()
+    # A misspelt field also makes the real one "missing"; the misspelling is the useful report.
+    first = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
     loc = ".".join(str(part) for part in first["loc"])
     if first["type"] == "extra_forbidden":
-        return SpecError(
-            source, loc, "unknown field", f"remove it or check its spelling; fields: {_TOP_LEVEL}"
-        )
+        allowed = ", ".join(_fields_at(tuple(first["loc"])))
+        return SpecError(source, loc, "unknown field", f"remove it or check its spelling; fields: {allowed}")
     if first["type"] == "missing":
         return SpecError(source, loc, "is required", "add it to the study file")
     message = first["msg"]
     if message.startswith("Value error, "):
         message = message.removeprefix("Value error, ")
     return SpecError(source, loc, message)
+
+
+def _in_space(build: Callable[[], _T], prefix: str) -> _T:
+    try:
+        return build()
+    except SpecError as exc:
+        if not prefix:
+            raise
+        raise SpecError(exc.source, f"{prefix}{exc.field}".rstrip("."), exc.message, exc.hint) from None
 
 
 def parse_study(raw: Any, source: str, base_dir: Path | None = None) -> StudySpec:
@@ -153,12 +180,12 @@ def parse_study(raw: Any, source: str, base_dir: Path | None = None) -> StudySpe
         space_path = Path(space_ref)
         if not space_path.is_absolute() and base_dir is not None:
             space_path = base_dir / space_path
+        space_source, prefix = str(space_path), ""
         space = load_space_file(space_path)
     else:
-        try:
-            space = parse_space(space_ref, source)
-        except SpecError as exc:
-            raise SpecError(source, f"search_space.{exc.field}".rstrip("."), exc.message, exc.hint) from None
+        # Errors in an inline space name the study file and the field under search_space.
+        space_source, prefix = source, "search_space."
+        space = _in_space(lambda: parse_space(space_ref, source), prefix)
     for key in ("sampler", "pruner"):
         if isinstance(raw.get(key), str):
             raw[key] = {"name": raw[key]}
@@ -171,7 +198,7 @@ def parse_study(raw: Any, source: str, base_dir: Path | None = None) -> StudySpe
             f"use one of {', '.join(SAMPLER_BUILDERS)}",
         )
     if sampler_name == "grid":
-        points = grid_points(space, source)
+        points = _in_space(lambda: grid_points(space, space_source), prefix)
         if raw.get("n_trials") is None:
             raw["n_trials"] = len(points)
         elif raw["n_trials"] != len(points):

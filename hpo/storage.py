@@ -12,6 +12,7 @@ import contextlib
 import fcntl
 import hashlib
 import os
+import time
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -105,7 +106,7 @@ def open_storage(url: str, heartbeat: HeartbeatSettings | None = None) -> BaseSt
     missing or the server cannot be reached.
     """
     if is_grpc(url):
-        return _open_grpc(url)
+        return _open_grpc(url, heartbeat)
     parsed = parse_url(url)
     engine_kwargs: dict[str, object] = {}
     if parsed.get_backend_name() == "sqlite":
@@ -121,18 +122,7 @@ def open_storage(url: str, heartbeat: HeartbeatSettings | None = None) -> BaseSt
     else:
         engine_kwargs["pool_pre_ping"] = True
     try:
-        with warnings.catch_warnings():
-            # heartbeat_interval and the retry callback are flagged experimental by Optuna.
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return RDBStorage(
-                parsed.render_as_string(hide_password=False),
-                engine_kwargs=engine_kwargs,
-                heartbeat_interval=heartbeat.interval if heartbeat else None,
-                grace_period=heartbeat.grace_period if heartbeat else None,
-                heartbeat_stale_trial_callback=(
-                    RetryHeartbeatStaleTrialCallback(max_retry=heartbeat.max_retry) if heartbeat else None
-                ),
-            )
+        return _create_rdb_storage(parsed.render_as_string(hide_password=False), engine_kwargs, heartbeat)
     except ImportError as exc:
         raise StorageError(f"storage URL {redact(url)!r}: database driver missing ({exc})") from None
     except sqlalchemy.exc.OperationalError as exc:
@@ -145,19 +135,37 @@ def open_storage(url: str, heartbeat: HeartbeatSettings | None = None) -> BaseSt
         raise StorageError(f"storage URL {redact(url)!r}: {exc} (fix: use {_EXAMPLES})") from None
 
 
-def _open_grpc(url: str) -> BaseStorage:
-    from optuna.storages import GrpcStorageProxy
+def _create_rdb_storage(
+    url: str, engine_kwargs: dict[str, object], heartbeat: HeartbeatSettings | None
+) -> RDBStorage:
+    callback = RetryHeartbeatStaleTrialCallback(max_retry=heartbeat.max_retry) if heartbeat else None
+    attempts = 3
+    for attempt in range(1, attempts + 1):
+        try:
+            with warnings.catch_warnings():
+                # heartbeat_interval and the retry callback are flagged experimental by Optuna.
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return RDBStorage(
+                    url,
+                    engine_kwargs=engine_kwargs,
+                    heartbeat_interval=heartbeat.interval if heartbeat else None,
+                    grace_period=heartbeat.grace_period if heartbeat else None,
+                    heartbeat_stale_trial_callback=callback,
+                )
+        except (sqlalchemy.exc.ProgrammingError, sqlalchemy.exc.IntegrityError):
+            # Several workers opening a new database at once race to create Optuna's tables
+            # (PostgreSQL: "type ... already exists"); the loser retries and finds them made.
+            if attempt == attempts:
+                raise
+            time.sleep(0.2 * attempt)
+    raise RuntimeError("unreachable")  # the loop returns or raises
 
-    hostport = url.removeprefix("grpc://").rstrip("/")
-    host, _, port = hostport.rpartition(":")
-    if not host or not port.isdigit():
-        raise StorageError(
-            f"storage URL {url!r}: expected grpc://HOST:PORT (fix: e.g. grpc://127.0.0.1:13000)"
-        )
-    try:
-        return GrpcStorageProxy(host=host, port=int(port))
-    except Exception as exc:
-        raise StorageError(f"cannot reach the gRPC storage proxy at {url}: {exc}") from None
+
+def _open_grpc(url: str, heartbeat: HeartbeatSettings | None) -> BaseStorage:
+    # hpo serve-storage's client: waits for the proxy, and beats for its trials through it.
+    from hpo.serve_storage import connect
+
+    return connect(url, heartbeat)
 
 
 @contextlib.contextmanager

@@ -10,6 +10,7 @@ change, so the study gets exactly ``n_trials`` trials however many workers run, 
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 import optuna
@@ -23,6 +24,9 @@ from hpo.spec import StudySpec, definition_diff, spec_from_definition
 from hpo.storage import study_lock
 
 DEFINITION_ATTR = "hpo:definition"
+# A random id given to each study when hpo defines it: names repeat across storages and after a
+# study is deleted and re-created, and files kept per study (checkpoints) must never be mixed up.
+UID_ATTR = "hpo:uid"
 
 
 def _load(storage: BaseStorage, study_name: str) -> optuna.Study | None:
@@ -95,15 +99,19 @@ def create_study(
             sampler=make_sampler(spec),
             pruner=make_pruner(spec.pruner, spec.budget.max_epochs),
         )
-        study.set_user_attr(DEFINITION_ATTR, spec.definition())
-        _queue_budget(study, spec)
+        _install(study, spec)
         return study, True
+
+
+def _install(study: optuna.Study, spec: StudySpec) -> None:
+    study.set_user_attr(UID_ATTR, uuid.uuid4().hex)
+    study.set_user_attr(DEFINITION_ATTR, spec.definition())
+    _queue_budget(study, spec)
 
 
 def _adopt_locked(name: str, study: optuna.Study, spec: StudySpec) -> None:
     _check_direction(name, study, spec)
-    study.set_user_attr(DEFINITION_ATTR, spec.definition())
-    _queue_budget(study, spec)
+    _install(study, spec)
 
 
 def adopt_study(storage: BaseStorage, study_name: str, spec: StudySpec) -> optuna.Study:
@@ -138,6 +146,11 @@ def load_study_spec(storage: BaseStorage, study_name: str) -> tuple[optuna.Study
         )
     spec = spec_from_definition(definition, f"stored definition of study {study_name!r}")
     return study, spec
+
+
+def study_uid(study: optuna.Study) -> str:
+    uid = study.user_attrs.get(UID_ATTR)
+    return uid if isinstance(uid, str) else f"id{study._study_id}"
 
 
 def trial_counts(study: optuna.Study) -> dict[str, int]:

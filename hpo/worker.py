@@ -40,6 +40,7 @@ from hpo.objective import BUDGET_ATTR, Objective, TrialRun, resolve_objective
 from hpo.samplers import make_pruner, make_sampler
 from hpo.space import suggest
 from hpo.spec import StudySpec
+from hpo.studies import study_uid
 
 WORKER_ATTR = "hpo:worker"
 
@@ -75,6 +76,13 @@ def worker_identity(label: str = "") -> str:
     return f"{ident}:{label}" if label else ident
 
 
+def active_workers(study: optuna.Study) -> set[str]:
+    """Identities of the workers that hold a RUNNING trial of ``study`` (after failing stale ones)."""
+    fail_stale_trials(study)
+    running = study._storage.get_all_trials(study._study_id, deepcopy=False, states=(TrialState.RUNNING,))
+    return {str(t.system_attrs.get(WORKER_ATTR, t.number)) for t in running}
+
+
 def claim_trial(study: optuna.Study) -> int | None:
     """Atomically move one WAITING trial of ``study`` to RUNNING; its id, or None if none is left.
 
@@ -89,6 +97,15 @@ def claim_trial(study: optuna.Study) -> int | None:
     return None
 
 
+def heartbeat_interval(storage: BaseStorage) -> int | None:
+    """Seconds between heartbeats, or None when the storage has heartbeats off.
+
+    ``optuna.load_study`` wraps an RDBStorage in a caching layer; both answer this method.
+    """
+    getter = getattr(storage, "get_heartbeat_interval", None)
+    return getter() if callable(getter) else None
+
+
 class Heartbeat:
     """Records a heartbeat for a running trial every ``interval`` seconds from a daemon thread."""
 
@@ -96,8 +113,7 @@ class Heartbeat:
         self._storage = storage
         self._trial_id = trial_id
         self._stop = threading.Event()
-        interval = getattr(storage, "heartbeat_interval", None)
-        self._interval: int | None = interval if isinstance(interval, int) else None
+        self._interval = heartbeat_interval(storage)
         self._thread: threading.Thread | None = None
 
     def __enter__(self) -> Heartbeat:
@@ -119,36 +135,61 @@ class Heartbeat:
             self._thread.join()
 
 
-@contextlib.contextmanager
-def _signals_raise() -> Iterator[None]:
-    """Turn SIGTERM and SIGINT into WorkerInterrupted while the worker runs (main thread only)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
+class Interrupts:
+    """SIGTERM/SIGINT handling that never interrupts a database write.
 
-    def handler(signum: int, frame: FrameType | None) -> None:
-        raise WorkerInterrupted(signal.Signals(signum).name)
+    A signal only raises :class:`WorkerInterrupted` at once while the objective is computing
+    (inside :meth:`interruptible`, outside :meth:`shielded`). Anywhere else it is remembered and
+    acted on at the next safe point, so a storage transaction is never abandoned half-way (on
+    SQLite that would keep the database locked for every other worker).
+    """
 
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        yield
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
+    def __init__(self) -> None:
+        self.pending: str | None = None
+        self._raise_now = False
 
+    def _handler(self, signum: int, frame: FrameType | None) -> None:
+        name = signal.Signals(signum).name
+        self.pending = self.pending or name
+        if self._raise_now:
+            self._raise_now = False
+            raise WorkerInterrupted(name)
 
-@contextlib.contextmanager
-def _signals_ignored() -> Iterator[None]:
-    """Hold off signals while the interrupted trial is written back (nothing must be lost)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        yield
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield  # signals are delivered to the main thread only
+            return
+        previous = {sig: signal.signal(sig, self._handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            yield
+        finally:
+            for sig, old in previous.items():
+                signal.signal(sig, old)
+
+    def check(self) -> None:
+        if self.pending:
+            raise WorkerInterrupted(self.pending)
+
+    @contextlib.contextmanager
+    def interruptible(self) -> Iterator[None]:
+        self.check()
+        self._raise_now = True
+        try:
+            yield
+        finally:
+            self._raise_now = False
+
+    @contextlib.contextmanager
+    def shielded(self) -> Iterator[None]:
+        was = self._raise_now
+        self._raise_now = False
+        try:
+            yield
+        finally:
+            self._raise_now = was
+        if was:
+            self.check()
 
 
 def _format_params(params: Mapping[str, Any]) -> str:
@@ -177,6 +218,7 @@ class Worker:
         self.identity = worker_identity(options.label)
         # Per-worker data cache: decoded datasets etc. survive from one trial to the next.
         self.cache: dict[str, Any] = {}
+        self.interrupts = Interrupts()
         study.pruner = make_pruner(spec.pruner, spec.budget.max_epochs)
 
     # ------------------------------------------------------------------ output
@@ -202,10 +244,11 @@ class Worker:
         started = time.monotonic()
         consecutive_failures = 0
         storage = self.study._storage
-        heartbeat_enabled = getattr(storage, "heartbeat_interval", None) is not None
-        with _signals_raise():
+        heartbeat_enabled = heartbeat_interval(storage) is not None
+        with self.interrupts.installed():
             try:
                 while True:
+                    self.interrupts.check()
                     if self.options.n_trials is not None and summary.total >= self.options.n_trials:
                         summary.stopped_because = f"ran its {self.options.n_trials} trial(s)"
                         break
@@ -222,7 +265,8 @@ class Worker:
                         if self._study_done(heartbeat_enabled):
                             summary.stopped_because = "no trials left in the study"
                             break
-                        time.sleep(self.options.poll_interval)  # others' trials may still be retried
+                        with self.interrupts.interruptible():
+                            time.sleep(self.options.poll_interval)  # others' trials may be retried
                         continue
                     state = self._run_trial(trial_id)
                     summary.finished[state.name] += 1
@@ -271,7 +315,7 @@ class Worker:
                 self._finished(frozen, time.monotonic() - t0, reason)
                 return frozen.state
             except WorkerInterrupted as interrupt:
-                with _signals_ignored():
+                with self.interrupts.shielded():
                     self._fail(trial_id, f"worker interrupted by {interrupt}")
                     frozen = storage.get_trial(trial_id)
                     RetryHeartbeatStaleTrialCallback()(self.study, frozen)  # re-queue, same params
@@ -298,19 +342,22 @@ class Worker:
             device=self.options.device,
             checkpoint_dir=self._checkpoint_dir(frozen),
             cache=self.cache,
+            shield=self.interrupts.shielded,
         )
-        if progress is None:
-            return float(self.objective.train(run))
-        with progress:
-            task = progress.add_task(f"trial {number}", total=run.max_epochs)
-            run.on_epoch = lambda epoch, metrics: progress.update(task, completed=epoch)
+        with contextlib.ExitStack() as stack:
+            if progress is not None:
+                stack.enter_context(progress)
+                task = progress.add_task(f"trial {number}", total=run.max_epochs)
+                run.on_epoch = lambda epoch, metrics: progress.update(task, completed=epoch)
+            stack.enter_context(self.interrupts.interruptible())
             return float(self.objective.train(run))
 
     def _checkpoint_dir(self, trial: FrozenTrial) -> Path:
         # A retried trial shares the checkpoint directory of the attempt it replaces, so it resumes.
         origin = RetryHeartbeatStaleTrialCallback.retried_trial_number(trial)
         number = trial.number if origin is None else origin
-        return self.options.checkpoint_root / self.study.study_name / f"trial-{number}"
+        folder = f"{self.study.study_name.replace('/', '_')}-{study_uid(self.study)[:12]}"
+        return self.options.checkpoint_root / folder / f"trial-{number}"
 
     def _fail(self, trial_id: int, reason: str, details: str | None = None) -> None:
         storage = self.study._storage

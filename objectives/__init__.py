@@ -10,5 +10,6 @@ from types import MappingProxyType
 REGISTRY = MappingProxyType(
     {
         "digits_mlp": "objectives.digits:DIGITS_MLP",
+        "image_classifier": "objectives.vision.train:IMAGE_CLASSIFIER",
     }
 )

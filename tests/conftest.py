@@ -1,0 +1,115 @@
+"""Shared fixtures: real PostgreSQL databases, SQLite files, and running the CLI as a user would.
+
+PostgreSQL: ``HPO_TEST_POSTGRES_URL`` (default ``postgresql+psycopg://postgres@127.0.0.1:5432/test``)
+names a server and a database to connect to; each test gets a fresh database created there and
+dropped afterwards. Outside CI a missing server skips with a visible reason; in CI (``CI`` set)
+it fails, because a skipped real part is a failing test.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import pytest
+import sqlalchemy
+
+ROOT = Path(__file__).resolve().parent.parent
+SUPPORT = Path(__file__).resolve().parent / "support"
+DEFAULT_PG = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+
+
+def _in_ci() -> bool:
+    return os.environ.get("CI", "").lower() not in ("", "0", "false")
+
+
+def require_real(reason: str) -> None:
+    """Skip outside CI, fail in CI: the real service must be there when CI runs."""
+    if _in_ci():
+        pytest.fail(f"{reason} (CI must provide it)")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def postgres_admin_url() -> str:
+    url = os.environ.get("HPO_TEST_POSTGRES_URL", DEFAULT_PG)
+    engine = sqlalchemy.create_engine(url)
+    try:
+        with engine.connect() as conn:
+            conn.execute(sqlalchemy.text("SELECT 1"))
+    except Exception as exc:
+        require_real(f"PostgreSQL not reachable at {url} ({type(exc).__name__}); set HPO_TEST_POSTGRES_URL")
+    finally:
+        engine.dispose()
+    return url
+
+
+@pytest.fixture
+def postgres_url(postgres_admin_url: str) -> Iterator[str]:
+    """A fresh, empty PostgreSQL database for one test."""
+    admin = sqlalchemy.create_engine(postgres_admin_url, isolation_level="AUTOCOMMIT")
+    name = f"hpo_test_{uuid.uuid4().hex[:12]}"
+    with admin.connect() as conn:
+        conn.execute(sqlalchemy.text(f'CREATE DATABASE "{name}"'))
+    url = sqlalchemy.engine.make_url(postgres_admin_url).set(database=name)
+    try:
+        yield url.render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as conn:
+            conn.execute(sqlalchemy.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'hpo.db'}"
+
+
+def cli_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment for CLI subprocesses: test objectives importable, no GPU, no storage leak."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SUPPORT), str(ROOT), env.get("PYTHONPATH", "")]))
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    env.pop("OPTUNA_STORAGE", None)
+    env["PYTHONUNBUFFERED"] = "1"
+    if extra:
+        env.update(extra)
+    return env
+
+
+def run_cli(
+    args: Sequence[str], *, cwd: Path | None = None, timeout: float = 300, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run ``hpo ARGS`` in a subprocess, as a user would, and capture its output."""
+    return subprocess.run(
+        [sys.executable, "-m", "hpo", *args],
+        cwd=cwd or ROOT,
+        env=env or cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def start_cli(
+    args: Sequence[str], *, cwd: Path | None = None, env: dict[str, str] | None = None
+) -> subprocess.Popen[str]:
+    """Start ``hpo ARGS`` in the background (for workers that tests kill or run side by side)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "hpo", *args],
+        cwd=cwd or ROOT,
+        env=env or cli_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def write_study(directory: Path, body: str, name: str = "study.yaml") -> Path:
+    path = directory / name
+    path.write_text(body)
+    return path
