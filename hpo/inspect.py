@@ -37,7 +37,7 @@ def best_trial(study: optuna.Study) -> dict[str, Any]:
         "value": best.value,
         "params": best.params,
         "direction": study.direction.name.lower(),
-        "epochs_done": best.user_attrs.get("epochs_done"),
+        "epochs_done": len(best.intermediate_values),
     }
 
 
@@ -138,7 +138,7 @@ def print_status(study: optuna.Study, n_trials: int, console: Console | None = N
             table.add_row(
                 str(t.number),
                 str(t.system_attrs.get(WORKER_ATTR, "?")),
-                str(t.user_attrs.get("epochs_done", 0)),
+                str(len(t.intermediate_values)),
                 str(t.params),
             )
         console.print(table)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import math
+import time
 from collections.abc import Callable, Mapping, MutableMapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -38,6 +39,11 @@ from hpo.errors import SpecError
 # System attribute a sampler may set on a trial (in ``before_trial``) to give that trial its own
 # epoch budget; multi-fidelity samplers such as BOHB use it. Absent: the study's max_epochs.
 BUDGET_ATTR = "hpo:budget"
+# Each epoch's metric values (user attr "metrics") are written with the trial at most this often,
+# and always when the trial ends: real epochs take longer, so every epoch shows up live, while
+# trivial objectives do not pay an extra write per epoch. The study metric itself is reported
+# (the trial's intermediate values) every epoch regardless.
+METRICS_FLUSH_SECONDS = 2.0
 
 if TYPE_CHECKING:
     from hpo.spec import EarlyStoppingSpec, StudySpec
@@ -123,6 +129,9 @@ class TrialRun:
     shield: Callable[[], AbstractContextManager[None]] = contextlib.nullcontext
     _stopper: EarlyStopping = field(init=False)
     _history: dict[str, list[float]] = field(init=False, default_factory=dict)
+    _epochs_done: int = field(init=False, default=0)
+    _flushed_epochs: int = field(init=False, default=0)
+    _flushed_at: float = field(init=False, default_factory=time.monotonic)
 
     def __post_init__(self) -> None:
         self._stopper = EarlyStopping(self.spec.early_stopping, self.spec.direction)
@@ -155,10 +164,11 @@ class TrialRun:
             raise FloatingPointError(f"{self.spec.metric} is {value} at epoch {epoch}")
         for name, metric in metrics.items():
             self._history.setdefault(name, []).append(float(metric))
+        self._epochs_done = epoch
         with self.shield():
-            self.trial.set_user_attr("metrics", self._history)
-            self.trial.set_user_attr("epochs_done", epoch)
             self.trial.report(value, epoch)
+            if time.monotonic() - self._flushed_at >= METRICS_FLUSH_SECONDS:
+                self.flush()
             should_prune = self.trial.should_prune()
         if self.on_epoch is not None:
             self.on_epoch(epoch, metrics)
@@ -168,6 +178,22 @@ class TrialRun:
 
     def final_value(self) -> float:
         return self._stopper.result()
+
+    def _write_metrics(self) -> None:
+        self.trial.set_user_attr("metrics", self._history)
+        self._flushed_at = time.monotonic()
+        self._flushed_epochs = self._epochs_done
+
+    def flush(self) -> None:
+        """Store the metric history now (the worker calls this when the trial ends, however it ends).
+
+        Nothing is written when the only metric is the study's own: the trial's intermediate
+        values already hold it, epoch by epoch.
+        """
+        extra = set(self._history) - {self.spec.metric}
+        if extra and self._flushed_epochs != self._epochs_done:
+            with self.shield():
+                self._write_metrics()
 
     def upload_artifact(self, path: str | Path) -> str:
         """Store the file ``path`` (a plot, a report, a final checkpoint) with this trial.
@@ -195,7 +221,8 @@ class TrialRun:
                 self.trial.report(value, epoch)
                 self._stopper.update(value)
             self._history = {name: list(v) for name, v in history.items()}
-            self.trial.set_user_attr("metrics", self._history)
+            self._epochs_done = len(values)
+            self._write_metrics()
             self.trial.set_user_attr("resumed_from_epoch", len(values))
         return len(values)
 

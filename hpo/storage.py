@@ -17,6 +17,7 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import optuna
 import sqlalchemy
@@ -69,8 +70,8 @@ def parse_url(url: str) -> URL:
             f"storage URL {url!r}: unsupported database {backend!r} "
             f"(fix: use SQLite or PostgreSQL, e.g. {_EXAMPLES}; grpc://host:port for hpo serve-storage)"
         )
-    if backend == "postgresql" and parsed.get_driver_name() == "psycopg2":
-        # Plain postgresql:// means psycopg2 to SQLAlchemy; hpo installs psycopg 3.
+    if backend == "postgresql" and "+" not in parsed.drivername:
+        # Plain postgresql:// means psycopg2 to SQLAlchemy 2.0; hpo installs psycopg 3.
         parsed = parsed.set(drivername="postgresql+psycopg")
     return parsed
 
@@ -122,7 +123,10 @@ def open_storage(url: str, heartbeat: HeartbeatSettings | None = None) -> BaseSt
     else:
         engine_kwargs["pool_pre_ping"] = True
     try:
-        return _create_rdb_storage(parsed.render_as_string(hide_password=False), engine_kwargs, heartbeat)
+        storage = _create_rdb_storage(parsed.render_as_string(hide_password=False), engine_kwargs, heartbeat)
+        if parsed.get_backend_name() == "sqlite":
+            _use_write_ahead_log(storage.engine)
+        return storage
     except ImportError as exc:
         raise StorageError(f"storage URL {redact(url)!r}: database driver missing ({exc})") from None
     except sqlalchemy.exc.OperationalError as exc:
@@ -133,6 +137,23 @@ def open_storage(url: str, heartbeat: HeartbeatSettings | None = None) -> BaseSt
         ) from None
     except sqlalchemy.exc.ArgumentError as exc:
         raise StorageError(f"storage URL {redact(url)!r}: {exc} (fix: use {_EXAMPLES})") from None
+
+
+def _use_write_ahead_log(engine: sqlalchemy.Engine) -> None:
+    """SQLite in WAL mode: readers (status, dashboard, other workers) never block the writer, and
+    a commit appends to one log file instead of rewriting a rollback journal. ``synchronous=FULL``
+    keeps every commit durable, so a finished trial survives even a power loss. WAL needs the
+    database on a local disk (SQLite's own rule; PostgreSQL is the answer for shared storage).
+    """
+
+    def on_connect(dbapi_connection: Any, connection_record: Any) -> None:
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=FULL")
+        cursor.close()
+
+    sqlalchemy.event.listen(engine, "connect", on_connect)
+    engine.dispose()  # connections opened while Optuna created its tables predate the listener
 
 
 def _create_rdb_storage(

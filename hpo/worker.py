@@ -31,7 +31,8 @@ from types import FrameType
 from typing import Any
 
 import optuna
-from optuna.storages import BaseStorage, RetryHeartbeatStaleTrialCallback, fail_stale_trials
+import sqlalchemy
+from optuna.storages import BaseStorage, RDBStorage, RetryHeartbeatStaleTrialCallback, fail_stale_trials
 from optuna.trial import FrozenTrial, TrialState
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -83,18 +84,45 @@ def active_workers(study: optuna.Study) -> set[str]:
     return {str(t.system_attrs.get(WORKER_ATTR, t.number)) for t in running}
 
 
-def claim_trial(study: optuna.Study) -> int | None:
-    """Atomically move one WAITING trial of ``study`` to RUNNING; its id, or None if none is left.
+def _waiting_trials(study: optuna.Study, limit: int = 16) -> list[tuple[int, int]]:
+    """(id, number) of up to ``limit`` WAITING trials, oldest first.
+
+    On a relational storage this is one indexed query on Optuna's ``trials`` table instead of
+    loading every waiting trial with its parameters and attributes (what ``Study.ask`` does).
+    """
+    storage = study._storage
+    rdb = getattr(storage, "_backend", storage)  # optuna.load_study wraps RDBStorage in a cache
+    if isinstance(rdb, RDBStorage):
+        with rdb.engine.connect() as conn:
+            rows = conn.execute(
+                sqlalchemy.text(
+                    "SELECT trial_id, number FROM trials WHERE study_id = :study AND state = 'WAITING' "
+                    "ORDER BY trial_id LIMIT :limit"
+                ),
+                {"study": study._study_id, "limit": limit},
+            )
+            return [(row[0], row[1]) for row in rows]
+    trials = storage.get_all_trials(study._study_id, deepcopy=False, states=(TrialState.WAITING,))
+    return [(t._trial_id, t.number) for t in trials[:limit]]
+
+
+def claim_trial(study: optuna.Study) -> tuple[int, int] | None:
+    """Atomically move one WAITING trial of ``study`` to RUNNING; its (id, number), or None if
+    none is left.
 
     The storage changes the state only if the trial is still WAITING (a row lock on PostgreSQL,
     the database lock on SQLite), so two workers never claim the same trial.
     """
     storage = study._storage
-    for trial in storage.get_all_trials(study._study_id, deepcopy=False, states=(TrialState.WAITING,)):
-        with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
-            if storage.set_trial_state_values(trial._trial_id, state=TrialState.RUNNING):
-                return trial._trial_id
-    return None
+    while True:
+        candidates = _waiting_trials(study)
+        if not candidates:
+            return None
+        for trial_id, number in candidates:
+            with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
+                if storage.set_trial_state_values(trial_id, state=TrialState.RUNNING):
+                    return trial_id, number
+        # every candidate was taken by other workers meanwhile: look again
 
 
 def heartbeat_interval(storage: BaseStorage) -> int | None:
@@ -219,6 +247,8 @@ class Worker:
         # Per-worker data cache: decoded datasets etc. survive from one trial to the next.
         self.cache: dict[str, Any] = {}
         self.interrupts = Interrupts()
+        folder = f"{study.study_name.replace('/', '_')}-{study_uid(study)[:12]}"
+        self._checkpoint_root = options.checkpoint_root / folder
         study.pruner = make_pruner(spec.pruner, spec.budget.max_epochs)
 
     # ------------------------------------------------------------------ output
@@ -244,7 +274,9 @@ class Worker:
         started = time.monotonic()
         consecutive_failures = 0
         storage = self.study._storage
-        heartbeat_enabled = heartbeat_interval(storage) is not None
+        interval = heartbeat_interval(storage)
+        heartbeat_enabled = interval is not None
+        stale_checked = -math.inf
         with self.interrupts.installed():
             try:
                 while True:
@@ -258,17 +290,21 @@ class Worker:
                     ):
                         summary.stopped_because = f"timeout of {self.options.timeout:g}s reached"
                         break
-                    if heartbeat_enabled:
+                    if interval is not None and time.monotonic() - stale_checked >= interval:
+                        # Other workers' dead trials are failed (and re-queued) at most once per
+                        # heartbeat interval: a trial cannot turn stale faster than that.
                         fail_stale_trials(self.study)
-                    trial_id = claim_trial(self.study)
-                    if trial_id is None:
+                        stale_checked = time.monotonic()
+                    claimed = claim_trial(self.study)
+                    if claimed is None:
+                        stale_checked = -math.inf  # before concluding the study is done, look again
                         if self._study_done(heartbeat_enabled):
                             summary.stopped_because = "no trials left in the study"
                             break
                         with self.interrupts.interruptible():
                             time.sleep(self.options.poll_interval)  # others' trials may be retried
                         continue
-                    state = self._run_trial(trial_id)
+                    state = self._run_trial(*claimed)
                     summary.finished[state.name] += 1
                     consecutive_failures = consecutive_failures + 1 if state == TrialState.FAIL else 0
                     if consecutive_failures >= self.options.max_consecutive_failures:
@@ -292,30 +328,34 @@ class Worker:
         # (heartbeats) and re-queued; otherwise there is nothing this worker could pick up.
         return not heartbeat_enabled and all(t.state == TrialState.RUNNING for t in trials)
 
-    def _run_trial(self, trial_id: int) -> TrialState:
+    def _run_trial(self, trial_id: int, number: int) -> TrialState:
         storage = self.study._storage
-        number = storage.get_trial_number_from_id(trial_id)
         # A sampler per trial, seeded by the trial number: reproducible for one worker, and
         # parallel workers never draw the same random configuration from equal RNG states.
         self.study.sampler = make_sampler(self.spec, seed=self.spec.sampler_seed + number)
         trial = optuna.Trial(self.study, trial_id)
+        # Read after Trial(): the sampler's before_trial may have set this trial's budget.
+        system_attrs = storage.get_trial_system_attrs(trial_id)
         storage.set_trial_system_attr(trial_id, WORKER_ATTR, self.identity)
         t0 = time.monotonic()
-        params: dict[str, Any] = {}
+        run: TrialRun | None = None
         with Heartbeat(storage, trial_id):
             try:
-                params = suggest(trial, self.spec.space)
-                value = self._train(trial, params, number)
+                run = self._make_run(trial, suggest(trial, self.spec.space), number, system_attrs)
+                value = self._train(run, number)
                 if not math.isfinite(value):
                     raise FloatingPointError(f"objective returned {value}")
+                run.flush()
                 frozen = self.study.tell(trial, value)
             except optuna.TrialPruned as pruned:
+                if run is not None:
+                    run.flush()
                 frozen = self.study.tell(trial, state=TrialState.PRUNED)
-                reason = str(pruned)
-                self._finished(frozen, time.monotonic() - t0, reason)
+                self._finished(frozen, time.monotonic() - t0, str(pruned))
                 return frozen.state
             except WorkerInterrupted as interrupt:
                 with self.interrupts.shielded():
+                    self._flush_quietly(run)
                     self._fail(trial_id, f"worker interrupted by {interrupt}")
                     frozen = storage.get_trial(trial_id)
                     RetryHeartbeatStaleTrialCallback()(self.study, frozen)  # re-queue, same params
@@ -323,6 +363,7 @@ class Worker:
                 raise
             except Exception as exc:  # a failing trial must never take the worker down
                 reason = f"{type(exc).__name__}: {exc}"
+                self._flush_quietly(run)
                 self._fail(trial_id, reason, traceback.format_exc())
                 frozen = storage.get_trial(trial_id)
                 self._finished(frozen, time.monotonic() - t0, reason)
@@ -330,20 +371,22 @@ class Worker:
         self._finished(frozen, time.monotonic() - t0)
         return frozen.state
 
-    def _train(self, trial: optuna.Trial, params: dict[str, Any], number: int) -> float:
-        frozen = trial.study._storage.get_trial(trial._trial_id)
-        budget = frozen.system_attrs.get(BUDGET_ATTR, self.spec.budget.max_epochs)
-        progress = self._progress()
-        run = TrialRun(
+    def _make_run(
+        self, trial: optuna.Trial, params: dict[str, Any], number: int, system_attrs: Mapping[str, Any]
+    ) -> TrialRun:
+        return TrialRun(
             trial=trial,
             spec=self.spec,
             params=params,
-            max_epochs=int(budget),
+            max_epochs=int(system_attrs.get(BUDGET_ATTR, self.spec.budget.max_epochs)),
             device=self.options.device,
-            checkpoint_dir=self._checkpoint_dir(frozen),
+            checkpoint_dir=self._checkpoint_dir(number, system_attrs),
             cache=self.cache,
             shield=self.interrupts.shielded,
         )
+
+    def _train(self, run: TrialRun, number: int) -> float:
+        progress = self._progress()
         with contextlib.ExitStack() as stack:
             if progress is not None:
                 stack.enter_context(progress)
@@ -352,12 +395,18 @@ class Worker:
             stack.enter_context(self.interrupts.interruptible())
             return float(self.objective.train(run))
 
-    def _checkpoint_dir(self, trial: FrozenTrial) -> Path:
-        # A retried trial shares the checkpoint directory of the attempt it replaces, so it resumes.
-        origin = RetryHeartbeatStaleTrialCallback.retried_trial_number(trial)
-        number = trial.number if origin is None else origin
-        folder = f"{self.study.study_name.replace('/', '_')}-{study_uid(self.study)[:12]}"
-        return self.options.checkpoint_root / folder / f"trial-{number}"
+    @staticmethod
+    def _flush_quietly(run: TrialRun | None) -> None:
+        # Keep the learning curve of a failing trial if the storage still takes writes.
+        if run is not None:
+            with contextlib.suppress(Exception):
+                run.flush()
+
+    def _checkpoint_dir(self, number: int, system_attrs: Mapping[str, Any]) -> Path:
+        # A retried trial shares the checkpoint directory of the attempt it replaces, so it
+        # resumes ("failed_trial" is RetryHeartbeatStaleTrialCallback's record of the original).
+        origin = system_attrs.get("failed_trial")
+        return self._checkpoint_root / f"trial-{number if origin is None else origin}"
 
     def _fail(self, trial_id: int, reason: str, details: str | None = None) -> None:
         storage = self.study._storage
@@ -371,7 +420,7 @@ class Worker:
     def _finished(self, trial: FrozenTrial, seconds: float, note: str = "") -> None:
         if note != "re-queued":
             # Finished for good: its checkpoint can no longer be resumed, so reclaim the disk.
-            shutil.rmtree(self._checkpoint_dir(trial), ignore_errors=True)
+            shutil.rmtree(self._checkpoint_dir(trial.number, trial.system_attrs), ignore_errors=True)
         value = f" value={trial.value:.6g}" if trial.value is not None else ""
         suffix = f" ({note})" if note else ""
         self._say(
