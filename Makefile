@@ -1,0 +1,54 @@
+# Two commands do all set-up on a fresh machine (see README.md):
+#   make quickstart   creates .venv, installs hpo, runs the digits quickstart study on SQLite
+#   make test         creates .venv, installs hpo with its test tools and the system packages the
+#                     tests drive (Chromium, docker-compose), then runs lint, types and the tests
+PYTHON ?= python3.11
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STORAGE ?= sqlite:///storage/hpo.db
+
+.PHONY: quickstart test lint typecheck pytest system-deps dashboard clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+# Re-install when the dependencies change; the stamp records the last install.
+$(VENV)/.installed-runtime: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e .
+	touch $@
+
+$(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@ $(VENV)/.installed-runtime
+
+quickstart: $(VENV)/.installed-runtime
+	$(BIN)/hpo worker studies/digits_quickstart.yaml --storage $(STORAGE)
+	$(BIN)/hpo status digits_quickstart --storage $(STORAGE)
+	@echo
+	@echo "Watch it (live while workers run):  $(BIN)/hpo dashboard --storage $(STORAGE)"
+	@echo "  then open http://127.0.0.1:8080 in a browser."
+
+dashboard: $(VENV)/.installed-runtime
+	$(BIN)/hpo dashboard --storage $(STORAGE)
+
+# The browser and compose tests drive Debian's chromium and docker-compose; installing them
+# needs root (CI runs as root). Without root the tests that need them skip locally with a reason.
+system-deps:
+	@if [ "$$(id -u)" = 0 ]; then bash scripts/ci-browser.sh && bash scripts/ci-compose.sh; \
+	else echo "not root: skipping apt-get install of chromium/docker-compose"; fi
+
+lint: $(VENV)/.installed-dev
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: $(VENV)/.installed-dev
+	$(BIN)/mypy hpo objectives
+
+pytest: $(VENV)/.installed-dev system-deps
+	$(BIN)/pytest -q -ra $(PYTEST_ARGS)
+
+test: lint typecheck pytest
+
+clean:
+	rm -rf $(VENV) storage/hpo.db* storage/checkpoints storage/artifacts
