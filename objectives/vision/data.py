@@ -1,0 +1,301 @@
+"""Image datasets for the vision objectives: local files only, decoded once per worker.
+
+A study file's ``data:`` section is a :class:`DataConfig`; :func:`load_image_data` turns it into
+an :class:`ImageData` of uint8 image tensors and targets for a training split and a validation
+split. Nothing is ever downloaded: the data is read from ``data.root`` (absolute, or relative to
+``$HPO_DATA_ROOT``), or from ``$HPO_DATA_ROOT/<default folder>`` when ``root`` is left out.
+
+Fast path: every image is decoded and resized exactly once per worker (in a thread pool) into one
+uint8 tensor, moved to the GPU when it fits, and kept in the worker's per-study cache
+(``TrialRun.cache``), so every later trial of the study starts without touching the disk.
+
+Formats and layouts (see ``docs/datasets.md``): ``imagefolder`` (15-Scene, Caltech101, STL-10
+exported to folders), ``tiny_imagenet``, ``celeba``, ``voc`` and ``digits`` (scikit-learn's).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from collections.abc import MutableMapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from hpo.errors import SpecError
+from objectives.vision import _split
+from objectives.vision._decode import DecodeError, decode_images
+from objectives.vision._formats import CELEBA_ATTRIBUTES, LAYOUTS, VOC_CLASSES, Catalog, Split, read_catalog
+
+__all__ = [
+    "CELEBA_ATTRIBUTES",
+    "DATA_ROOT_ENV",
+    "DEFAULT_DIRS",
+    "VOC_CLASSES",
+    "DataConfig",
+    "ImageData",
+    "load_image_data",
+    "resolve_root",
+]
+
+logger = logging.getLogger(__name__)
+
+DATA_ROOT_ENV = "HPO_DATA_ROOT"
+"""Environment variable naming the folder that holds the datasets (per machine)."""
+
+DEFAULT_DIRS: dict[str, str] = {
+    "tiny_imagenet": "tiny-imagenet-200",
+    "celeba": "celeba",
+    "voc": "VOCdevkit/VOC2012",
+}
+"""Folder under ``$HPO_DATA_ROOT`` used when ``data.root`` is not given (the archives' own names)."""
+
+# Images go to the GPU only when they take at most this share of its free memory; the rest is
+# left for the model, activations and the augmentation buffers.
+_GPU_SHARE = 0.5
+_SPLIT_FORMATS = ("imagefolder", "voc")
+
+
+class DataConfig(BaseModel):
+    """The study file's ``data:`` section for the vision objectives (validated at load time)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    format: Literal["imagefolder", "tiny_imagenet", "celeba", "voc", "digits"]
+    root: str | None = None
+    """Dataset folder: absolute, ``~/...``, or relative to ``$HPO_DATA_ROOT`` (else to the working
+    directory). Left out: ``$HPO_DATA_ROOT/<DEFAULT_DIRS[format]>``; required for imagefolder."""
+    image_size: int = Field(default=64, ge=4, le=1024)
+    """Images are resized (shorter side) and center-cropped to ``image_size x image_size``."""
+    subset: float = Field(default=1.0, gt=0.0, le=1.0)
+    """Stratified fraction of train and of validation that is used; every class is kept."""
+    val_fraction: float = Field(default=0.2, gt=0.0, lt=1.0)
+    """Stratified share of train split off as validation, only when the dataset has no val split."""
+    attributes: list[str] | None = Field(default=None, min_length=1)
+    """CelebA: the attribute columns that form the multilabel target (default: all 40)."""
+    target_attribute: str | None = None
+    """CelebA: one attribute as a 2-class multiclass target (``not_NAME``, ``NAME``)."""
+    train_split: str = "train"
+    """imagefolder: the training folder's name (used when ``root/<train_split>/`` exists).
+    voc: the ``ImageSets/Main/<train_split>.txt`` id list."""
+    val_split: str | None = None
+    """imagefolder: the validation folder (default: the first of val, valid, validation, test that
+    exists). voc: the id list (default: val.txt when present). Absent: split off train."""
+
+    @model_validator(mode="after")
+    def _options_fit_format(self) -> DataConfig:
+        celeba_only = {"attributes", "target_attribute"} & self.model_fields_set
+        if self.format != "celeba" and celeba_only:
+            raise ValueError(f"{sorted(celeba_only)[0]} applies only to format celeba")
+        split_names = {"train_split", "val_split"} & self.model_fields_set
+        if self.format not in _SPLIT_FORMATS and split_names:
+            raise ValueError(f"{sorted(split_names)[0]} applies only to formats imagefolder and voc")
+        if self.attributes is not None and self.target_attribute is not None:
+            raise ValueError("give either attributes (multilabel) or target_attribute (2 classes), not both")
+        if self.attributes is not None and len(set(self.attributes)) != len(self.attributes):
+            raise ValueError("attributes must not repeat a name")
+        if self.format == "digits" and self.root is not None:
+            raise ValueError("root does not apply to format digits (the data ships with scikit-learn)")
+        return self
+
+
+@dataclass(frozen=True)
+class ImageData:
+    """A training and a validation split held in memory as tensors on one device.
+
+    Images are uint8 ``(N, 3, H, W)`` with ``H == W == image_size``, contiguous; convert to float
+    and normalise on the device per batch. Targets are int64 class indices ``(N,)`` for
+    ``task == "multiclass"`` and float32 0/1 ``(N, K)`` for ``"multilabel"``, with column ``k``
+    (or class index ``k``) named by ``classes[k]``.
+    """
+
+    train_images: torch.Tensor
+    train_targets: torch.Tensor
+    val_images: torch.Tensor
+    val_targets: torch.Tensor
+    classes: tuple[str, ...]
+    task: Literal["multiclass", "multilabel"]
+
+    def to(self, device: str | torch.device) -> ImageData:
+        """The same data with every tensor on ``device`` (no copy for tensors already there)."""
+        return dataclasses.replace(
+            self,
+            train_images=self.train_images.to(device),
+            train_targets=self.train_targets.to(device),
+            val_images=self.val_images.to(device),
+            val_targets=self.val_targets.to(device),
+        )
+
+    @property
+    def device(self) -> torch.device:
+        return self.train_images.device
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+def resolve_root(config: DataConfig, source: str = "study file") -> Path | None:
+    """The dataset folder ``config`` refers to (``None`` for digits); raises :class:`SpecError`."""
+    if config.format == "digits":
+        return None
+    base = os.environ.get(DATA_ROOT_ENV) or None
+    if config.root is None:
+        default = DEFAULT_DIRS.get(config.format)
+        if default is None:
+            raise SpecError(
+                source,
+                "data.root",
+                f"is required for format {config.format} (expected layout: {LAYOUTS[config.format]})",
+                f"set data.root to the dataset folder, absolute or relative to ${DATA_ROOT_ENV}",
+            )
+        if base is None:
+            raise SpecError(
+                source,
+                "data.root",
+                f"is not set and neither is ${DATA_ROOT_ENV}",
+                f"set data.root, or export {DATA_ROOT_ENV}=/path/to/datasets holding {default}/",
+            )
+        return (Path(base).expanduser() / default).absolute()
+    path = Path(os.path.expandvars(config.root)).expanduser()
+    if not path.is_absolute() and base is not None:
+        path = Path(base).expanduser() / path
+    return path.absolute()
+
+
+def load_image_data(
+    config: DataConfig,
+    seed: int,
+    cache: MutableMapping[str, Any] | None = None,
+    device: str = "cpu",
+    source: str = "study file",
+    *,
+    workers: int | None = None,
+) -> ImageData:
+    """Decode, resize, split and subset the dataset ``config`` names; deterministic in ``seed``.
+
+    With ``cache`` (a worker's ``TrialRun.cache``) the result is stored under a key of (config,
+    seed, resolved root, device) and a later call with the same key returns the very same tensors
+    without reading any file. Tensors are placed on ``device``; on a CUDA device whose free memory
+    cannot take the images comfortably (more than half of it), everything stays on the CPU and a
+    warning is logged: check ``data.device`` and move batches. ``workers`` decoding threads
+    (default: the usable CPUs, at most 32).
+
+    Raises :class:`hpo.errors.SpecError` (field ``data.root``, or the option at fault) naming the
+    missing or malformed path and the expected layout, or the image that cannot be decoded.
+    """
+    root = resolve_root(config, source)
+    key = f"objectives.vision.data:{config.model_dump_json()}:{seed}:{root}:{device}"
+    if cache is not None and key in cache:
+        cached: ImageData = cache[key]
+        return cached
+
+    catalog = _digits_catalog() if config.format == "digits" else read_catalog(config, root or Path(), source)
+    train_pool, val_pool = _pools(catalog, config.val_fraction, _stream(seed, 0))
+    train_split, train_idx = train_pool
+    val_split, val_idx = val_pool
+    # Each selection has its own random stream, so none depends on how much another one drew.
+    train_idx = train_idx[_split.sample(train_split.targets[train_idx], config.subset, _stream(seed, 1))]
+    val_idx = val_idx[_split.sample(val_split.targets[val_idx], config.subset, _stream(seed, 2))]
+
+    data = ImageData(
+        train_images=_images(train_split, train_idx, config, workers, source),
+        train_targets=_targets(train_split.targets[train_idx], catalog.task),
+        val_images=_images(val_split, val_idx, config, workers, source),
+        val_targets=_targets(val_split.targets[val_idx], catalog.task),
+        classes=catalog.classes,
+        task=catalog.task,
+    )
+    data = _place(data, device)
+    if cache is not None:
+        cache[key] = data
+    return data
+
+
+def _stream(seed: int, purpose: int) -> np.random.Generator:
+    """An independent random stream per purpose (0: val split, 1: train subset, 2: val subset)."""
+    return np.random.default_rng([seed % 2**63, purpose])
+
+
+def _pools(
+    catalog: Catalog, val_fraction: float, rng: np.random.Generator
+) -> tuple[tuple[Split, np.ndarray], tuple[Split, np.ndarray]]:
+    """(split, indices) for train and for validation, splitting train when there is no val."""
+    if catalog.val is not None:
+        return (catalog.train, np.arange(len(catalog.train))), (catalog.val, np.arange(len(catalog.val)))
+    train_idx, val_idx = _split.split(catalog.train.targets, val_fraction, rng)
+    return (catalog.train, train_idx), (catalog.train, val_idx)
+
+
+def _images(
+    split: Split, indices: np.ndarray, config: DataConfig, workers: int | None, source: str
+) -> torch.Tensor:
+    if split.pixels is not None:
+        return _upscale(split.pixels[indices], config.image_size)
+    files = [split.files[i] for i in indices]
+    missing = next((f for f in files if not os.path.isfile(f)), None)
+    if missing is not None:  # fail before spending minutes decoding the rest
+        raise SpecError(
+            source,
+            "data.root",
+            f"image {missing} is listed by the dataset but does not exist",
+            _layout(config),
+        )
+    try:
+        return torch.from_numpy(decode_images(files, config.image_size, workers))
+    except DecodeError as exc:
+        raise SpecError(
+            source, "data.root", f"{exc.path}: {exc.reason}", "replace or remove the file"
+        ) from None
+
+
+def _layout(config: DataConfig) -> str:
+    return f"expected {config.format} layout: {LAYOUTS[config.format]}"
+
+
+def _targets(targets: np.ndarray, task: str) -> torch.Tensor:
+    if task == "multiclass":
+        return torch.from_numpy(np.ascontiguousarray(targets, dtype=np.int64))
+    return torch.from_numpy(np.ascontiguousarray(targets, dtype=np.float32))
+
+
+def _digits_catalog() -> Catalog:
+    from sklearn.datasets import load_digits  # ships with scikit-learn: nothing is downloaded
+
+    digits = load_digits()
+    # 0..16 ink levels to 0..255 grey levels, kept as 8x8 until the subset is drawn.
+    pixels = np.rint(digits.images * (255.0 / 16.0)).astype(np.uint8)
+    train = Split(files=(), targets=digits.target.astype(np.int64), pixels=pixels)
+    return Catalog(tuple(str(d) for d in range(10)), "multiclass", train, None)
+
+
+def _upscale(pixels: np.ndarray, size: int) -> torch.Tensor:
+    """``(N, 8, 8)`` grey uint8 to ``(N, 3, size, size)`` uint8 (bilinear), grey in every channel."""
+    grey = torch.from_numpy(pixels).unsqueeze(1).float()
+    resized = F.interpolate(grey, size=(size, size), mode="bilinear", align_corners=False)
+    return resized.round_().clamp_(0, 255).to(torch.uint8).expand(-1, 3, -1, -1).contiguous()
+
+
+def _place(data: ImageData, device: str) -> ImageData:
+    target = torch.device(device)
+    if target.type == "cpu":
+        return data
+    if target.type == "cuda":
+        needed = sum(t.numel() * t.element_size() for t in (data.train_images, data.val_images))
+        free, _ = torch.cuda.mem_get_info(target)
+        if needed > _GPU_SHARE * free:
+            logger.warning(
+                "dataset images take %.1f GiB, more than half of the %.1f GiB free on %s: keeping them in "
+                "CPU memory (batches are copied per step)",
+                needed / 2**30,
+                free / 2**30,
+                target,
+            )
+            return data
+    return data.to(target)
