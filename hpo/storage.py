@@ -159,7 +159,9 @@ def _use_write_ahead_log(engine: sqlalchemy.Engine) -> None:
 def _create_rdb_storage(
     url: str, engine_kwargs: dict[str, object], heartbeat: HeartbeatSettings | None
 ) -> RDBStorage:
-    callback = RetryHeartbeatStaleTrialCallback(max_retry=heartbeat.max_retry) if heartbeat else None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # flagged experimental
+        callback = RetryHeartbeatStaleTrialCallback(max_retry=heartbeat.max_retry) if heartbeat else None
     attempts = 3
     for attempt in range(1, attempts + 1):
         try:

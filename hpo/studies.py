@@ -11,6 +11,8 @@ change, so the study gets exactly ``n_trials`` trials however many workers run, 
 from __future__ import annotations
 
 import uuid
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import optuna
@@ -151,6 +153,18 @@ def load_study_spec(storage: BaseStorage, study_name: str) -> tuple[optuna.Study
 def study_uid(study: optuna.Study) -> str:
     uid = study.user_attrs.get(UID_ATTR)
     return uid if isinstance(uid, str) else f"id{study._study_id}"
+
+
+def checkpoint_folder(root: Path, study: optuna.Study) -> Path:
+    """The study's folder of trial checkpoints under ``root`` (its name plus its unique id)."""
+    return root / f"{study.study_name.replace('/', '_')}-{study_uid(study)[:12]}"
+
+
+def trial_checkpoint_dir(study_folder: Path, number: int, system_attrs: Mapping[str, Any]) -> Path:
+    """Where trial ``number`` checkpoints. A retried trial shares the folder of the attempt it
+    replaces, so it resumes ("failed_trial" is RetryHeartbeatStaleTrialCallback's record of it)."""
+    origin = system_attrs.get("failed_trial")
+    return study_folder / f"trial-{number if origin is None else int(origin)}"
 
 
 def trial_counts(study: optuna.Study) -> dict[str, int]:

@@ -41,7 +41,7 @@ from hpo.objective import BUDGET_ATTR, Objective, TrialRun, resolve_objective
 from hpo.samplers import make_pruner, make_sampler
 from hpo.space import suggest
 from hpo.spec import StudySpec
-from hpo.studies import study_uid
+from hpo.studies import checkpoint_folder, trial_checkpoint_dir
 
 WORKER_ATTR = "hpo:worker"
 
@@ -247,8 +247,7 @@ class Worker:
         # Per-worker data cache: decoded datasets etc. survive from one trial to the next.
         self.cache: dict[str, Any] = {}
         self.interrupts = Interrupts()
-        folder = f"{study.study_name.replace('/', '_')}-{study_uid(study)[:12]}"
-        self._checkpoint_root = options.checkpoint_root / folder
+        self._checkpoint_root = checkpoint_folder(options.checkpoint_root, study)
         study.pruner = make_pruner(spec.pruner, spec.budget.max_epochs)
 
     # ------------------------------------------------------------------ output
@@ -333,6 +332,10 @@ class Worker:
         # A sampler per trial, seeded by the trial number: reproducible for one worker, and
         # parallel workers never draw the same random configuration from equal RNG states.
         self.study.sampler = make_sampler(self.spec, seed=self.spec.sampler_seed + number)
+        # Bring the claimed trial into the study's trial cache (optuna.load_study wraps the RDB
+        # storage in one): writing parameters goes through it, and samplers that never read the
+        # study's trials (random) would otherwise leave it unknown there.
+        storage.get_all_trials(self.study._study_id, deepcopy=False, states=(TrialState.RUNNING,))
         trial = optuna.Trial(self.study, trial_id)
         # Read after Trial(): the sampler's before_trial may have set this trial's budget.
         system_attrs = storage.get_trial_system_attrs(trial_id)
@@ -403,10 +406,7 @@ class Worker:
                 run.flush()
 
     def _checkpoint_dir(self, number: int, system_attrs: Mapping[str, Any]) -> Path:
-        # A retried trial shares the checkpoint directory of the attempt it replaces, so it
-        # resumes ("failed_trial" is RetryHeartbeatStaleTrialCallback's record of the original).
-        origin = system_attrs.get("failed_trial")
-        return self._checkpoint_root / f"trial-{number if origin is None else origin}"
+        return trial_checkpoint_dir(self._checkpoint_root, number, system_attrs)
 
     def _fail(self, trial_id: int, reason: str, details: str | None = None) -> None:
         storage = self.study._storage

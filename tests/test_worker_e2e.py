@@ -210,3 +210,17 @@ def test_help_lists_every_command() -> None:
     for command in ("create-study", "worker", "status", "best", "export"):
         assert command in out
     assert str(ROOT)  # the CLI runs from the repository root in these tests
+
+
+@pytest.mark.parametrize("sampler", ["random", "tpe", "gp", "cmaes", "grid"])
+def test_every_sampler_runs_a_study_created_by_another_process(
+    tmp_path: Path, sqlite_url: str, sampler: str
+) -> None:
+    grid = [-1.0, 2.0] if sampler == "grid" else None
+    path = quadratic_study(
+        tmp_path, sampler=sampler, n_trials=None if sampler == "grid" else 4, grid_x=grid, grid_y=grid
+    )
+    assert run_cli(["create-study", str(path), "--storage", sqlite_url]).returncode == 0
+    result = run_cli(["worker", "--study-name", "quad", "--storage", sqlite_url])
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert states(sqlite_url, "quad") == {"COMPLETE": 4}

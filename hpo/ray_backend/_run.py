@@ -24,6 +24,7 @@ from hpo.launcher import SQLITE_MAX_WORKER_PROCESSES
 from hpo.ray_backend._schedulers import make_scheduler
 from hpo.spec import StudySpec
 from hpo.storage import is_sqlite, parse_url, redact, sqlite_path
+from hpo.studies import checkpoint_folder
 
 # Defaults for Ray's own switches (a user's environment wins): no usage statistics sent home;
 # trials run in the directory hpo was started from, like plain workers, not in a Ray trial
@@ -218,12 +219,12 @@ def run_on_ray(study: optuna.Study, spec: StudySpec, storage_url: str, args: arg
     from ray import tune
 
     from hpo.ray_backend._search import SearchLimits, StudySearch
-    from hpo.ray_backend._trainable import RayJob, run_trial, study_folder
+    from hpo.ray_backend._trainable import RayJob, run_trial
 
     local = _starts_local(args.address)
     _init_ray(args.address)
     search: StudySearch | None = None
-    experiment_root = checkpoint_root / study_folder(study) / "ray"
+    experiment_root = checkpoint_folder(checkpoint_root, study) / "ray"
     run_name = f"run-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
     try:
         resources = _check_cluster(gpus, url, local)

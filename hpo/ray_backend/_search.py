@@ -42,8 +42,8 @@ from hpo.ray_backend._trainable import (
     FINAL_KEY,
     TRIAL_ID_KEY,
     VALUE_KEY,
+    checkpoint_dir_of,
     record_failure,
-    trial_checkpoint_dir,
 )
 from hpo.samplers import make_sampler
 from hpo.space import SearchSpace, suggest
@@ -305,7 +305,7 @@ class StudySearch(OptunaSearch):
             note = str(trial.system_attrs.get("fail_reason", ""))
         if trial.state.is_finished():
             # Finished for good: its checkpoint can no longer be resumed (this machine's copy).
-            shutil.rmtree(trial_checkpoint_dir(self._checkpoint_root, self._study, trial), ignore_errors=True)
+            shutil.rmtree(checkpoint_dir_of(self._checkpoint_root, self._study, trial), ignore_errors=True)
         value = f" value={trial.value:.6g}" if trial.value is not None and state == "COMPLETE" else ""
         params = ", ".join(
             f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in trial.params.items()

@@ -39,7 +39,7 @@ from ray import tune
 from hpo.objective import BUDGET_ATTR, TrialRun, resolve_objective
 from hpo.ray_backend._schedulers import EPOCH_KEY
 from hpo.storage import open_storage
-from hpo.studies import load_study_spec, study_uid
+from hpo.studies import checkpoint_folder, load_study_spec, trial_checkpoint_dir
 from hpo.worker import WORKER_ATTR, worker_identity
 
 # Ray trial config key holding the Optuna trial id claimed by the driver.
@@ -61,22 +61,10 @@ class RayJob:
     gpus_per_trial: float
 
 
-def trial_checkpoint_dir(root: Path, study: optuna.Study, trial: FrozenTrial) -> Path:
-    """The objective's checkpoint directory for ``trial``.
-
-    The same layout as :class:`hpo.worker.Worker` uses, so a trial re-queued after an
-    interrupted run (by Ray or by plain workers) resumes from the checkpoint of the attempt it
-    replaces when it runs on the same machine.
-    """
-    # "failed_trial": RetryHeartbeatStaleTrialCallback's record of the attempt a retry replaces.
-    origin = trial.system_attrs.get("failed_trial")
-    number = trial.number if origin is None else int(origin)
-    return root / study_folder(study) / f"trial-{number}"
-
-
-def study_folder(study: optuna.Study) -> str:
-    """The study's folder under the checkpoint root (name plus unique id, as plain workers use)."""
-    return f"{study.study_name.replace('/', '_')}-{study_uid(study)[:12]}"
+def checkpoint_dir_of(root: Path, study: optuna.Study, trial: FrozenTrial) -> Path:
+    """The objective's checkpoint directory for ``trial``: the layout plain workers use, so a
+    trial re-queued after an interrupted run resumes from the attempt it replaces."""
+    return trial_checkpoint_dir(checkpoint_folder(root, study), trial.number, trial.system_attrs)
 
 
 def record_failure(storage: BaseStorage, trial_id: int, reason: str) -> None:
@@ -169,7 +157,7 @@ def _run_trial(trial_id: int, job: RayJob) -> None:
         trial = optuna.Trial(study, trial_id)
         frozen = storage.get_trial(trial_id)
         storage.set_trial_system_attr(trial_id, WORKER_ATTR, worker_identity("ray"))
-        checkpoint_dir = trial_checkpoint_dir(Path(job.checkpoint_root), study, frozen)
+        checkpoint_dir = checkpoint_dir_of(Path(job.checkpoint_root), study, frozen)
         _restore(checkpoint_dir)
         reporter = _RayReporter(checkpoint_dir, spec.metric)
         run = TrialRun(
