@@ -1,0 +1,378 @@
+"""BOHB as an Optuna sampler whose whole state lives in the study's storage."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import optuna
+from optuna.distributions import BaseDistribution
+from optuna.samplers import BaseSampler, RandomSampler
+from optuna.search_space import IntersectionSearchSpace
+from optuna.storages import RDBStorage
+from optuna.study import StudyDirection
+from optuna.trial import FrozenTrial, TrialState
+
+from hpo.bohb._kde import KdeModel, KdeOptions, Observation
+from hpo.bohb._schedule import (
+    Bracket,
+    ConfigId,
+    HyperbandSchedule,
+    RungKey,
+    SlotRun,
+    budget_epochs,
+    latest_runs,
+    next_assignment,
+)
+from hpo.objective import BUDGET_ATTR
+from hpo.space import SearchSpace, from_optuna_distributions, to_optuna_distributions
+from hpo.storage import study_lock
+
+if TYPE_CHECKING:
+    from hpo.bohb._configspace import ConfigSpaceCodec
+
+# Trial system attribute holding the trial's slot of the plan:
+# {"bracket", "stage", "slot", "config": [bracket, stage, index], "budget", "promoted"}.
+SLOT_ATTR = "hpo:bohb"
+# Trial system attribute: whether the KDE chose the configuration (False: drawn at random).
+MODEL_PICK_ATTR = "hpo:bohb:model_based_pick"
+# Study system attributes "hpo:bohb:promoted:<bracket>:<stage>": the configurations promoted into a
+# stage, decided once, by the first worker that found the previous stage finished.
+_DECISION_PREFIX = "hpo:bohb:promoted:"
+_FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+# Which search space a cached model is for: None for the sampler's own space, else the relative
+# search space of a define-by-run study.
+_SpaceKey = tuple[tuple[str, BaseDistribution], ...] | None
+
+
+def trial_budget(trial: optuna.Trial | FrozenTrial) -> float | None:
+    """The budget BOHB gave ``trial`` (None when the trial has no BOHB slot)."""
+    if isinstance(trial, FrozenTrial):
+        attrs = trial.system_attrs
+    else:
+        attrs = trial.storage.get_trial_system_attrs(trial._trial_id)
+    slot = attrs.get(SLOT_ATTR)
+    return float(slot["budget"]) if isinstance(slot, dict) else None
+
+
+class BOHBSampler(BaseSampler):
+    """BOHB (Falkner, Klein and Hutter, 2018): Hyperband brackets choosing how long each trial
+    trains, hpbandster's KDE model choosing what it trains.
+
+    **With** ``search_space`` (how hpo's workers use it: ``sampler: {name: bohb}``), the sampler runs
+    the Hyperband plan of :class:`~hpo.bohb.HyperbandSchedule` over ``min_budget``, ``max_budget`` and
+    ``eta``. ``before_trial`` gives each new trial the next slot of the plan and records it in the
+    trial's system attributes (``hpo:bohb``; its budget rounded to whole epochs in ``hpo:budget``);
+    ``sample_relative`` then returns the slot's configuration: the parameters of a promoted
+    configuration, or a new configuration from hpbandster's KDE, fitted on every finished evaluation
+    at every budget. Nothing lives only in this object: every call rebuilds the plan and the model
+    from the study's trials, so any number of workers, each with its own sampler, share one BOHB
+    run through the storage, and a study resumes where it stopped. On an RDB storage, slots are
+    handed out under a database lock (see :func:`hpo.storage.study_lock`).
+
+    **Without** ``search_space`` it is a plain define-by-run Optuna sampler: the KDE models the
+    search space common to the finished trials, all at one budget (no brackets), and parameters
+    outside it are drawn at random.
+
+    The KDE options keep hpbandster's names and defaults. ``seed`` makes proposals reproducible.
+    """
+
+    def __init__(
+        self,
+        search_space: SearchSpace | None = None,
+        *,
+        min_budget: float | None = None,
+        max_budget: float | None = None,
+        eta: float = 3,
+        min_points_in_model: int | None = None,
+        top_n_percent: int = 15,
+        num_samples: int = 64,
+        random_fraction: float = 1 / 3,
+        bandwidth_factor: float = 3,
+        min_bandwidth: float = 1e-3,
+        seed: int | None = None,
+    ) -> None:
+        self._options = KdeOptions(
+            min_points_in_model=min_points_in_model,
+            top_n_percent=top_n_percent,
+            num_samples=num_samples,
+            random_fraction=random_fraction,
+            bandwidth_factor=bandwidth_factor,
+            min_bandwidth=min_bandwidth,
+        )
+        self._space = search_space
+        self._schedule: HyperbandSchedule | None = None
+        if search_space is not None:
+            if min_budget is None or max_budget is None:
+                raise ValueError("BOHBSampler with a search_space needs min_budget and max_budget")
+            for name, value in (("min_budget", min_budget), ("max_budget", max_budget), ("eta", eta)):
+                if isinstance(value, bool) or not isinstance(value, int | float):
+                    raise ValueError(f"{name} must be a number, got {value!r}")
+            self._schedule = HyperbandSchedule(float(min_budget), float(max_budget), eta)
+        elif min_budget is not None or max_budget is not None:
+            raise ValueError("min_budget and max_budget need a search_space to run brackets")
+        self._rng = np.random.RandomState(seed)
+        self._random = RandomSampler(seed=seed)
+        self._intersection = IntersectionSearchSpace(include_pruned=True)
+        # Per-object caches of derived data; each is checked against the storage before use.
+        self._lock = threading.Lock()
+        self._models: dict[_SpaceKey, KdeModel] = {}
+
+    @property
+    def schedule(self) -> HyperbandSchedule | None:
+        """The Hyperband plan (None without a search space)."""
+        return self._schedule
+
+    def bracket_plan(self, index: int) -> Bracket:
+        """Bracket ``index`` of the plan; ``ValueError`` without a search space."""
+        if self._schedule is None:
+            raise ValueError("a BOHBSampler without a search space has no brackets")
+        return self._schedule.bracket(index)
+
+    def reseed_rng(self) -> None:
+        self._rng.seed()
+        self._random.reseed_rng()
+
+    # ------------------------------------------------------------------ the plan
+    def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        if self._schedule is None or SLOT_ATTR in trial.system_attrs:
+            return  # no plan, or a re-queued trial that keeps the slot of the one it replaces
+        self._raise_error_if_multi_objective(study)
+        storage = study._storage
+        with self._lock, _plan_lock(study):
+            trials = storage.get_all_trials(study._study_id, deepcopy=False)
+            decisions = _read_decisions(storage.get_study_system_attrs(study._study_id))
+            assignment, decided = next_assignment(self._schedule, _slot_runs(trials, _sign(study)), decisions)
+            for key, configs in decided.items():
+                storage.set_study_system_attr(
+                    study._study_id, f"{_DECISION_PREFIX}{key[0]}:{key[1]}", [list(c) for c in configs]
+                )
+            slot: dict[str, Any] = {
+                "bracket": assignment.bracket,
+                "stage": assignment.stage,
+                "slot": assignment.slot,
+                "config": list(assignment.config),
+                "budget": assignment.budget,
+                "promoted": assignment.promoted,
+            }
+            storage.set_trial_system_attr(trial._trial_id, SLOT_ATTR, slot)
+            storage.set_trial_system_attr(trial._trial_id, BUDGET_ATTR, budget_epochs(assignment.budget))
+
+    # ------------------------------------------------------------------ sampling
+    def infer_relative_search_space(
+        self, study: optuna.Study, trial: FrozenTrial
+    ) -> dict[str, BaseDistribution]:
+        if self._space is not None:
+            return to_optuna_distributions(self._space)
+        space = self._intersection.calculate(study)
+        return {name: dist for name, dist in space.items() if not dist.single()}
+
+    def sample_relative(
+        self, study: optuna.Study, trial: FrozenTrial, search_space: dict[str, BaseDistribution]
+    ) -> dict[str, Any]:
+        self._raise_error_if_multi_objective(study)
+        if not search_space:
+            return {}
+        with self._lock:
+            if self._space is not None:
+                params = self._sample_planned(study, trial)
+            else:
+                params = self._sample_free(study, trial, search_space)
+        return {name: value for name, value in params.items() if name in search_space}
+
+    def sample_independent(
+        self,
+        study: optuna.Study,
+        trial: FrozenTrial,
+        param_name: str,
+        param_distribution: BaseDistribution,
+    ) -> Any:
+        self._raise_error_if_multi_objective(study)
+        return self._random.sample_independent(study, trial, param_name, param_distribution)
+
+    def _sample_planned(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, Any]:
+        assert self._space is not None and self._schedule is not None
+        storage = study._storage
+        # The trial object Optuna hands us predates before_trial: read the slot from the storage.
+        slot = storage.get_trial_system_attrs(trial._trial_id).get(SLOT_ATTR)
+        trials = storage.get_all_trials(study._study_id, deepcopy=False)
+        budget = self._schedule.max_budget
+        if isinstance(slot, dict):
+            known = _config_params(trials, tuple(slot["config"]), self._space, trial.number)
+            if known is not None:
+                return known  # a promoted configuration keeps its parameters
+            budget = float(slot["budget"])
+        codec = self._model(None, self._space).codec
+        observations = _planned_observations(trials, codec, _sign(study))
+        return self._propose(study, trial, None, observations, budget)
+
+    def _sample_free(
+        self, study: optuna.Study, trial: FrozenTrial, search_space: Mapping[str, BaseDistribution]
+    ) -> dict[str, Any]:
+        items = tuple(sorted(search_space.items()))
+        model = self._model(items, from_optuna_distributions(dict(items)))
+        sign = _sign(study)
+        observations = []
+        finished = study._storage.get_all_trials(study._study_id, deepcopy=False, states=_FINISHED)
+        for past in sorted(finished, key=_completion_order):
+            params = _params_within(past, search_space)
+            if params is None:
+                continue
+            try:
+                values = model.codec.encode(params)
+            except ValueError:
+                continue
+            # Without a plan every trial ran at the same (unknown) budget: one model.
+            observations.append(Observation(past.number, _frozen(values), 0.0, _loss(past, sign)))
+        return self._propose(study, trial, items, observations, 0.0)
+
+    def _model(self, key: _SpaceKey, space: SearchSpace) -> KdeModel:
+        if key not in self._models:
+            # Imported on first use: ConfigSpace takes seconds to import, and loading a study file
+            # (hpo status, hpo create-study) builds the sampler without ever sampling.
+            from hpo.bohb._configspace import ConfigSpaceCodec
+
+            self._models[key] = KdeModel(ConfigSpaceCodec(space), self._options)
+        return self._models[key]
+
+    def _propose(
+        self,
+        study: optuna.Study,
+        trial: FrozenTrial,
+        key: _SpaceKey,
+        observations: Sequence[Observation],
+        budget: float,
+    ) -> dict[str, Any]:
+        model = self._models[key]
+        if not model.extends(observations):
+            # The storage does not continue what this object saw (another process finished trials
+            # in between, or clocks disagree): rebuild the model from the storage alone.
+            model = self._models[key] = KdeModel(model.codec, self._options)
+        model.feed(observations)
+        values, model_based = model.propose(budget, int(self._rng.randint(2**31)))
+        study._storage.set_trial_system_attr(trial._trial_id, MODEL_PICK_ATTR, model_based)
+        return model.codec.decode(values)
+
+
+# ---------------------------------------------------------------------- the state in the storage
+
+
+@contextlib.contextmanager
+def _plan_lock(study: optuna.Study) -> Iterator[None]:
+    """Serialise handing out slots across processes and machines sharing an RDB storage."""
+    storage = study._storage
+    # Optuna wraps an RDBStorage in a private caching layer; the lock needs the database itself.
+    backend = getattr(storage, "_backend", storage)
+    if isinstance(backend, RDBStorage):
+        with study_lock(backend, f"{study.study_name}#bohb-plan"):
+            yield
+    else:
+        yield
+
+
+def _sign(study: optuna.Study) -> float:
+    return 1.0 if study.direction == StudyDirection.MINIMIZE else -1.0
+
+
+def _loss(trial: FrozenTrial, sign: float) -> float:
+    """hpbandster's loss: the value (negated when maximizing); +inf unless it completed finitely."""
+    if trial.state != TrialState.COMPLETE or trial.value is None or not math.isfinite(trial.value):
+        return math.inf
+    return sign * trial.value
+
+
+def _completion_order(trial: FrozenTrial) -> tuple[float, int]:
+    done = trial.datetime_complete
+    return (done.timestamp() if done is not None else math.inf, trial.number)
+
+
+def _slot_runs(trials: Sequence[FrozenTrial], sign: float) -> list[SlotRun]:
+    runs = []
+    for trial in trials:
+        slot = trial.system_attrs.get(SLOT_ATTR)
+        if not isinstance(slot, dict):
+            continue
+        runs.append(
+            SlotRun(
+                number=trial.number,
+                bracket=int(slot["bracket"]),
+                stage=int(slot["stage"]),
+                slot=int(slot["slot"]),
+                config=_config_id(slot["config"]),
+                finished=trial.state.is_finished(),
+                loss=_loss(trial, sign),
+            )
+        )
+    return runs
+
+
+def _config_id(raw: Sequence[int]) -> ConfigId:
+    bracket, stage, index = (int(part) for part in raw)
+    return (bracket, stage, index)
+
+
+def _read_decisions(attrs: Mapping[str, Any]) -> dict[RungKey, tuple[ConfigId, ...]]:
+    decisions: dict[RungKey, tuple[ConfigId, ...]] = {}
+    for key, value in attrs.items():
+        if key.startswith(_DECISION_PREFIX):
+            bracket, stage = (int(part) for part in key.removeprefix(_DECISION_PREFIX).split(":"))
+            decisions[(bracket, stage)] = tuple(_config_id(config) for config in value)
+    return decisions
+
+
+def _config_params(
+    trials: Sequence[FrozenTrial], config: ConfigId, space: SearchSpace, exclude: int
+) -> dict[str, Any] | None:
+    """The parameters of configuration ``config``: those of its earliest trial that has them all."""
+    for trial in sorted(trials, key=lambda t: t.number):
+        slot = trial.system_attrs.get(SLOT_ATTR)
+        if trial.number == exclude or not isinstance(slot, dict) or _config_id(slot["config"]) != config:
+            continue
+        try:
+            space.validate_config(trial.params)
+        except ValueError:
+            continue
+        return dict(trial.params)
+    return None
+
+
+def _planned_observations(
+    trials: Sequence[FrozenTrial], codec: ConfigSpaceCodec, sign: float
+) -> list[Observation]:
+    """Every finished evaluation (the current attempt of each slot), in the order they finished."""
+    by_number = {trial.number: trial for trial in trials}
+    latest = latest_runs(_slot_runs(trials, sign)).values()
+    current = [by_number[run.number] for run in latest if run.finished]
+    observations = []
+    for trial in sorted(current, key=_completion_order):
+        try:
+            values = codec.encode(trial.params)
+        except ValueError:
+            continue  # failed before its parameters were drawn: there is nothing to learn from
+        budget = float(trial.system_attrs[SLOT_ATTR]["budget"])
+        observations.append(Observation(trial.number, _frozen(values), budget, _loss(trial, sign)))
+    return observations
+
+
+def _frozen(values: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:
+    return tuple(sorted(values.items()))
+
+
+def _params_within(trial: FrozenTrial, search_space: Mapping[str, BaseDistribution]) -> dict[str, Any] | None:
+    """``trial``'s values for every parameter of ``search_space``, if all lie inside it."""
+    params = {}
+    for name, dist in search_space.items():
+        if name not in trial.params:
+            return None
+        value = trial.params[name]
+        try:
+            if not dist._contains(dist.to_internal_repr(value)):
+                return None
+        except (ValueError, TypeError):
+            return None
+        params[name] = value
+    return params
