@@ -85,7 +85,7 @@ def active_workers(study: optuna.Study) -> set[str]:
 
 
 def _waiting_trials(study: optuna.Study, limit: int = 16) -> list[tuple[int, int]]:
-    """(id, number) of up to ``limit`` WAITING trials, oldest first.
+    """(id, number) of up to ``limit`` WAITING trials: retries first, then oldest first.
 
     On a relational storage this is one indexed query on Optuna's ``trials`` table instead of
     loading every waiting trial with its parameters and attributes (what ``Study.ask`` does).
@@ -95,14 +95,20 @@ def _waiting_trials(study: optuna.Study, limit: int = 16) -> list[tuple[int, int
     if isinstance(rdb, RDBStorage):
         with rdb.engine.connect() as conn:
             rows = conn.execute(
+                # Retries of trials whose worker died come first: they resume from a checkpoint,
+                # and multi-fidelity samplers (BOHB) wait on them to finish a rung.
                 sqlalchemy.text(
-                    "SELECT trial_id, number FROM trials WHERE study_id = :study AND state = 'WAITING' "
-                    "ORDER BY trial_id LIMIT :limit"
+                    "SELECT t.trial_id, t.number FROM trials t "
+                    "LEFT JOIN trial_system_attributes a "
+                    "ON a.trial_id = t.trial_id AND a.key = 'failed_trial' "
+                    "WHERE t.study_id = :study AND t.state = 'WAITING' "
+                    "ORDER BY (a.trial_id IS NULL), t.trial_id LIMIT :limit"
                 ),
                 {"study": study._study_id, "limit": limit},
             )
             return [(row[0], row[1]) for row in rows]
     trials = storage.get_all_trials(study._study_id, deepcopy=False, states=(TrialState.WAITING,))
+    trials = sorted(trials, key=lambda t: ("failed_trial" not in t.system_attrs, t._trial_id))
     return [(t._trial_id, t.number) for t in trials[:limit]]
 
 

@@ -1,0 +1,299 @@
+"""The ``hpo compare``, ``hpo report`` and ``hpo tabulate`` sub-commands."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+import optuna
+from optuna.storages import BaseStorage, InMemoryStorage
+from optuna.trial import TrialState
+from rich.console import Console
+
+from hpo.compare._markdown import HEADER, markdown_table, table_rows
+from hpo.compare._plan import ComparisonPlan, base_spec, create_runs, parse_samplers, plan_comparison
+from hpo.compare._replay import load_table
+from hpo.compare._report import Report, ReportOptions, write_report
+from hpo.compare._results import collect_results, load_results
+from hpo.compare._tabulate import table_from_study, tabulate_spec, timed
+from hpo.launcher import cuda_device_count
+from hpo.objective import check_objective, resolve_objective
+from hpo.spec import load_study_file
+from hpo.storage import HeartbeatSettings, open_storage, redact, resolve_storage_url
+from hpo.studies import create_study, load_study_spec
+from hpo.worker import Worker, WorkerOptions
+
+STORAGE_HELP = (
+    "SQLAlchemy URL of the study database (or grpc://HOST:PORT). Defaults to $OPTUNA_STORAGE, then "
+    "sqlite:///storage/hpo.db; with --replay the default is an in-memory storage (fastest; the report's "
+    "results.json keeps the outcome)"
+)
+
+
+def _device(value: str | None) -> str:
+    if value:
+        return value
+    return "cuda:0" if cuda_device_count() > 0 else "cpu"
+
+
+def _report_options(args: argparse.Namespace) -> ReportOptions:
+    axes = tuple(a.strip() for a in args.axes.split(",") if a.strip()) if args.axes else ()
+    return ReportOptions(
+        statistic=args.statistic,
+        band=args.band,
+        target=args.target,
+        reference=args.reference,
+        axes=axes,
+        png=not args.no_png,
+    )
+
+
+def _report_dir(args: argparse.Namespace, name: str) -> Path:
+    return Path(args.output) if args.output else Path("reports") / name.replace("/", "_")
+
+
+def _print_report(report: Report, reference: str) -> None:
+    header = [h.replace("reference", reference) for h in HEADER]
+    print(markdown_table(header, table_rows(list(report.rows))))
+    for path in report.files:
+        print(f"wrote {path}")
+
+
+def _run_workers(
+    storage: BaseStorage, plan: ComparisonPlan, device: str, quiet: bool, checkpoint_root: Path
+) -> str | None:
+    """Run every planned study to the end in this process; why it stopped early, if it did.
+
+    In a replay a failure is data (a configuration that failed when it was tabulated), so a run of
+    failures does not stop the worker there.
+    """
+    console = Console(highlight=False, soft_wrap=True, quiet=quiet)
+    cache: dict[str, object] = {}
+    for run in plan.runs:
+        study, spec = load_study_spec(storage, run.study_name)
+        options = WorkerOptions(
+            device=device,
+            label=f"{run.sampler}/seed-{run.seed}",
+            checkpoint_root=checkpoint_root,
+            show_progress=not quiet,
+            max_consecutive_failures=spec.n_trials + 1 if plan.replay_table else 5,
+        )
+        worker = Worker(study, spec, options, console=console)
+        worker.cache = cache  # datasets and replay tables are loaded once for all runs
+        summary = worker.run()
+        waiting = study._storage.get_all_trials(study._study_id, deepcopy=False, states=(TrialState.WAITING,))
+        if waiting:  # interrupted, or stopped after failures
+            failed = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.FAIL]
+            reason = failed[-1].system_attrs.get("fail_reason") if failed else None
+            where = f"at study {run.study_name}: {summary.stopped_because}"
+            return f"{where}; last failure: {reason}" if reason else where
+    return None
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    spec = load_study_file(args.study_file)
+    samplers = parse_samplers(args.samplers)
+    source = str(args.study_file)
+    base = base_spec(spec, source, args.subset)
+    if args.subset is not None:
+        check_objective(base, f"{source} with --subset {args.subset}")
+    table = load_table(args.replay) if args.replay else None
+    plan = plan_comparison(
+        base,
+        samplers,
+        args.seeds,
+        source=source,
+        name=args.name,
+        replay=table,
+        replay_path=args.replay,
+        vary_training_seed=args.vary_training_seed,
+    )
+    in_memory = table is not None and not args.storage
+    if in_memory:
+        storage: BaseStorage = InMemoryStorage()
+        where = "an in-memory storage"
+        url = None
+    else:
+        url = resolve_storage_url(args.storage)
+        storage = open_storage(url, HeartbeatSettings())
+        where = redact(url)
+    created = create_runs(storage, plan)
+    print(
+        f"comparison {plan.name!r}: {len(plan.runs)} studies ({len(plan.samplers)} samplers x "
+        f"{len(plan.seeds)} seeds, {plan.base.n_trials} trials each) in {where}; {created} new"
+    )
+    if url is not None:
+        shown = redact(url)  # never print a password
+        again = shlex.join(["hpo", *(shown if a == url else a for a in sys.argv[1:] if a != "--no-run")])
+        print(f"more workers (any machine that reaches the storage) share the work by running: {again}")
+        print(
+            f"or per study: hpo worker --study-name {plan.name}/SAMPLER/seed-K --storage {shlex.quote(shown)}"
+        )
+    if args.no_run:
+        return 0
+    stopped = _run_workers(storage, plan, _device(args.device), in_memory, Path(args.checkpoint_dir))
+    if stopped is not None:
+        print(f"comparison stopped {stopped} (fix the cause, then run the same command again to continue)")
+        return 130 if "interrupted by" in stopped else 1
+    if args.no_report:
+        return 0
+    results = collect_results(storage, plan.name, plan.samplers)
+    report = write_report(results, _report_dir(args, plan.name), _report_options(args))
+    _print_report(report, args.reference)
+    if in_memory:
+        print(f"the in-memory studies are gone; redraw with: hpo report {report.directory / 'results.json'}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    target = Path(args.comparison)
+    if target.suffix == ".json" and target.is_file():
+        results = load_results(target)
+    elif target.is_dir() and (target / "results.json").is_file():
+        results = load_results(target / "results.json")
+    else:
+        storage = open_storage(resolve_storage_url(args.storage))
+        results = collect_results(storage, args.comparison)
+    report = write_report(results, _report_dir(args, results.name), _report_options(args))
+    _print_report(report, args.reference)
+    return 0
+
+
+def cmd_tabulate(args: argparse.Namespace) -> int:
+    spec = load_study_file(args.study_file)
+    source = str(args.study_file)
+    base = base_spec(spec, source, args.subset)
+    if args.subset is not None:
+        check_objective(base, f"{source} with --subset {args.subset}")
+    table_spec = tabulate_spec(base, source, args.points_per_param)
+    name = args.study_name or table_spec.name
+    url = resolve_storage_url(args.storage)
+    storage = open_storage(url, HeartbeatSettings())
+    create_study(storage, table_spec, name, skip_if_exists=True)
+    study = optuna.load_study(study_name=name, storage=storage)
+    print(
+        f"tabulating {table_spec.n_trials} configurations x {table_spec.budget.max_epochs} epochs in study "
+        f"{name!r} ({redact(url)}); other machines can help: hpo worker --study-name {name} --storage "
+        f"{shlex.quote(redact(url))}"
+    )
+    if args.no_run:
+        return 0
+    options = WorkerOptions(
+        device=_device(args.device), label="tabulate", checkpoint_root=Path(args.checkpoint_dir)
+    )
+    objective = timed(resolve_objective(table_spec.objective, "study file"))
+    summary = Worker(study, table_spec, options, objective=objective).run()
+    if summary.stopped_because.startswith("interrupted"):
+        return 130
+    table = table_from_study(study, table_spec)
+    output = (
+        Path(args.output)
+        if args.output
+        else Path("storage") / "tables" / f"{base.name.replace('/', '_')}.json"
+    )
+    table.save(output)
+    failed = sum(e.state == "FAIL" for e in table.entries)
+    print(f"wrote {output}: {len(table.entries)} configurations ({failed} failed, replayed as failures)")
+    print(
+        f"replay it: hpo compare {shlex.quote(source)} --replay {shlex.quote(str(output))} "
+        "--samplers random,tpe --seeds 30"
+    )
+    return 0
+
+
+def _add_report_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--output", "-o", default=None, help="report folder (default: reports/NAME)")
+    p.add_argument(
+        "--statistic",
+        choices=["median", "iqm"],
+        default="median",
+        help="centre line over seeds (default median)",
+    )
+    p.add_argument(
+        "--band",
+        choices=["iqr", "bootstrap"],
+        default="iqr",
+        help="band: 25-75%% of the seeds (iqr, default) or a 95%% bootstrap CI of the statistic",
+    )
+    p.add_argument(
+        "--target",
+        type=float,
+        default=None,
+        help="metric value for 'epochs to reach target' (default: the reference's median final best)",
+    )
+    p.add_argument(
+        "--reference", default="random", help="algorithm the others are compared with (default random)"
+    )
+    p.add_argument(
+        "--axes", default=None, help="two parameters for the configurations plot, e.g. lr,batch_size"
+    )
+    p.add_argument("--no-png", action="store_true", help="skip PNG images (they need kaleido and Chromium)")
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``compare``, ``report`` and ``tabulate`` to the ``hpo`` command line."""
+    p = subparsers.add_parser(
+        "compare",
+        help="compare samplers: one study per (sampler, seed), equal budgets, report with statistics",
+    )
+    p.add_argument("study_file", help="study file of the problem, e.g. studies/digits_compare.yaml")
+    p.add_argument(
+        "--samplers", default="random,tpe", help="comma-separated sampler names (default random,tpe)"
+    )
+    p.add_argument("--seeds", type=int, default=10, help="runs per sampler (default 10)")
+    p.add_argument(
+        "--subset", type=float, default=None, help="override data.subset, e.g. 0.1 for 10%% of the data"
+    )
+    p.add_argument("--storage", default=None, help=STORAGE_HELP)
+    p.add_argument(
+        "--name", default=None, help="comparison name (default: the study's name; NAME-replay with --replay)"
+    )
+    p.add_argument(
+        "--replay", default=None, metavar="TABLE", help="replay a table from hpo tabulate instead of training"
+    )
+    p.add_argument("--vary-training-seed", action="store_true", help="run K also uses training seed seed+K")
+    p.add_argument("--no-run", action="store_true", help="only create the studies (run them with hpo worker)")
+    p.add_argument("--no-report", action="store_true", help="do not write the report at the end")
+    p.add_argument(
+        "--device", default=None, help="device for training (default cuda:0 if available, else cpu)"
+    )
+    p.add_argument("--checkpoint-dir", default="storage/checkpoints", help="where trials keep checkpoints")
+    _add_report_flags(p)
+    p.set_defaults(func=cmd_compare)
+
+    p = subparsers.add_parser("report", help="write the report of a comparison (HTML, PNG, Markdown)")
+    p.add_argument("comparison", help="comparison name in the storage, or a results.json / report folder")
+    p.add_argument(
+        "--storage",
+        default=None,
+        help="SQLAlchemy URL (default $OPTUNA_STORAGE, then sqlite:///storage/hpo.db)",
+    )
+    _add_report_flags(p)
+    p.set_defaults(func=cmd_report)
+
+    p = subparsers.add_parser(
+        "tabulate", help="train a grid once with full learning curves into a replay table"
+    )
+    p.add_argument("study_file", help="study file whose search space (grid: values) is tabulated")
+    p.add_argument(
+        "--storage",
+        default=None,
+        help="SQLAlchemy URL (default $OPTUNA_STORAGE, then sqlite:///storage/hpo.db)",
+    )
+    p.add_argument("--output", "-o", default=None, help="table file (default storage/tables/NAME.json)")
+    p.add_argument("--subset", type=float, default=None, help="override data.subset, e.g. 0.1")
+    p.add_argument(
+        "--points-per-param",
+        type=int,
+        default=None,
+        help="also tabulate K evenly spaced values of each numeric parameter (log-spaced for log ones)",
+    )
+    p.add_argument("--study-name", default=None, help="tabulating study's name (default NAME/table)")
+    p.add_argument("--no-run", action="store_true", help="only create the study (run it with hpo worker)")
+    p.add_argument(
+        "--device", default=None, help="device for training (default cuda:0 if available, else cpu)"
+    )
+    p.add_argument("--checkpoint-dir", default="storage/checkpoints", help="where trials keep checkpoints")
+    p.set_defaults(func=cmd_tabulate)
