@@ -131,6 +131,19 @@ def claim_trial(study: optuna.Study) -> tuple[int, int] | None:
         # every candidate was taken by other workers meanwhile: look again
 
 
+def _ensure_cached(study: optuna.Study, trial_id: int) -> None:
+    """Make the claimed trial known to the study's trial cache.
+
+    ``optuna.load_study`` wraps the RDB storage in a cache that parameter writes go through; a
+    trial queued after the cache last read the study (a retry queued by another worker, say) is
+    unknown there until the study's trials are read again. Reading them costs a query over every
+    unfinished trial, so it is done only when the cache lacks the trial.
+    """
+    known = getattr(study._storage, "_trial_id_to_study_id_and_number", None)  # Optuna's cache index
+    if not isinstance(known, dict) or trial_id not in known:
+        study._storage.get_all_trials(study._study_id, deepcopy=False, states=(TrialState.RUNNING,))
+
+
 def heartbeat_interval(storage: BaseStorage) -> int | None:
     """Seconds between heartbeats, or None when the storage has heartbeats off.
 
@@ -338,10 +351,7 @@ class Worker:
         # A sampler per trial, seeded by the trial number: reproducible for one worker, and
         # parallel workers never draw the same random configuration from equal RNG states.
         self.study.sampler = make_sampler(self.spec, seed=self.spec.sampler_seed + number)
-        # Bring the claimed trial into the study's trial cache (optuna.load_study wraps the RDB
-        # storage in one): writing parameters goes through it, and samplers that never read the
-        # study's trials (random) would otherwise leave it unknown there.
-        storage.get_all_trials(self.study._study_id, deepcopy=False, states=(TrialState.RUNNING,))
+        _ensure_cached(self.study, trial_id)
         trial = optuna.Trial(self.study, trial_id)
         # Read after Trial(): the sampler's before_trial may have set this trial's budget.
         system_attrs = storage.get_trial_system_attrs(trial_id)
