@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import json
 import sys
 import warnings
@@ -232,10 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_export)
 
     for module_name in COMMAND_MODULES:
-        if importlib.util.find_spec(module_name) is not None:  # TODO(spine): drop once all modules landed
-            register = getattr(importlib.import_module(module_name), "register", None)
-            if register is not None:
-                register(sub)
+        importlib.import_module(module_name).register(sub)
     return parser
 
 

@@ -18,8 +18,6 @@ from pathlib import Path
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
-import optuna_dashboard
-
 from hpo import _listen
 from hpo.artifacts import ENV_ARTIFACT_DIR, open_artifact_store, resolve_artifact_dir
 from hpo.storage import open_storage, redact, resolve_storage_url
@@ -73,6 +71,8 @@ def serve(
     address = _listen.resolve(host, port)
     storage = open_storage(storage_url)
     store = open_artifact_store(artifact_dir or resolve_artifact_dir())
+    import optuna_dashboard  # imported here: 1 s of imports every other hpo command should not pay
+
     app = optuna_dashboard.wsgi(storage, artifact_store=store)
     server = make_server(address, app)
     warning = _listen.exposure_warning(address, "the dashboard")
