@@ -1,0 +1,315 @@
+"""``hpo retrain STUDY_NAME --epochs N [--top K]``: train the winners for longer, keep the curves.
+
+Report 002 searched with a 25-epoch budget and early stopping, then trained the best
+configuration for 40 epochs and read the final epoch count off its learning curves. This command
+does that for any study: it loads the stored definition and the ``K`` best COMPLETE trials, and
+trains each configuration for ``N`` epochs through the study's own objective (``Objective.train``,
+so any objective works) with no pruning and no early stopping, seeded like the search.
+
+What it records, for each retrained configuration (``topR`` is its rank, 1 = best):
+
+* a trial in the study ``STUDY_NAME/retrain`` in the same storage, with the same parameters and
+  every epoch's metrics, so ``hpo dashboard`` shows the full learning curves next to the search;
+* ``OUTPUT/topR/curves.csv`` and ``curves.json``: the per-epoch metrics;
+* ``OUTPUT/topR/model.pt``: the final model's ``state_dict`` with its resolved configuration
+  (``torch.load(path, weights_only=True)``), taken from the objective's last checkpoint; objectives
+  that do not checkpoint through :func:`hpo.training.save_checkpoint` get curves but no model.
+
+Every retrain starts from scratch (a leftover checkpoint in ``OUTPUT/topR`` is removed first).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import json
+import shutil
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.storages import BaseStorage
+from optuna.trial import FrozenTrial, TrialState
+from rich.console import Console
+
+from hpo.errors import HpoError
+from hpo.objective import Objective, TrialRun, resolve_objective
+from hpo.spec import BudgetSpec, EarlyStoppingSpec, PrunerSpec, SamplerSpec, StudySpec
+from hpo.storage import open_storage, resolve_storage_url
+from hpo.studies import DEFINITION_ATTR, UID_ATTR, load_study_spec
+
+RETRAIN_SUFFIX = "/retrain"
+RETRAIN_OF_ATTR = "hpo:retrain_of"
+DEFAULT_OUTPUT_ROOT = Path("storage/retrain")
+
+
+@dataclass(frozen=True)
+class RetrainResult:
+    rank: int
+    source: FrozenTrial
+    trial_number: int  # in STUDY_NAME/retrain
+    state: TrialState
+    history: dict[str, list[float]]
+    folder: Path
+    model_file: Path | None
+    error: str | None = None
+
+
+def best_trials(study: optuna.Study, top: int) -> list[FrozenTrial]:
+    """The ``top`` best COMPLETE trials, best first (ties: lower trial number first)."""
+    complete = [
+        t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.value is not None
+    ]
+    if not complete:
+        raise HpoError(
+            f"study {study.study_name!r} has no completed trial to retrain "
+            f"(fix: run `hpo worker --study-name {study.study_name}` first; "
+            f"see `hpo status {study.study_name}`)"
+        )
+    sign = 1.0 if study.direction == optuna.study.StudyDirection.MINIMIZE else -1.0
+    complete.sort(key=lambda t: (sign * float(t.value), t.number))  # type: ignore[arg-type]
+    return complete[:top]
+
+
+def retrain_spec(spec: StudySpec, epochs: int, n_trials: int) -> StudySpec:
+    """The search's definition with a fixed budget, no pruning and no early stopping."""
+    return spec.model_copy(
+        update={
+            "name": spec.name + RETRAIN_SUFFIX,
+            "description": f"{spec.name} best configurations trained for {epochs} epochs",
+            "n_trials": n_trials,
+            "budget": BudgetSpec(max_epochs=epochs),
+            "early_stopping": EarlyStoppingSpec(),
+            "pruner": PrunerSpec(),
+            # Parameters are fixed per trial; a random sampler keeps the stored definition valid.
+            "sampler": SamplerSpec(name="random", seed=spec.sampler.seed),
+        }
+    )
+
+
+def _retrain_study(storage: BaseStorage, study_name: str, spec: StudySpec) -> optuna.Study:
+    study = optuna.create_study(
+        storage=storage,
+        study_name=study_name + RETRAIN_SUFFIX,
+        direction=spec.direction,
+        load_if_exists=True,
+        pruner=optuna.pruners.NopPruner(),
+    )
+    study.set_user_attr(RETRAIN_OF_ATTR, study_name)
+    if UID_ATTR not in study.user_attrs:
+        study.set_user_attr(UID_ATTR, uuid.uuid4().hex)
+    return study
+
+
+def resolved_config(objective: Objective, config: Mapping[str, Any]) -> dict[str, Any]:
+    """The objective's full configuration, defaults included (the raw one without a config model)."""
+    if objective.config is None:
+        return dict(config)
+    try:
+        return objective.config.model_validate(dict(config)).model_dump(mode="json")
+    except ValueError:  # an invalid configuration failed its trial; keep what was given
+        return dict(config)
+
+
+def write_curves(folder: Path, history: Mapping[str, list[float]], meta: Mapping[str, Any]) -> None:
+    """``curves.csv`` (one row per epoch) and ``curves.json`` (``meta`` plus the metrics)."""
+    names = list(history)
+    epochs = max((len(v) for v in history.values()), default=0)
+    with (folder / "curves.csv").open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["epoch", *names])
+        for i in range(epochs):
+            writer.writerow([i + 1, *[history[n][i] if i < len(history[n]) else "" for n in names]])
+    (folder / "curves.json").write_text(json.dumps({**meta, "metrics": history}, indent=2) + "\n")
+
+
+def _save_model(checkpoint: Path, target: Path, meta: Mapping[str, Any]) -> Path | None:
+    import torch  # the CLI itself does not need torch until a model is saved
+
+    if not checkpoint.is_file():
+        return None
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    torch.save({"model": state["model"], **meta}, target)
+    return target
+
+
+def _best_epoch(values: list[float], direction: str) -> tuple[int, float] | None:
+    if not values:
+        return None
+    pick = min if direction == "minimize" else max
+    best = pick(range(len(values)), key=lambda i: values[i])
+    return best + 1, values[best]
+
+
+def retrain(
+    storage: BaseStorage,
+    study_name: str,
+    *,
+    epochs: int,
+    top: int = 1,
+    output: Path | None = None,
+    device: str = "cpu",
+    console: Console | None = None,
+) -> list[RetrainResult]:
+    """Retrain the ``top`` best trials of ``study_name`` for ``epochs`` epochs (see module docstring)."""
+    if epochs < 1:
+        raise HpoError(f"--epochs must be at least 1, got {epochs}")
+    if top < 1:
+        raise HpoError(f"--top must be at least 1, got {top}")
+    console = console or Console(highlight=False, soft_wrap=True)
+    study, spec = load_study_spec(storage, study_name)
+    sources = best_trials(study, top)
+    if len(sources) < top:
+        console.print(f"study {study_name!r} has only {len(sources)} completed trial(s); retraining those")
+    objective = resolve_objective(spec.objective, f"stored definition of study {study_name!r}")
+    output = output or DEFAULT_OUTPUT_ROOT / study_name.replace("/", "_")
+
+    target = _retrain_study(storage, study_name, spec)
+    already = len(target.get_trials(deepcopy=False))
+    definition_spec = retrain_spec(spec, epochs, already + len(sources))
+    target.set_user_attr(DEFINITION_ATTR, definition_spec.definition())
+
+    cache: dict[str, Any] = {}  # datasets decoded once for all retrained configurations
+    results = []
+    for rank, source in enumerate(sources, start=1):
+        folder = output / f"top{rank}"
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True, exist_ok=True)
+        console.print(
+            f"retrain top{rank}: trial {source.number} ({spec.metric}={source.value:.6g} in the search) "
+            f"for {epochs} epochs on {device}: {source.params}"
+        )
+        results.append(
+            _retrain_one(target, definition_spec, objective, source, rank, folder, device, cache, console)
+        )
+    return results
+
+
+def _retrain_one(
+    study: optuna.Study,
+    spec: StudySpec,
+    objective: Objective,
+    source: FrozenTrial,
+    rank: int,
+    folder: Path,
+    device: str,
+    cache: dict[str, Any],
+    console: Console,
+) -> RetrainResult:
+    epochs = spec.budget.max_epochs
+    source_study = spec.name.removesuffix(RETRAIN_SUFFIX)
+    study.enqueue_trial(
+        source.params,
+        user_attrs={"retrain_of_trial": source.number, "retrain_epochs": epochs, "rank": rank},
+    )
+    trial = study.ask(fixed_distributions=source.distributions)  # pops the queued trial: same params
+    checkpoint_dir = folder / "checkpoint"
+
+    def on_epoch(epoch: int, metrics: Mapping[str, float]) -> None:
+        shown = "  ".join(f"{k}={v:.4g}" for k, v in metrics.items())
+        console.print(f"  top{rank} epoch {epoch}/{epochs}: {shown}")
+
+    run = TrialRun(
+        trial=trial,
+        spec=spec,
+        params=dict(trial.params),
+        max_epochs=epochs,
+        device=device,
+        checkpoint_dir=checkpoint_dir,
+        cache=cache,
+        on_epoch=on_epoch,
+    )
+    error = None
+    try:
+        value = float(objective.train(run))
+        run.flush()  # TrialRun writes the curves at most every few seconds; store the last epochs
+        frozen = study.tell(trial, value)
+    except BaseException as exc:  # one failing configuration must not lose the others' results
+        with contextlib.suppress(Exception):
+            run.flush()  # keep the curve of a failing configuration
+        error = f"{type(exc).__name__}: {exc}"
+        study._storage.set_trial_system_attr(trial._trial_id, "fail_reason", error)
+        frozen = study.tell(trial, state=TrialState.FAIL)
+        if not isinstance(exc, Exception):  # KeyboardInterrupt, SystemExit: stop here
+            raise
+        console.print(f"  top{rank} FAILED: {error}")
+    history = run.history
+    meta = {
+        "study": source_study,
+        "source_trial": source.number,
+        "source_value": source.value,
+        "retrain_study": study.study_name,
+        "retrain_trial": frozen.number,
+        "objective": spec.objective,
+        "metric": spec.metric,
+        "direction": spec.direction,
+        "epochs": len(history.get(spec.metric, [])),
+        "params": dict(source.params),
+        "config": resolved_config(objective, run.config),
+        "data": dict(spec.data),
+        "seed": spec.seed,
+    }
+    write_curves(folder, history, meta)
+    model_file = None
+    if error is None:
+        model_file = _save_model(checkpoint_dir / "checkpoint.pt", folder / "model.pt", meta)
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)  # optimizer state is not needed any more
+        best = _best_epoch(history.get(spec.metric, []), spec.direction)
+        where = f"model {model_file}" if model_file else "no model (the objective wrote no checkpoint)"
+        best_text = f"; best {spec.metric}={best[1]:.6g} at epoch {best[0]}" if best else ""
+        console.print(f"  top{rank} done: final {spec.metric}={value:.6g}{best_text}; curves and {where}")
+    return RetrainResult(rank, source, frozen.number, frozen.state, history, folder, model_file, error)
+
+
+def _default_device() -> str:
+    import torch
+
+    return "cuda:0" if torch.cuda.is_available() else "cpu"
+
+
+def cmd_retrain(args: argparse.Namespace) -> int:
+    storage = open_storage(resolve_storage_url(args.storage))
+    results = retrain(
+        storage,
+        args.study_name,
+        epochs=args.epochs,
+        top=args.top,
+        output=Path(args.output) if args.output else None,
+        device=args.device or _default_device(),
+    )
+    failed = [r for r in results if r.error is not None]
+    print(
+        f"retrained {len(results) - len(failed)} of {len(results)} configuration(s) of {args.study_name!r}; "
+        f"curves in study {args.study_name + RETRAIN_SUFFIX!r} and under {results[0].folder.parent}"
+    )
+    return 1 if failed else 0
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``hpo retrain`` to the CLI."""
+    p = subparsers.add_parser(
+        "retrain",
+        help="train the best configuration(s) of a study for longer, record full curves, save the models",
+        description="Train the K best trials' configurations for N epochs (no pruning, no early stopping), "
+        "record their learning curves in STUDY_NAME/retrain and save the final models.",
+    )
+    p.add_argument("study_name", help="the searched study")
+    p.add_argument("--epochs", type=int, required=True, help="epochs to train each configuration, e.g. 40")
+    p.add_argument("--top", type=int, default=1, help="retrain the K best trials (default 1)")
+    p.add_argument(
+        "--storage",
+        default=None,
+        help="SQLAlchemy URL of the study database (or grpc://HOST:PORT). "
+        "Defaults to $OPTUNA_STORAGE, then sqlite:///storage/hpo.db",
+    )
+    p.add_argument(
+        "--output",
+        default=None,
+        help=f"folder for topR/model.pt and curves (default {DEFAULT_OUTPUT_ROOT}/STUDY_NAME)",
+    )
+    p.add_argument("--device", default=None, help="cpu or cuda:N (default: cuda:0 when available, else cpu)")
+    p.set_defaults(func=cmd_retrain)

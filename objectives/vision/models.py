@@ -1,0 +1,267 @@
+"""Image classifiers: torchvision backbones with a new head, and report 000's residual MLP.
+
+Every model is an :class:`ImageClassifier`: ``backbone`` maps an input batch to a feature vector,
+an optional ``trunk`` (report 000's MLP head) transforms it, and ``head`` (optional dropout, then
+a new ``Linear``) maps it to one logit per class. The feature vector entering ``head`` is what
+center loss pulls towards its class centre.
+
+Transfer modes (report 004) say which parts train:
+
+* ``scratch``: random initialisation, everything trains;
+* ``finetune``: ImageNet weights, everything trains;
+* ``features``: the convolutional part is frozen; the classifier (AlexNet/VGG's hidden FC layers,
+  report 000's MLP head, and the new last layer) trains;
+* ``classifier``: AlexNet/VGG's hidden FC layers are frozen; the convolutional part and the new
+  last layer train (only models that have hidden FC layers).
+
+Frozen parts get ``requires_grad=False`` *and* stay in eval mode, so their batch-norm statistics
+and dropout do not change while the rest trains. Pretrained weights are read from the local torch
+cache only; :func:`pretrained_weights_file` names the file and :class:`HpoError` says where to put
+it when it is missing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, cast
+from urllib.parse import urlparse
+
+import torch
+import torchvision
+from torch import nn
+
+from hpo.errors import HpoError
+from objectives.vision.losses import CenterLoss
+
+ModelName = Literal[
+    "alexnet", "vgg16", "resnet18", "resnet50", "efficientnet_b0", "mlp", "attribute_mlp", "resnet18_mlp"
+]
+TransferMode = Literal["scratch", "finetune", "features", "classifier"]
+
+# ImageNet weights the reports used (torchvision's V1 weights for every model).
+_WEIGHTS: dict[str, Any] = {
+    "alexnet": torchvision.models.AlexNet_Weights.IMAGENET1K_V1,
+    "vgg16": torchvision.models.VGG16_Weights.IMAGENET1K_V1,
+    "resnet18": torchvision.models.ResNet18_Weights.IMAGENET1K_V1,
+    "resnet50": torchvision.models.ResNet50_Weights.IMAGENET1K_V1,
+    "efficientnet_b0": torchvision.models.EfficientNet_B0_Weights.IMAGENET1K_V1,
+}
+_BUILDERS: dict[str, Callable[..., nn.Module]] = {
+    "alexnet": torchvision.models.alexnet,
+    "vgg16": torchvision.models.vgg16,
+    "resnet18": torchvision.models.resnet18,
+    "resnet50": torchvision.models.resnet50,
+    "efficientnet_b0": torchvision.models.efficientnet_b0,
+}
+# Models whose classifier has hidden fully connected layers (the ``classifier`` transfer mode).
+_HAS_HIDDEN_FC = ("alexnet", "vgg16")
+MLP_MODELS = ("mlp", "attribute_mlp")
+# Report 000's LeakyReLU slope, also the ``a`` of its Kaiming-normal initialisation.
+LEAKY_SLOPE = 0.01
+
+
+@dataclass(frozen=True)
+class ModelOptions:
+    """What :func:`build_model` needs; the objective fills it from its validated config."""
+
+    name: ModelName
+    num_outputs: int
+    transfer: TransferMode = "scratch"
+    pretrained: bool = False
+    dropout: float = 0.0
+    mlp_width: int = 256
+    mlp_layers: int = 11
+    in_features: int | None = None  # mlp / attribute_mlp: length of the (flattened) input
+    encoder_checkpoint: str | None = None  # resnet18_mlp: a saved image_classifier ResNet-18
+    center_loss: bool = False  # add learnable class centres (report 003)
+
+
+class ResidualMLP(nn.Module):
+    """Report 000's MLP body: ``layers`` hidden Linear + BatchNorm + LeakyReLU(0.01) layers.
+
+    The first layer maps ``in_features`` to ``width``; each further layer adds its output to its
+    input (a skip connection). Hidden layers use Kaiming-normal initialisation with a=0.01.
+    """
+
+    def __init__(self, in_features: int, width: int, layers: int) -> None:
+        super().__init__()
+        self.inp = self._layer(in_features, width)
+        self.blocks = nn.ModuleList(self._layer(width, width) for _ in range(layers - 1))
+
+    @staticmethod
+    def _layer(n_in: int, n_out: int) -> nn.Sequential:
+        linear = nn.Linear(n_in, n_out)
+        nn.init.kaiming_normal_(linear.weight, a=LEAKY_SLOPE, nonlinearity="leaky_relu")
+        nn.init.zeros_(linear.bias)
+        return nn.Sequential(linear, nn.BatchNorm1d(n_out), nn.LeakyReLU(LEAKY_SLOPE))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.inp(x.flatten(1))
+        for block in self.blocks:
+            x = x + block(x)
+        return x
+
+
+class ImageClassifier(nn.Module):
+    """``head(trunk(backbone(x)))`` with some parts frozen; see the module docstring."""
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        trunk: nn.Module | None,
+        feature_dim: int,
+        num_outputs: int,
+        dropout: float,
+        frozen: tuple[nn.Module, ...] = (),
+        xavier_head: bool = False,
+    ) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.trunk = trunk if trunk is not None else nn.Identity()
+        linear = nn.Linear(feature_dim, num_outputs)
+        if xavier_head:  # report 000: the last layer is Xavier-normal initialised
+            nn.init.xavier_normal_(linear.weight)
+            nn.init.zeros_(linear.bias)
+        # Always Dropout + Linear (Dropout(0) is a no-op) so saved state dicts have the same keys.
+        self.head = nn.Sequential(nn.Dropout(dropout), linear)
+        self.feature_dim = feature_dim
+        self.center_loss: CenterLoss | None = None
+        self._frozen = frozen
+        for module in frozen:
+            module.requires_grad_(False)
+
+    @property
+    def last_layer(self) -> nn.Linear:
+        """The new last layer (``head`` is Dropout + this Linear)."""
+        return cast(nn.Linear, self.head[1])
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The vector entering the new last layer (what center loss acts on)."""
+        return self.trunk(self.backbone(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+    def forward_with_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.features(x)
+        return self.head(features), features
+
+    def train(self, mode: bool = True) -> ImageClassifier:
+        super().train(mode)
+        for module in self._frozen:  # frozen parts keep their batch-norm statistics and no dropout
+            module.eval()
+        return self
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+
+def pretrained_weights_file(name: str) -> Path:
+    """Where torchvision looks for ``name``'s ImageNet weights: ``$TORCH_HOME/hub/checkpoints/FILE``."""
+    url = _WEIGHTS[name].url
+    return Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(url).path).name
+
+
+def _torchvision_model(name: str, pretrained: bool) -> nn.Module:
+    weights = None
+    if pretrained:
+        weights = _WEIGHTS[name]
+        path = pretrained_weights_file(name)
+        if not path.is_file():
+            raise HpoError(
+                f"pretrained weights for {name} are not in the local torch cache: {path} is missing "
+                f"(fix: download {weights.url} on a machine with network access and copy it to "
+                f"{path.parent}/, or point $TORCH_HOME at a cache that has it, or set pretrained: false; "
+                "hpo never downloads weights)"
+            )
+    # With the file in the cache, torchvision loads it from there and does not download.
+    return _BUILDERS[name](weights=weights)
+
+
+def _split_torchvision(name: str, net: nn.Module) -> tuple[int, nn.Module, nn.Module | None]:
+    """Remove ``net``'s last layer; (feature_dim, convolutional part, hidden FC layers or None)."""
+    if name in _HAS_HIDDEN_FC:
+        # Dropout, Linear, ReLU, Dropout, Linear, ReLU, Linear(4096, 1000)
+        classifier = cast(nn.Sequential, net.classifier)
+        last = cast(nn.Linear, classifier[6])
+        classifier[6] = nn.Identity()
+        return last.in_features, cast(nn.Module, net.features), classifier
+    if name.startswith("resnet"):
+        fc = cast(nn.Linear, net.fc)
+        net.fc = nn.Identity()
+        return fc.in_features, net, None
+    # EfficientNet: its classifier is Dropout(0.2) + Linear; our head's ``dropout`` replaces both.
+    linear = cast(nn.Linear, cast(nn.Sequential, net.classifier)[1])
+    net.classifier = nn.Identity()
+    return linear.in_features, net, None
+
+
+def _load_encoder(path: str) -> tuple[nn.Module, int]:
+    """A ResNet-18 image classifier saved by ``hpo retrain`` (report 000's encoder), its outputs."""
+    file = Path(path)
+    if not file.is_file():
+        raise HpoError(
+            f"encoder_checkpoint {path} does not exist (fix: point it at the model.pt that "
+            "`hpo retrain` wrote for a resnet18 image_classifier study, or remove it)"
+        )
+    saved = torch.load(file, map_location="cpu", weights_only=True)
+    config = saved.get("config", {}) if isinstance(saved, dict) else {}
+    if config.get("model") != "resnet18" or "model" not in saved:
+        raise HpoError(
+            f"encoder_checkpoint {path} is not a saved resnet18 image_classifier "
+            "(fix: use the model.pt written by `hpo retrain` for a study with model: resnet18)"
+        )
+    state = saved["model"]
+    outputs = int(state["head.1.weight"].shape[0])
+    dropout = float(config.get("dropout", 0.0))
+    encoder = build_model(ModelOptions(name="resnet18", num_outputs=outputs, dropout=dropout))
+    encoder.load_state_dict({k: v for k, v in state.items() if not k.startswith("center_loss.")})
+    return encoder, outputs
+
+
+def build_model(options: ModelOptions) -> ImageClassifier:
+    """Build the classifier described by ``options`` (CPU, float32)."""
+    name = options.name
+    transfer = options.transfer
+    if transfer == "classifier" and name not in _HAS_HIDDEN_FC:
+        raise HpoError(
+            f"transfer: classifier freezes hidden fully connected layers, which {name} does not have "
+            f"(fix: use it with {' or '.join(_HAS_HIDDEN_FC)}, or choose scratch, finetune or features)"
+        )
+    if name in MLP_MODELS:
+        if transfer != "scratch" or options.pretrained:
+            raise HpoError(
+                f"model {name} has no pretrained weights (fix: transfer: scratch, pretrained: false)"
+            )
+        if options.in_features is None:
+            raise ValueError("in_features is required for MLP models")
+        trunk = ResidualMLP(options.in_features, options.mlp_width, options.mlp_layers)
+        model = ImageClassifier(
+            nn.Identity(), trunk, options.mlp_width, options.num_outputs, options.dropout, xavier_head=True
+        )
+    elif name == "resnet18_mlp":
+        # Report 000: a ResNet-18 encoder (its own fine-tuned one, or ImageNet's) with the MLP on top.
+        if options.encoder_checkpoint:
+            encoder, dim = _load_encoder(options.encoder_checkpoint)
+        else:
+            encoder = _torchvision_model("resnet18", options.pretrained)
+            dim, encoder, _ = _split_torchvision("resnet18", encoder)
+        trunk = ResidualMLP(dim, options.mlp_width, options.mlp_layers)
+        frozen = (encoder,) if transfer == "features" else ()
+        model = ImageClassifier(
+            encoder, trunk, options.mlp_width, options.num_outputs, options.dropout, frozen, xavier_head=True
+        )
+    else:
+        net = _torchvision_model(name, options.pretrained)
+        dim, conv, hidden_fc = _split_torchvision(name, net)
+        frozen_parts: tuple[nn.Module, ...] = ()
+        if transfer == "features":
+            frozen_parts = (conv,)
+        elif transfer == "classifier" and hidden_fc is not None:
+            frozen_parts = (hidden_fc,)
+        model = ImageClassifier(net, None, dim, options.num_outputs, options.dropout, frozen_parts)
+    if options.center_loss:
+        model.center_loss = CenterLoss(options.num_outputs, model.feature_dim)
+    return model

@@ -1,0 +1,103 @@
+"""The study files that reproduce reports 000-004: each loads, and each runs one short trial
+through ``hpo worker`` on a synthetic dataset in its format.
+
+The worker runs through the CLI's entry point in this process (``hpo.cli.main``, what the ``hpo``
+script calls): the same code path as a subprocess, without paying for importing torch once per
+study file. Subprocess runs of the CLI are in test_vision_train.py and test_retrain.py.
+
+The copy of a study file that runs here points ``data.root`` at a synthetic tree, shrinks the
+images to the smallest size its model accepts, trains one epoch without pretrained weights (none
+can be downloaded here) and leaves everything else (model, transfer mode, optimizer, schedule,
+loss, augmentation, sampler, pruner, early stopping, metric) as the file says.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pytest
+import yaml
+from conftest import ROOT
+from synthetic_data import make_celeba, make_imagefolder, make_tiny_imagenet, make_voc
+
+from hpo.cli import main
+from hpo.spec import load_study_file
+
+STUDY_FILES = sorted((ROOT / "studies").glob("r00*.yaml"))
+# Smallest input each model takes (AlexNet's pooling needs 63 pixels, VGG16's five poolings 32).
+MIN_IMAGE_SIZE = {"alexnet": 64, "vgg16": 32, "attribute_mlp": 8}
+
+
+def test_every_report_has_study_files() -> None:
+    reports = {path.name[:4] for path in STUDY_FILES}
+    assert reports == {"r000", "r001", "r002", "r003", "r004"}
+
+
+@pytest.mark.parametrize("path", STUDY_FILES, ids=lambda p: p.stem)
+def test_study_file_loads_and_matches_the_objective(path: Path) -> None:
+    spec = load_study_file(path)  # also validates settings and search space against the objective
+    assert spec.objective == "image_classifier"
+    assert spec.name == path.stem
+    assert spec.data["format"] in ("imagefolder", "tiny_imagenet", "celeba", "voc")
+
+
+@pytest.fixture(scope="module")
+def datasets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    base = tmp_path_factory.mktemp("datasets")
+    return {
+        "imagefolder": make_imagefolder(base / "folder", classes=3, per_class=4, size=(24, 20)),
+        "tiny_imagenet": make_tiny_imagenet(
+            base / "tiny", classes=6, train_per_class=2, val_per_class=1, size=16
+        ),
+        "celeba": make_celeba(base / "celeba", n=20, size=16),
+        "voc": make_voc(base / "voc", train=8, val=4, size=24),
+    }
+
+
+def short_copy(path: Path, directory: Path, datasets: dict[str, Path]) -> Path:
+    """The study file with a synthetic data root, tiny images, one epoch and no pretrained weights."""
+    raw: dict[str, Any] = yaml.safe_load(path.read_text())
+    settings = dict(raw.get("settings") or {})
+    data = dict(raw["data"])
+    data["root"] = str(datasets[data["format"]])
+    data["image_size"] = MIN_IMAGE_SIZE.get(settings.get("model", ""), 16)
+    data.pop("subset", None)
+    settings["pretrained"] = False
+    settings.pop("encoder_checkpoint", None)  # the report-000 chain is tested in test_retrain.py
+    raw.update(data=data, settings=settings, budget={"max_epochs": 1})
+    if isinstance(raw["search_space"], str):
+        raw["search_space"] = str((path.parent / raw["search_space"]).resolve())
+    copy = directory / path.name
+    copy.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return copy
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", STUDY_FILES, ids=lambda p: p.stem)
+def test_one_short_trial_of_the_study_through_hpo_worker(
+    path: Path,
+    tmp_path: Path,
+    sqlite_url: str,
+    datasets: dict[str, Path],
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # the CPU path, as in CI
+    copy = short_copy(path, tmp_path, datasets)
+    spec = load_study_file(copy)
+    args = ["worker", str(copy), "--storage", sqlite_url, "--n-trials", "1", "--no-progress"]
+    code = main([*args, "--checkpoint-dir", str(tmp_path / "checkpoints")])
+    output = capsys.readouterr()
+    assert code == 0, output.out + output.err
+    assert "trial 0 COMPLETE" in output.out
+    study = optuna.load_study(study_name=spec.name, storage=sqlite_url)
+    finished = [t for t in study.get_trials() if t.state.is_finished()]
+    assert len(finished) == 1
+    trial = finished[0]
+    assert trial.state == optuna.trial.TrialState.COMPLETE, trial.system_attrs.get("fail_reason")
+    metrics = trial.user_attrs["metrics"]
+    assert {"train_loss", "train_acc", "val_loss", "val_acc", spec.metric} <= set(metrics)
+    assert trial.value == metrics[spec.metric][0]
+    assert trial.intermediate_values == {1: trial.value}

@@ -1,0 +1,279 @@
+"""The image_classifier objective's training loop on small synthetic datasets (CPU).
+
+Trials run in-process through a real Optuna trial and ``TrialRun``, as a worker would run them;
+bad data goes through ``hpo worker`` to check what the user sees.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import optuna
+import pytest
+import torch
+import yaml
+from conftest import run_cli
+from sklearn.metrics import average_precision_score
+from synthetic_data import make_celeba, make_imagefolder, make_tiny_imagenet, make_voc
+
+from hpo.errors import HpoError, SpecError
+from hpo.objective import TrialRun
+from hpo.spec import load_study_file, parse_study
+from hpo.training import CHECKPOINT_FILE
+from objectives.vision.augment import prepare_batch
+from objectives.vision.data import DataConfig, load_image_data
+from objectives.vision.models import ModelOptions, build_model
+from objectives.vision.train import train
+
+MLP = {"model": "mlp", "mlp_width": 32, "mlp_layers": 2, "batch_size": 16, "optimizer": "adam"}
+
+
+def make_run(
+    checkpoint_dir: Path,
+    *,
+    data: dict[str, Any],
+    settings: dict[str, Any],
+    params: dict[str, Any] | None = None,
+    epochs: int = 2,
+    metric: str = "val_loss",
+    direction: Literal["minimize", "maximize"] = "minimize",
+    cache: dict[str, Any] | None = None,
+) -> TrialRun:
+    raw = {
+        "name": "t",
+        "objective": "image_classifier",
+        "data": data,
+        "settings": settings,
+        "search_space": {"lr": {"type": "float", "low": 1e-5, "high": 1.0, "log": True}},
+        "metric": metric,
+        "direction": direction,
+        "n_trials": 1,
+        "budget": {"max_epochs": epochs},
+        "seed": 11,
+        "sampler": "random",
+    }
+    spec = parse_study(raw, "test study")
+    trial = optuna.create_study(direction=direction).ask()
+    return TrialRun(
+        trial=trial,
+        spec=spec,
+        params=params or {"lr": 1e-2},
+        max_epochs=epochs,
+        device="cpu",
+        checkpoint_dir=checkpoint_dir,
+        cache={} if cache is None else cache,
+    )
+
+
+@pytest.fixture(scope="module")
+def colours(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_imagefolder(tmp_path_factory.mktemp("colours"), classes=6, per_class=10, size=16)
+
+
+def test_learns_colour_classes_and_records_every_epoch(colours: Path, tmp_path: Path) -> None:
+    data = {"format": "imagefolder", "root": str(colours), "image_size": 12, "val_fraction": 0.3}
+    run = make_run(tmp_path, data=data, settings=MLP, epochs=6)
+    value = train(run)
+    history = run.history
+    assert set(history) == {"train_loss", "train_acc", "val_loss", "val_acc", "val_top5", "lr"}
+    assert all(len(v) == 6 for v in history.values())
+    assert value == history["val_loss"][-1]
+    assert history["train_loss"][-1] < history["train_loss"][0]
+    assert history["val_acc"][-1] >= 0.9  # 6 classes: chance is 1/6
+    assert all(t5 >= t1 for t1, t5 in zip(history["val_acc"], history["val_top5"], strict=True))
+    run.flush()  # what the worker does when a trial ends
+    frozen = run.trial.study._storage.get_trial(run.trial._trial_id)
+    assert frozen.user_attrs["metrics"] == history  # stored with the trial for the dashboard
+    assert sorted(frozen.intermediate_values) == [1, 2, 3, 4, 5, 6]
+
+
+def test_checkpoint_holds_model_optimizer_scheduler_epoch_config(colours: Path, tmp_path: Path) -> None:
+    data = {"format": "imagefolder", "root": str(colours), "image_size": 12}
+    settings = {**MLP, "scheduler": "step", "step_size": 1, "gamma": 0.5}
+    run = make_run(tmp_path, data=data, settings=settings, epochs=2)
+    train(run)
+    state = torch.load(tmp_path / CHECKPOINT_FILE, weights_only=True)
+    assert state["epoch"] == 2
+    assert state["config"]["config"]["lr"] == 1e-2 and state["config"]["seed"] == 11
+    assert state["scheduler"]["last_epoch"] == 2
+    assert state["optimizer"]["state"]  # Adam moments
+    assert state["history"] == run.history
+    assert run.history["lr"] == [1e-2, 5e-3]  # StepLR(1, 0.5), one step per epoch
+
+
+def test_seeded_runs_are_identical_on_cpu(colours: Path, tmp_path: Path) -> None:
+    data = {"format": "imagefolder", "root": str(colours), "image_size": 16}
+    settings = {**MLP, "dropout": 0.3, "augment": "flip_jitter_rotation"}
+    first = make_run(tmp_path / "a", data=data, settings=settings, epochs=2)
+    second = make_run(tmp_path / "b", data=data, settings=settings, epochs=2)
+    train(first)
+    train(second)
+    assert first.history == second.history
+
+
+def test_resumed_trial_continues_exactly_like_an_uninterrupted_one(colours: Path, tmp_path: Path) -> None:
+    data = {"format": "imagefolder", "root": str(colours), "image_size": 16}
+    settings = {
+        **MLP,
+        "optimizer": "sgd",
+        "momentum": 0.9,
+        "dropout": 0.2,
+        "scheduler": "step",
+        "step_size": 1,
+        "gamma": 0.7,
+        "augment": "flip_jitter_rotation",
+    }
+    whole = make_run(tmp_path / "whole", data=data, settings=settings, epochs=3)
+    train(whole)
+    # The interrupted attempt got through 2 epochs; its retry (same checkpoint folder) does the rest.
+    interrupted = make_run(tmp_path / "retry", data=data, settings=settings, epochs=2)
+    train(interrupted)
+    retry = make_run(tmp_path / "retry", data=data, settings=settings, epochs=3)
+    train(retry)
+    frozen = retry.trial.study._storage.get_trial(retry.trial._trial_id)
+    assert frozen.user_attrs["resumed_from_epoch"] == 2
+    assert retry.history == whole.history
+    # A different configuration does not resume someone else's checkpoint.
+    other = make_run(tmp_path / "retry", data=data, settings=settings, params={"lr": 0.5}, epochs=1)
+    train(other)
+    assert len(other.history["val_loss"]) == 1
+    assert "resumed_from_epoch" not in other.trial.study._storage.get_trial(other.trial._trial_id).user_attrs
+
+
+def test_bf16_precision_trains_on_cpu_with_float32_weights(colours: Path, tmp_path: Path) -> None:
+    data = {"format": "imagefolder", "root": str(colours), "image_size": 12}
+    run = make_run(tmp_path, data=data, settings={**MLP, "precision": "bf16"}, epochs=2)
+    train(run)
+    assert run.history["train_loss"][-1] < run.history["train_loss"][0]
+    weights = torch.load(tmp_path / CHECKPOINT_FILE, weights_only=True)["model"]
+    assert {t.dtype for t in weights.values() if t.is_floating_point()} == {torch.float32}
+
+
+def test_multilabel_voc_reports_map_equal_to_scikit_learn(tmp_path: Path) -> None:
+    root = make_voc(tmp_path / "voc", train=24, val=16, size=24)
+    data = {"format": "voc", "root": str(root), "image_size": 16}
+    run = make_run(tmp_path / "ck", data=data, settings=MLP, epochs=2, metric="val_map", direction="maximize")
+    value = train(run)
+    assert set(run.history) == {"train_loss", "train_acc", "val_loss", "val_acc", "val_map", "lr"}
+    assert value == run.history["val_map"][-1]
+    # Recompute the last epoch's mAP from the checkpointed model with scikit-learn.
+    images = load_image_data(DataConfig.model_validate(data), seed=11)
+    model = build_model(
+        ModelOptions(name="mlp", num_outputs=20, in_features=3 * 16 * 16, mlp_width=32, mlp_layers=2)
+    )
+    model.load_state_dict(torch.load(tmp_path / "ck" / CHECKPOINT_FILE, weights_only=True)["model"])
+    with torch.no_grad():
+        scores = model.eval()(prepare_batch(images.val_images, None, None)).numpy()
+    targets = images.val_targets.numpy()
+    present = targets.sum(axis=0) > 0  # classes without a positive have no AP (VOC ignores them)
+    expected = average_precision_score(targets[:, present], scores[:, present], average="macro")
+    assert run.history["val_map"][-1] == pytest.approx(expected, abs=1e-6)
+
+
+def test_center_loss_learns_class_centres(tmp_path: Path) -> None:
+    root = make_tiny_imagenet(tmp_path / "tiny", classes=4, train_per_class=6, val_per_class=2, size=16)
+    data = {"format": "tiny_imagenet", "root": str(root), "image_size": 16}
+    settings = {**MLP, "loss": "center", "center_loss_lambda": 0.5}
+    run = make_run(tmp_path / "ck", data=data, settings=settings, epochs=2)
+    train(run)
+    state = torch.load(tmp_path / "ck" / CHECKPOINT_FILE, weights_only=True)
+    centres = state["model"]["center_loss.centers"]
+    assert centres.shape == (4, 32)
+    torch.manual_seed(11)  # the objective seeds before building: rebuild to get the initial centres
+    initial = build_model(
+        ModelOptions(name="mlp", num_outputs=4, in_features=768, mlp_width=32, mlp_layers=2, center_loss=True)
+    )
+    assert initial.center_loss is not None
+    assert not torch.allclose(initial.center_loss.centers, centres)  # the optimizer moved them
+
+
+def test_attribute_mlp_predicts_one_celeba_attribute_from_the_others(tmp_path: Path) -> None:
+    root = make_celeba(tmp_path / "celeba", n=40, size=8)
+    data = {"format": "celeba", "root": str(root), "image_size": 8}
+    settings = {**MLP, "model": "attribute_mlp", "target_attribute": "Smiling"}
+    run = make_run(tmp_path / "ck", data=data, settings=settings, epochs=2)
+    train(run)
+    assert "val_map" in run.history and len(run.history["val_acc"]) == 2
+    state = torch.load(tmp_path / "ck" / CHECKPOINT_FILE, weights_only=True)["model"]
+    assert state["trunk.inp.0.weight"].shape == (32, 39)  # the 39 other attributes are the input
+    assert state["head.1.weight"].shape == (1, 32)
+
+    bad = make_run(tmp_path / "bad", data=data, settings={**settings, "target_attribute": "Smiles"}, epochs=1)
+    with pytest.raises(HpoError, match=r"target_attribute 'Smiles'.*Smiling"):
+        train(bad)
+
+
+def test_loss_must_fit_the_task(colours: Path, tmp_path: Path) -> None:
+    data = {"format": "imagefolder", "root": str(colours), "image_size": 8}
+    run = make_run(tmp_path, data=data, settings={**MLP, "loss": "bce"}, epochs=1)
+    with pytest.raises(HpoError, match=r"loss: bce is for multi-label datasets"):
+        train(run)
+
+
+def test_inconsistent_settings_are_rejected_when_the_study_file_loads(tmp_path: Path) -> None:
+    study = yaml.safe_load(Path("studies/r004_caltech_transfer.yaml").read_text())
+    study["settings"] = {"model": "resnet18", "transfer": "classifier"}
+    study["search_space"] = {"lr": {"type": "float", "low": 0.001, "high": 0.1}}
+    study.update(sampler="random", n_trials=1)
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(study))
+    with pytest.raises(
+        SpecError, match=r"settings: .*freezes hidden FC layers, which resnet18 does not have"
+    ):
+        load_study_file(path)
+
+
+def _worker_study(directory: Path, data: dict[str, Any]) -> Path:
+    body = {
+        "name": "bad_data",
+        "objective": "image_classifier",
+        "data": data,
+        "settings": MLP,
+        "search_space": {"lr": {"type": "float", "low": 1e-3, "high": 1e-1, "log": True}},
+        "metric": "val_loss",
+        "direction": "minimize",
+        "n_trials": 2,
+        "budget": {"max_epochs": 1},
+        "sampler": "random",
+    }
+    path = directory / "bad_data.yaml"
+    path.write_text(yaml.safe_dump(body))
+    return path
+
+
+def _fail_reason(storage_url: str) -> str:
+    (trial,) = optuna.load_study(study_name="bad_data", storage=storage_url).get_trials(
+        states=(optuna.trial.TrialState.FAIL,)
+    )
+    return str(trial.system_attrs["fail_reason"])
+
+
+@pytest.mark.slow
+def test_bad_dataset_path_fails_the_trial_with_the_path_and_layout(tmp_path: Path, sqlite_url: str) -> None:
+    missing = tmp_path / "no_such_folder"
+    study = _worker_study(tmp_path, {"format": "imagefolder", "root": str(missing), "image_size": 8})
+    result = run_cli(["worker", str(study), "--storage", sqlite_url, "--n-trials", "1", "--no-progress"])
+    assert result.returncode == 0, result.stderr
+    assert "trial 0 FAIL" in result.stdout
+    reason = _fail_reason(sqlite_url)
+    assert f"data.root: {missing} does not exist" in reason
+    assert "root/<class>/<image>" in reason  # the expected layout
+
+
+@pytest.mark.slow
+def test_wrong_layout_names_the_missing_file(tmp_path: Path, sqlite_url: str) -> None:
+    root = make_imagefolder(tmp_path / "folder", classes=2, per_class=2, size=8)  # not Tiny ImageNet
+    study = _worker_study(tmp_path, {"format": "tiny_imagenet", "root": str(root), "image_size": 8})
+    result = run_cli(["worker", str(study), "--storage", sqlite_url, "--n-trials", "1", "--no-progress"])
+    assert result.returncode == 0, result.stderr
+    reason = _fail_reason(sqlite_url)
+    assert "wnids.txt" in reason and "tiny_imagenet layout" in reason
+
+
+def test_bad_data_section_is_one_line_error(tmp_path: Path, sqlite_url: str) -> None:
+    study = _worker_study(tmp_path, {"format": "imagenet", "root": str(tmp_path)})
+    result = run_cli(["worker", str(study), "--storage", sqlite_url])
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: ") and "data.format" in result.stderr
+    assert "Traceback" not in result.stderr
