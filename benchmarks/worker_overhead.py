@@ -56,7 +56,10 @@ def hpo_train(run: TrialRun) -> float:
 SPEC = {
     "name": "bench",
     "objective": "bench",
-    "search_space": {"x": {"type": "float", "low": -5, "high": 5}, "y": {"type": "float", "low": -5, "high": 5}},
+    "search_space": {
+        "x": {"type": "float", "low": -5, "high": 5},
+        "y": {"type": "float", "low": -5, "high": 5},
+    },
     "metric": "loss",
     "direction": "minimize",
     "budget": {"max_epochs": EPOCHS},
@@ -79,7 +82,10 @@ def time_hpo(url: str, n: int) -> float:
     spec = parse_study({**SPEC, "n_trials": n}, "benchmark")
     study, _ = create_study(storage, spec, f"hpo-{uuid.uuid4().hex[:8]}")
     worker = Worker(
-        study, spec, WorkerOptions(show_progress=False), objective=Objective(train=hpo_train),
+        study,
+        spec,
+        WorkerOptions(show_progress=False),
+        objective=Objective(train=hpo_train),
         console=Console(quiet=True),
     )
     start = time.perf_counter()
@@ -118,10 +124,13 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=60)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument(
-        "--postgres", default=os.environ.get("HPO_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+        "--postgres",
+        default=os.environ.get("HPO_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"),
     )
     args = parser.parse_args()
-    print(f"{args.trials} trials x {args.rounds} rounds, {EPOCHS} reported epochs per trial, median per trial")
+    print(
+        f"{args.trials} trials x {args.rounds} rounds, {EPOCHS} reported epochs per trial, median per trial"
+    )
     with tempfile.TemporaryDirectory() as tmp:
         bench("SQLite", f"sqlite:///{Path(tmp) / 'bench.db'}", args.trials, args.rounds)
     try:

@@ -23,7 +23,9 @@ from hpo.worker import WORKER_ATTR
 pytestmark = pytest.mark.postgres
 
 
-def run_workers(n: int, args: list[str], env: dict[str, str] | None = None, timeout: float = 240) -> list[str]:
+def run_workers(
+    n: int, args: list[str], env: dict[str, str] | None = None, timeout: float = 240
+) -> list[str]:
     workers = [start_cli(args, env=env) for _ in range(n)]
     outputs = []
     for worker in workers:
@@ -35,8 +37,13 @@ def run_workers(n: int, args: list[str], env: dict[str, str] | None = None, time
 
 def test_four_workers_run_each_of_24_grid_points_once(tmp_path: Path, postgres_url: str) -> None:
     path = quadratic_study(
-        tmp_path, sampler="grid", n_trials=None, epochs=2, sleep=0.05,
-        grid_x=[-3, -1, 0, 1, 2, 4], grid_y=[-2, -1, 0, 3],
+        tmp_path,
+        sampler="grid",
+        n_trials=None,
+        epochs=2,
+        sleep=0.05,
+        grid_x=[-3, -1, 0, 1, 2, 4],
+        grid_y=[-2, -1, 0, 3],
     )
     assert run_cli(["create-study", str(path), "--storage", postgres_url]).returncode == 0
     outputs = run_workers(4, ["worker", "--study-name", "quad", "--storage", postgres_url, "--no-progress"])
@@ -80,7 +87,9 @@ def test_killed_worker_trial_is_failed_after_grace_and_retried(tmp_path: Path, p
     study = optuna.load_study(study_name="quad", storage=postgres_url)
     assert study.trials[0].state == TrialState.RUNNING  # nobody recorded anything: the worker is gone
 
-    (survivor_out,) = run_workers(1, ["worker", "--study-name", "quad", "--storage", postgres_url, *beat], env=env)
+    (survivor_out,) = run_workers(
+        1, ["worker", "--study-name", "quad", "--storage", postgres_url, *beat], env=env
+    )
     study = optuna.load_study(study_name="quad", storage=postgres_url)
     trials = study.get_trials()
     killed = trials[0]
@@ -96,12 +105,19 @@ def test_killed_worker_trial_is_failed_after_grace_and_retried(tmp_path: Path, p
 def _optuna_cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [str(Path(sys.executable).parent / "optuna"), *args],
-        capture_output=True, text=True, env=cli_env(), timeout=120,
+        capture_output=True,
+        text=True,
+        env=cli_env(),
+        timeout=120,
     )
 
 
-def test_optuna_create_study_is_adopted_with_spec_and_listed_by_optuna(tmp_path: Path, postgres_url: str) -> None:
-    made = _optuna_cli("create-study", "--study-name", "plain", "--storage", postgres_url, "--direction", "minimize")
+def test_optuna_create_study_is_adopted_with_spec_and_listed_by_optuna(
+    tmp_path: Path, postgres_url: str
+) -> None:
+    made = _optuna_cli(
+        "create-study", "--study-name", "plain", "--storage", postgres_url, "--direction", "minimize"
+    )
     assert made.returncode == 0, made.stderr
     path = quadratic_study(tmp_path, n_trials=5, epochs=2)
     no_spec = run_cli(["worker", "--study-name", "plain", "--storage", postgres_url])
@@ -123,7 +139,9 @@ def test_optuna_create_study_is_adopted_with_spec_and_listed_by_optuna(tmp_path:
 
 
 def test_adopting_a_study_of_the_other_direction_is_refused(tmp_path: Path, postgres_url: str) -> None:
-    made = _optuna_cli("create-study", "--study-name", "up", "--storage", postgres_url, "--direction", "maximize")
+    made = _optuna_cli(
+        "create-study", "--study-name", "up", "--storage", postgres_url, "--direction", "maximize"
+    )
     assert made.returncode == 0, made.stderr
     path = quadratic_study(tmp_path, n_trials=2)
     result = run_cli(["worker", "--study-name", "up", "--spec", str(path), "--storage", postgres_url])
@@ -133,7 +151,10 @@ def test_adopting_a_study_of_the_other_direction_is_refused(tmp_path: Path, post
 
 def test_concurrent_create_study_queues_the_budget_once(tmp_path: Path, postgres_url: str) -> None:
     path = quadratic_study(tmp_path, n_trials=6)
-    procs = [start_cli(["create-study", str(path), "--storage", postgres_url, "--skip-if-exists"]) for _ in range(3)]
+    procs = [
+        start_cli(["create-study", str(path), "--storage", postgres_url, "--skip-if-exists"])
+        for _ in range(3)
+    ]
     for proc in procs:
         out, _ = proc.communicate(timeout=120)
         assert proc.returncode == 0, out
@@ -143,7 +164,9 @@ def test_concurrent_create_study_queues_the_budget_once(tmp_path: Path, postgres
 
 def test_status_shows_running_trials_and_their_workers(tmp_path: Path, postgres_url: str) -> None:
     markers = tmp_path / "markers"
-    path = quadratic_study(tmp_path, n_trials=2, epochs=30, sleep=0.2, objective="hpo_test_objectives:marker_then_sleep")
+    path = quadratic_study(
+        tmp_path, n_trials=2, epochs=30, sleep=0.2, objective="hpo_test_objectives:marker_then_sleep"
+    )
     env = cli_env({"HPO_TEST_MARKERS": str(markers)})
     worker = start_cli(["worker", str(path), "--storage", postgres_url, "--no-progress"], env=env)
     try:

@@ -39,7 +39,9 @@ def test_four_processes_on_one_sqlite_file_record_every_trial_once(tmp_path: Pat
     assert all(len(t.intermediate_values) == 3 for t in trials)
 
 
-def test_a_fifth_worker_on_sqlite_is_refused_and_pointed_to_postgresql(tmp_path: Path, sqlite_url: str) -> None:
+def test_a_fifth_worker_on_sqlite_is_refused_and_pointed_to_postgresql(
+    tmp_path: Path, sqlite_url: str
+) -> None:
     markers = tmp_path / "markers"
     path = quadratic_study(
         tmp_path, n_trials=8, epochs=60, sleep=0.25, objective="hpo_test_objectives:marker_then_sleep"

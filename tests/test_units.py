@@ -73,7 +73,10 @@ SPEC = {
         ({"name": "percentile", "options": {"percentile": 25.0}}, optuna.pruners.PercentilePruner),
         ({"name": "successive_halving"}, optuna.pruners.SuccessiveHalvingPruner),
         ({"name": "hyperband"}, optuna.pruners.HyperbandPruner),
-        ({"name": "patient", "options": {"patience": 2}, "wrapped": {"name": "median"}}, optuna.pruners.PatientPruner),
+        (
+            {"name": "patient", "options": {"patience": 2}, "wrapped": {"name": "median"}},
+            optuna.pruners.PatientPruner,
+        ),
     ],
 )
 def test_pruner_factory(pruner: dict, cls: type) -> None:

@@ -40,7 +40,14 @@ def wait_for(predicate, timeout: float = 60.0, interval: float = 0.2) -> None:
 def test_quickstart_runs_its_20_trials_and_the_optuna_cli_reads_them(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'hpo.db'}"
     result = run_cli(
-        ["worker", "studies/digits_quickstart.yaml", "--storage", url, "--checkpoint-dir", str(tmp_path / "ck")]
+        [
+            "worker",
+            "studies/digits_quickstart.yaml",
+            "--storage",
+            url,
+            "--checkpoint-dir",
+            str(tmp_path / "ck"),
+        ]
     )
     assert result.returncode == 0, result.stderr
     finished = [line for line in result.stdout.splitlines() if line.startswith("trial ")]
@@ -52,9 +59,20 @@ def test_quickstart_runs_its_20_trials_and_the_optuna_cli_reads_them(tmp_path: P
     assert not any((tmp_path / "ck").rglob("checkpoint.pt"))
 
     listed = subprocess.run(
-        [str(Path(sys.executable).parent / "optuna"), "trials", "--study-name", "digits_quickstart",
-         "--storage", url, "-f", "json"],
-        capture_output=True, text=True, env=cli_env(), timeout=120,
+        [
+            str(Path(sys.executable).parent / "optuna"),
+            "trials",
+            "--study-name",
+            "digits_quickstart",
+            "--storage",
+            url,
+            "-f",
+            "json",
+        ],
+        capture_output=True,
+        text=True,
+        env=cli_env(),
+        timeout=120,
     )
     assert listed.returncode == 0, listed.stderr
     trials = json.loads(listed.stdout)
@@ -70,7 +88,9 @@ def test_quickstart_runs_its_20_trials_and_the_optuna_cli_reads_them(tmp_path: P
 
     csv_text = run_cli(["export", "digits_quickstart", "--storage", url, "--format", "csv"]).stdout
     assert csv_text.splitlines()[0].startswith("number,state,value") and len(csv_text.splitlines()) == 21
-    exported = json.loads(run_cli(["export", "digits_quickstart", "--storage", url, "--format", "json"]).stdout)
+    exported = json.loads(
+        run_cli(["export", "digits_quickstart", "--storage", url, "--format", "json"]).stdout
+    )
     assert [t["number"] for t in exported["trials"]] == list(range(20))
     status = run_cli(["status", "digits_quickstart", "--storage", url]).stdout
     assert "20 trials planned, 20 finished" in status
@@ -89,8 +109,12 @@ def test_same_seed_reproduces_the_same_trials(tmp_path: Path) -> None:
 
 def test_crashing_trials_are_recorded_and_the_worker_goes_on(tmp_path: Path, sqlite_url: str) -> None:
     path = quadratic_study(
-        tmp_path, sampler="grid", n_trials=None, objective="hpo_test_objectives:crash_when_negative",
-        grid_x=[-2, -1, 1, 2], grid_y=[0],
+        tmp_path,
+        sampler="grid",
+        n_trials=None,
+        objective="hpo_test_objectives:crash_when_negative",
+        grid_x=[-2, -1, 1, 2],
+        grid_y=[0],
     )
     result = run_cli(["worker", str(path), "--storage", sqlite_url])
     assert result.returncode == 0, result.stderr
@@ -113,7 +137,9 @@ def test_consecutive_failures_stop_the_worker_with_a_message(tmp_path: Path, sql
     assert "objective returned nan" in study.trials[0].system_attrs["fail_reason"]
 
 
-def test_worker_n_trials_and_a_second_worker_finish_exactly_the_budget(tmp_path: Path, sqlite_url: str) -> None:
+def test_worker_n_trials_and_a_second_worker_finish_exactly_the_budget(
+    tmp_path: Path, sqlite_url: str
+) -> None:
     path = quadratic_study(tmp_path, n_trials=7)
     first = run_cli(["worker", str(path), "--storage", sqlite_url, "--n-trials", "3"])
     assert first.returncode == 0 and "ran its 3 trial(s)" in first.stdout
