@@ -9,7 +9,7 @@ The fast path: the dataset is decoded and resized once per worker into uint8 ten
 GPU when it fits, see :mod:`objectives.vision.data`) and reused by every trial; batches are cut
 from those tensors, augmented and normalised on the device; metrics accumulate on the device and
 are read back once per epoch. On CUDA, bf16 autocast, channels_last and cuDNN autotuning are on
-(``precision: bf16`` also autocasts on the CPU, a speed-up on CPUs with bf16 instructions).
+(``precision: bf16`` also autocasts on the CPU; ``fp32`` turns it off on CUDA).
 The same code runs on the CPU, where it is seeded and reproducible: each epoch's shuffling,
 augmentation and dropout come from a seed derived from (study seed, epoch), so a trial resumed
 from its checkpoint continues exactly as if it had never stopped.
