@@ -16,18 +16,16 @@ from hpo import inspect as inspect_
 from hpo.errors import HpoError
 from hpo.launcher import check_sqlite_limit, cuda_device_count, parse_gpus, plan_slots, run_children
 from hpo.spec import StudySpec, load_study_file
-from hpo.storage import HeartbeatSettings, is_sqlite, open_storage, redact, resolve_storage_url
+from hpo.storage import (
+    HeartbeatSettings,
+    add_storage_argument,
+    is_sqlite,
+    open_storage,
+    redact,
+    resolve_storage_url,
+)
 from hpo.studies import adopt_study, create_study, load_study_spec
 from hpo.worker import Worker, WorkerOptions, active_workers
-
-STORAGE_HELP = (
-    "SQLAlchemy URL of the study database (or grpc://HOST:PORT for hpo serve-storage). "
-    "Defaults to $OPTUNA_STORAGE, then sqlite:///storage/hpo.db"
-)
-
-
-def _add_storage(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--storage", default=None, help=STORAGE_HELP)
 
 
 def cmd_create_study(args: argparse.Namespace) -> int:
@@ -158,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
         "create-study", help="create a study from a study file (definition stored, trials queued)"
     )
     p.add_argument("study_file", help="path to a study file, e.g. studies/digits_quickstart.yaml")
-    _add_storage(p)
+    add_storage_argument(p)
     p.add_argument("--study-name", default=None, help="name in the storage (default: the file's name:)")
     p.add_argument(
         "--skip-if-exists", action="store_true", help="reuse an existing study with the same definition"
@@ -169,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("study_file", nargs="?", default=None, help="study file (creates the study if missing)")
     p.add_argument("--study-name", default=None, help="run an existing study by name")
     p.add_argument("--spec", default=None, help="study file to adopt a study made by `optuna create-study`")
-    _add_storage(p)
+    add_storage_argument(p)
     p.add_argument(
         "--n-trials", type=int, default=None, help="stop this worker (each process) after N trials"
     )
@@ -214,18 +212,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("status", help="trials by state, best so far, running trials and their workers")
     p.add_argument("study_name", nargs="?", default=None, help="a study (default: list all studies)")
-    _add_storage(p)
+    add_storage_argument(p)
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("best", help="the best trial's value and parameters")
     p.add_argument("study_name")
-    _add_storage(p)
+    add_storage_argument(p)
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_best)
 
     p = sub.add_parser("export", help="every trial as CSV or JSON")
     p.add_argument("study_name")
-    _add_storage(p)
+    add_storage_argument(p)
     p.add_argument("--format", choices=["csv", "json"], default="csv")
     p.add_argument("--output", "-o", default=None, help="file to write (default: standard output)")
     p.set_defaults(func=cmd_export)

@@ -20,7 +20,7 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
 from hpo import _listen
 from hpo.artifacts import ENV_ARTIFACT_DIR, open_artifact_store, resolve_artifact_dir
-from hpo.storage import open_storage, redact, resolve_storage_url
+from hpo.storage import add_storage_argument, open_storage, redact, resolve_storage_url
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8080
@@ -109,12 +109,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="watch studies live in optuna-dashboard (trials, learning curves, stored definitions)",
         description="Start optuna-dashboard on the study storage, with the trials' artifact store.",
     )
-    p.add_argument(
-        "--storage",
-        default=None,
-        help="SQLAlchemy URL of the study database (or grpc://HOST:PORT). "
-        "Defaults to $OPTUNA_STORAGE, then sqlite:///storage/hpo.db",
-    )
+    add_storage_argument(p)
     p.add_argument(
         "--host",
         default=DEFAULT_HOST,

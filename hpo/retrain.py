@@ -39,7 +39,7 @@ from rich.console import Console
 from hpo.errors import HpoError
 from hpo.objective import Objective, TrialRun, resolve_objective
 from hpo.spec import BudgetSpec, EarlyStoppingSpec, PrunerSpec, SamplerSpec, StudySpec
-from hpo.storage import open_storage, resolve_storage_url
+from hpo.storage import add_storage_argument, open_storage, resolve_storage_url
 from hpo.studies import DEFINITION_ATTR, UID_ATTR, load_study_spec
 
 RETRAIN_SUFFIX = "/retrain"
@@ -300,12 +300,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("study_name", help="the searched study")
     p.add_argument("--epochs", type=int, required=True, help="epochs to train each configuration, e.g. 40")
     p.add_argument("--top", type=int, default=1, help="retrain the K best trials (default 1)")
-    p.add_argument(
-        "--storage",
-        default=None,
-        help="SQLAlchemy URL of the study database (or grpc://HOST:PORT). "
-        "Defaults to $OPTUNA_STORAGE, then sqlite:///storage/hpo.db",
-    )
+    add_storage_argument(p)
     p.add_argument(
         "--output",
         default=None,

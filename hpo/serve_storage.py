@@ -36,7 +36,14 @@ from optuna.trial import FrozenTrial
 
 from hpo import _listen
 from hpo.errors import HpoError, StorageError
-from hpo.storage import HeartbeatSettings, is_grpc, open_storage, redact, resolve_storage_url
+from hpo.storage import (
+    HeartbeatSettings,
+    add_storage_argument,
+    is_grpc,
+    open_storage,
+    redact,
+    resolve_storage_url,
+)
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 13000
@@ -211,11 +218,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         description="Run Optuna's gRPC storage proxy in front of the study database; workers then "
         "use --storage grpc://HOST:PORT. Worth it from a few hundred worker processes on.",
     )
-    p.add_argument(
-        "--storage",
-        default=None,
-        help="SQLAlchemy URL of the study database. Defaults to $OPTUNA_STORAGE, then sqlite:///storage/hpo.db",
-    )
+    add_storage_argument(p, grpc=False)
     p.add_argument(
         "--host",
         default=DEFAULT_HOST,

@@ -8,6 +8,7 @@ does (``--storage``, then ``OPTUNA_STORAGE``), with hpo's default of an SQLite f
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import fcntl
 import hashlib
@@ -52,6 +53,16 @@ def resolve_storage_url(cli_value: str | None) -> str:
     if cli_value:
         return cli_value
     return os.environ.get(ENV_STORAGE) or DEFAULT_STORAGE
+
+
+def add_storage_argument(parser: argparse.ArgumentParser, *, grpc: bool = True, note: str = "") -> None:
+    """The ``--storage`` flag every command shares; resolve it with :func:`resolve_storage_url`."""
+    what = "SQLAlchemy URL of the study database"
+    if grpc:
+        what += " (or grpc://HOST:PORT for hpo serve-storage)"
+    parser.add_argument(
+        "--storage", default=None, help=f"{what}. Defaults to ${ENV_STORAGE}, then {DEFAULT_STORAGE}{note}"
+    )
 
 
 def is_grpc(url: str) -> bool:

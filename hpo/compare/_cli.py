@@ -21,15 +21,9 @@ from hpo.compare._tabulate import table_from_study, tabulate_spec, timed
 from hpo.launcher import cuda_device_count
 from hpo.objective import check_objective, resolve_objective
 from hpo.spec import load_study_file
-from hpo.storage import HeartbeatSettings, open_storage, redact, resolve_storage_url
+from hpo.storage import HeartbeatSettings, add_storage_argument, open_storage, redact, resolve_storage_url
 from hpo.studies import create_study, load_study_spec
 from hpo.worker import Worker, WorkerOptions
-
-STORAGE_HELP = (
-    "SQLAlchemy URL of the study database (or grpc://HOST:PORT). Defaults to $OPTUNA_STORAGE, then "
-    "sqlite:///storage/hpo.db; with --replay the default is an in-memory storage (fastest; the report's "
-    "results.json keeps the outcome)"
-)
 
 
 def _device(value: str | None) -> str:
@@ -246,7 +240,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument(
         "--subset", type=float, default=None, help="override data.subset, e.g. 0.1 for 10%% of the data"
     )
-    p.add_argument("--storage", default=None, help=STORAGE_HELP)
+    add_storage_argument(
+        p,
+        note="; with --replay the default is an in-memory storage (fastest; the report's results.json "
+        "keeps the outcome)",
+    )
     p.add_argument(
         "--name", default=None, help="comparison name (default: the study's name; NAME-replay with --replay)"
     )
@@ -265,11 +263,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
     p = subparsers.add_parser("report", help="write the report of a comparison (HTML, PNG, Markdown)")
     p.add_argument("comparison", help="comparison name in the storage, or a results.json / report folder")
-    p.add_argument(
-        "--storage",
-        default=None,
-        help="SQLAlchemy URL (default $OPTUNA_STORAGE, then sqlite:///storage/hpo.db)",
-    )
+    add_storage_argument(p)
     _add_report_flags(p)
     p.set_defaults(func=cmd_report)
 
@@ -277,11 +271,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "tabulate", help="train a grid once with full learning curves into a replay table"
     )
     p.add_argument("study_file", help="study file whose search space (grid: values) is tabulated")
-    p.add_argument(
-        "--storage",
-        default=None,
-        help="SQLAlchemy URL (default $OPTUNA_STORAGE, then sqlite:///storage/hpo.db)",
-    )
+    add_storage_argument(p)
     p.add_argument("--output", "-o", default=None, help="table file (default storage/tables/NAME.json)")
     p.add_argument("--subset", type=float, default=None, help="override data.subset, e.g. 0.1")
     p.add_argument(
