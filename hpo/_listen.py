@@ -79,6 +79,9 @@ def check_free(address: ListenAddress) -> None:
     fails while anything listens there.
     """
     with socket.socket(address.family, socket.SOCK_STREAM) as probe:
+        # SO_REUSEADDR (not SO_REUSEPORT): a listening server still makes the bind fail, but the
+        # TIME_WAIT connections a killed server leaves behind do not keep its restart away for 60 s.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind(address.sockaddr)
         except OSError as exc:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import sys
@@ -13,19 +14,30 @@ from pathlib import Path
 import optuna
 
 from hpo import inspect as inspect_
+from hpo._optuna import cached_storage
 from hpo.errors import HpoError
-from hpo.launcher import check_sqlite_limit, cuda_device_count, parse_gpus, plan_slots, run_children
+from hpo.launcher import (
+    check_sqlite_limit,
+    cuda_device_count,
+    parse_gpus,
+    plan_slots,
+    run_children,
+    sqlite_worker_slot,
+)
+from hpo.objective import resolve_objective
+from hpo.policy import ObjectivePolicy
+from hpo.resilient import RetryingStorage
 from hpo.spec import StudySpec, load_study_file
 from hpo.storage import (
     HeartbeatSettings,
     add_storage_argument,
-    is_sqlite,
     open_storage,
     redact,
     resolve_storage_url,
+    sqlite_path,
 )
-from hpo.studies import adopt_study, create_study, load_study_spec
-from hpo.worker import Worker, WorkerOptions, active_workers
+from hpo.studies import adopt_study, complete_queue, create_study, load_study_spec
+from hpo.worker import Worker, WorkerOptions
 
 
 def cmd_create_study(args: argparse.Namespace) -> int:
@@ -40,21 +52,60 @@ def cmd_create_study(args: argparse.Namespace) -> int:
 
 def _worker_study(
     args: argparse.Namespace, storage: optuna.storages.BaseStorage
-) -> tuple[optuna.Study, StudySpec]:
+) -> tuple[optuna.Study, StudySpec, list[str]]:
+    """The study, its definition, and the objectives trusted because a study file named them."""
     if args.study_file and args.spec:
         raise HpoError("give the study file either as STUDY_FILE or as --spec, not both")
     if args.study_file:
         spec = load_study_file(args.study_file)
         create_study(storage, spec, args.study_name, skip_if_exists=True)
-        return load_study_spec(storage, args.study_name or spec.name)
+        study, stored = load_study_spec(storage, args.study_name or spec.name)
+        return study, stored, [spec.objective]
     if not args.study_name:
         raise HpoError(
             "hpo worker needs a STUDY_FILE or --study-name NAME "
             "(fix: e.g. hpo worker studies/digits_quickstart.yaml)"
         )
+    trusted = []
     if args.spec:
-        adopt_study(storage, args.study_name, load_study_file(args.spec))
-    return load_study_spec(storage, args.study_name)
+        spec = load_study_file(args.spec)
+        adopt_study(storage, args.study_name, spec)
+        trusted.append(spec.objective)
+    study, stored = load_study_spec(storage, args.study_name)
+    complete_queue(storage, study, stored)  # a creation interrupted half-way is completed here
+    return study, stored, trusted
+
+
+def _child_args(args: argparse.Namespace, study_name: str, policy: ObjectivePolicy) -> list[str]:
+    """The flags each ``--gpus``/``--trials-per-gpu`` child worker gets (never the storage URL)."""
+    child = [
+        "--study-name",
+        study_name,
+        "--gpus",
+        "all",
+        "--heartbeat-interval",
+        str(args.heartbeat_interval),
+        "--grace-period",
+        str(args.grace_period),
+        "--max-retry",
+        str(args.max_retry),
+        "--max-consecutive-failures",
+        str(args.max_consecutive_failures),
+        "--checkpoint-dir",
+        str(args.checkpoint_dir),
+        "--storage-patience",
+        str(args.storage_patience),
+    ]
+    child += policy.cli_args()  # the children get no study file: pass what it trusted
+    if args.n_trials is not None:
+        child += ["--n-trials", str(args.n_trials)]
+    if args.timeout is not None:
+        child += ["--timeout", str(args.timeout)]
+    if args.threads is not None:
+        child += ["--threads", str(args.threads)]
+    if args.no_progress:
+        child.append("--no-progress")
+    return child
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
@@ -62,39 +113,34 @@ def cmd_worker(args: argparse.Namespace) -> int:
     heartbeat = HeartbeatSettings(args.heartbeat_interval, args.grace_period, args.max_retry)
     if heartbeat.interval < 1 or heartbeat.grace_period <= heartbeat.interval:
         raise HpoError("--grace-period must exceed --heartbeat-interval, and both must be >= 1 second")
-    storage = open_storage(url, heartbeat)
-    study, spec = _worker_study(args, storage)
+    if args.storage_patience <= 0:
+        raise HpoError(
+            f"--storage-patience must be a positive number of seconds, got {args.storage_patience:g}"
+        )
+    if args.threads is not None and args.threads < 1:
+        raise HpoError(f"--threads must be at least 1, got {args.threads}")
+    storage = RetryingStorage(
+        cached_storage(open_storage(url, heartbeat)),
+        patience=args.storage_patience,
+        describe=redact(url),
+    )
+    study, spec, trusted = _worker_study(args, storage)
+    policy = ObjectivePolicy.from_sources(cli_patterns=args.allow_objective, trusted=trusted)
+    source = f"stored definition of study {study.study_name!r}"
+    target = policy.check(spec.objective, source)
+    resolve_objective(spec.objective, source, policy)  # importable here, before any trial starts
     if args.backend == "ray":
         from hpo.ray_backend import run_on_ray
 
         return run_on_ray(study, spec, url, args)
     gpus = parse_gpus(args.gpus, cuda_device_count())
     slots = plan_slots(gpus, args.trials_per_gpu)
-    if is_sqlite(url):
-        check_sqlite_limit(len(slots), already_running=len(active_workers(study)))
+    database = sqlite_path(url)
     if len(slots) > 1:
-        child_args = [
-            "--study-name",
-            study.study_name,
-            "--storage",
-            url,
-            "--gpus",
-            "all",
-            "--heartbeat-interval",
-            str(args.heartbeat_interval),
-            "--grace-period",
-            str(args.grace_period),
-            "--max-retry",
-            str(args.max_retry),
-            "--max-consecutive-failures",
-            str(args.max_consecutive_failures),
-        ]
-        if args.n_trials is not None:
-            child_args += ["--n-trials", str(args.n_trials)]
-        if args.timeout is not None:
-            child_args += ["--timeout", str(args.timeout)]
+        if database is not None:
+            check_sqlite_limit(database, len(slots))
         print(f"starting {len(slots)} worker processes: {', '.join(s.label for s in slots)}")
-        return run_children(slots, child_args)
+        return run_children(slots, _child_args(args, study.study_name, policy), url)
     slot = slots[0]
     options = WorkerOptions(
         n_trials=args.n_trials,
@@ -104,9 +150,14 @@ def cmd_worker(args: argparse.Namespace) -> int:
         max_consecutive_failures=args.max_consecutive_failures,
         checkpoint_root=Path(args.checkpoint_dir),
         show_progress=not args.no_progress,
+        threads=args.threads,
+        max_retry=args.max_retry,
     )
-    summary = Worker(study, spec, options).run()
-    return 1 if summary.stopped_because.startswith(f"{options.max_consecutive_failures} consecutive") else 0
+    with contextlib.ExitStack() as stack:
+        if database is not None:
+            stack.enter_context(sqlite_worker_slot(database))
+        worker = Worker(study, spec, options, objective=target, storage_patience=args.storage_patience)
+        return worker.run().exit_code
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -206,6 +257,24 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=None,
         help="fraction of a GPU per Ray trial (with --backend ray)",
+    )
+    p.add_argument(
+        "--allow-objective",
+        action="append",
+        default=[],
+        metavar="PATTERN",
+        help="also run objectives from modules matching PATTERN (e.g. myproj.*); repeatable; "
+        "see also $HPO_ALLOW_OBJECTIVES",
+    )
+    p.add_argument(
+        "--storage-patience",
+        type=float,
+        default=300.0,
+        metavar="SECONDS",
+        help="how long to wait out an unreachable database before giving up (default 300)",
+    )
+    p.add_argument(
+        "--threads", type=int, default=None, help="PyTorch intra-op threads of the trainer (default: all)"
     )
     p.add_argument("--slot-label", default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_worker)

@@ -8,12 +8,15 @@ trial before exiting.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import signal
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from types import FrameType
 
 from hpo.errors import HpoError
@@ -73,23 +76,76 @@ def plan_slots(gpus: Sequence[int], trials_per_gpu: int) -> list[Slot]:
     return [Slot(gpu, k) for gpu in gpus for k in range(trials_per_gpu)]
 
 
-def check_sqlite_limit(new_processes: int, already_running: int = 0) -> None:
-    """Refuse to run more than :data:`SQLITE_MAX_WORKER_PROCESSES` workers on one SQLite study."""
-    total = new_processes + already_running
-    if total > SQLITE_MAX_WORKER_PROCESSES:
-        running = f" ({already_running} already running trials of this study)" if already_running else ""
-        raise HpoError(
-            f"{total} worker processes on an SQLite storage exceed its safe limit of "
-            f"{SQLITE_MAX_WORKER_PROCESSES}{running} (fix: use PostgreSQL, e.g. --storage "
-            "postgresql+psycopg://user@host/db, or fewer --gpus/--trials-per-gpu)"
-        )
+def _slot_files(database: Path) -> list[Path]:
+    return [Path(f"{database}.worker-{k}.lock") for k in range(SQLITE_MAX_WORKER_PROCESSES)]
 
 
-def run_children(slots: Sequence[Slot], child_args: Sequence[str]) -> int:
-    """Start one ``hpo worker`` per slot and wait for all; the worst exit status is returned."""
+def free_sqlite_slots(database: Path) -> int:
+    """How many of the SQLite file's worker slots no live process holds right now."""
+    free = 0
+    for path in _slot_files(database):
+        with open(path, "a") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue
+            fcntl.flock(handle, fcntl.LOCK_UN)
+            free += 1
+    return free
+
+
+def _limit_error(wanted: int, free: int) -> HpoError:
+    running = SQLITE_MAX_WORKER_PROCESSES - free
+    return HpoError(
+        f"{wanted + running} worker processes on an SQLite storage exceed its safe limit of "
+        f"{SQLITE_MAX_WORKER_PROCESSES} ({running} already running on this database file) (fix: use "
+        "PostgreSQL, e.g. --storage postgresql+psycopg://user@host/db, or fewer --gpus/--trials-per-gpu)"
+    )
+
+
+def check_sqlite_limit(database: Path, new_processes: int) -> None:
+    """Refuse to start more worker processes than the SQLite file's free slots (a first check;
+    each process then takes its slot with :func:`sqlite_worker_slot`)."""
+    free = free_sqlite_slots(database)
+    if new_processes > free:
+        raise _limit_error(new_processes, free)
+
+
+@contextlib.contextmanager
+def sqlite_worker_slot(database: Path) -> Iterator[int]:
+    """Hold one of the SQLite file's :data:`SQLITE_MAX_WORKER_PROCESSES` worker slots.
+
+    A slot is an exclusive ``flock`` on a file beside the database: the kernel releases it when
+    the process ends however it ends (SIGKILL included), so the count is always that of live
+    workers, and workers started at the same moment cannot all slip through. SQLite is one
+    machine's database by nature (WAL needs a local disk), so file locks see every worker.
+    """
+    for index, path in enumerate(_slot_files(database)):
+        handle = open(path, "a")  # noqa: SIM115 - held open for the slot's lifetime
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            continue
+        try:
+            yield index
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+            handle.close()
+        return
+    raise _limit_error(1, 0)
+
+
+def run_children(slots: Sequence[Slot], child_args: Sequence[str], storage_url: str) -> int:
+    """Start one ``hpo worker`` per slot and wait for all; the worst exit status is returned.
+
+    The storage URL goes to the children in ``$OPTUNA_STORAGE``, never on their command line,
+    where ``ps`` would show its password to every user of the machine.
+    """
     children: list[subprocess.Popen[bytes]] = []
     for slot in slots:
         env = dict(os.environ)
+        env["OPTUNA_STORAGE"] = storage_url
         env["CUDA_VISIBLE_DEVICES"] = "" if slot.gpu is None else str(slot.gpu)
         args = [sys.executable, "-m", "hpo", "worker", *child_args, "--slot-label", slot.label]
         children.append(subprocess.Popen(args, env=env))

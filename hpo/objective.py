@@ -35,6 +35,7 @@ import optuna
 from pydantic import BaseModel, ValidationError
 
 from hpo.errors import SpecError
+from hpo.policy import ObjectivePolicy, known_objectives, lookup_target
 
 # System attribute a sampler may set on a trial (in ``before_trial``) to give that trial its own
 # epoch budget; multi-fidelity samplers such as BOHB use it. Absent: the study's max_epochs.
@@ -201,6 +202,9 @@ class TrialRun:
         It goes to the artifact folder (``$HPO_ARTIFACT_DIR``, default ``storage/artifacts``),
         where ``hpo dashboard`` lists and serves it on the trial's page. Returns the artifact id.
         """
+        uploader = getattr(self.trial, "upload_artifact", None)
+        if callable(uploader):  # in a worker's trainer process the worker uploads it
+            return str(uploader(path))
         from hpo.artifacts import upload_trial_artifact  # imports optuna.artifacts only when used
 
         return upload_trial_artifact(self.trial, path)
@@ -228,22 +232,21 @@ class TrialRun:
 
 
 def _known_objectives() -> Mapping[str, str]:
-    from objectives import REGISTRY
+    """Objective names: ``objectives/__init__.py``'s REGISTRY and ``hpo.objectives`` entry points."""
+    return known_objectives()
 
-    return REGISTRY
 
+def resolve_objective(
+    name: str, source: str = "study file", policy: ObjectivePolicy | None = None
+) -> Objective:
+    """An objective from the registry in ``objectives/``, an ``hpo.objectives`` entry point, or a
+    ``package.module:attribute`` path.
 
-def resolve_objective(name: str, source: str = "study file") -> Objective:
-    """An objective from the registry in ``objectives/`` or a ``package.module:attribute`` path."""
-    registry = _known_objectives()
-    target = registry.get(name, name)
-    if ":" not in target:
-        raise SpecError(
-            source,
-            "objective",
-            f"unknown objective {name!r}",
-            f"use one of {', '.join(sorted(registry))} or module.path:attribute",
-        )
+    With a ``policy`` (a worker running a definition from the storage), the objective must be
+    allowed by it (:meth:`hpo.policy.ObjectivePolicy.check`), decided before anything is imported.
+    Without one, the objective is trusted: it comes from a study file the user gave.
+    """
+    target = policy.check(name, source) if policy is not None else lookup_target(name, source)
     module_name, _, attribute = target.partition(":")
     try:
         module = importlib.import_module(module_name)
@@ -282,9 +285,10 @@ def _check_model(model: type[BaseModel], values: Mapping[str, Any], source: str,
         raise SpecError(source, f"{section}.{loc}" if loc else section, first["msg"]) from None
 
 
-def check_objective(spec: StudySpec, source: str) -> Objective:
-    """Resolve the objective and check the study's settings and space against its options."""
-    objective = resolve_objective(spec.objective, source)
+def check_objective(spec: StudySpec, source: str, policy: ObjectivePolicy | None = None) -> Objective:
+    """Resolve the objective (under ``policy`` when given, see :func:`resolve_objective`) and check
+    the study's settings and space against its options."""
+    objective = resolve_objective(spec.objective, source, policy)
     if objective.config is not None:
         known = set(objective.config.model_fields)
         for name in spec.space.names:

@@ -36,6 +36,7 @@ from optuna.storages import BaseStorage
 from optuna.trial import FrozenTrial, TrialState
 from rich.console import Console
 
+from hpo import _optuna
 from hpo.errors import HpoError
 from hpo.objective import Objective, TrialRun, resolve_objective
 from hpo.spec import BudgetSpec, EarlyStoppingSpec, PrunerSpec, SamplerSpec, StudySpec
@@ -232,7 +233,7 @@ def _retrain_one(
         with contextlib.suppress(Exception):
             run.flush()  # keep the curve of a failing configuration
         error = f"{type(exc).__name__}: {exc}"
-        study._storage.set_trial_system_attr(trial._trial_id, "fail_reason", error)
+        _optuna.study_storage(study).set_trial_system_attr(_optuna.trial_id(trial), "fail_reason", error)
         frozen = study.tell(trial, state=TrialState.FAIL)
         if not isinstance(exc, Exception):  # KeyboardInterrupt, SystemExit: stop here
             raise

@@ -28,14 +28,14 @@ from types import FrameType
 
 import grpc
 import optuna
-from optuna.storages import BaseStorage, GrpcStorageProxy, fail_stale_trials, get_storage
-from optuna.storages._grpc.auto_generated import api_pb2, api_pb2_grpc
-from optuna.storages._grpc.servicer import OptunaStorageProxyService
-from optuna.storages._heartbeat import BaseHeartbeat
+from optuna.storages import BaseStorage, GrpcStorageProxy
 from optuna.trial import FrozenTrial
 
-from hpo import _listen
+from hpo import _listen, _optuna
+from hpo._optuna import api_pb2, api_pb2_grpc
+from hpo._rdb import fail_stale
 from hpo.errors import HpoError, StorageError
+from hpo.resilient import TransientErrorInterceptor
 from hpo.storage import (
     HeartbeatSettings,
     add_storage_argument,
@@ -53,7 +53,7 @@ HEARTBEAT_ATTR = "hpo:heartbeat"
 CONNECT_TIMEOUT_S = 10.0
 
 
-class ProxyStorage(GrpcStorageProxy, BaseHeartbeat):
+class ProxyStorage(GrpcStorageProxy, _optuna.HeartbeatStorage):
     """Optuna's gRPC client that also beats for its running trials (see the module docstring).
 
     ``heartbeat_interval`` None turns heartbeats off (commands that run no trials).
@@ -68,7 +68,9 @@ class ProxyStorage(GrpcStorageProxy, BaseHeartbeat):
         self.set_trial_system_attr(trial_id, HEARTBEAT_ATTR, True)
 
     def _get_stale_trial_ids(self, study_id: int) -> list[int]:
-        return []  # hpo serve-storage finds and re-queues stale trials itself
+        # A private override on purpose (hpo._optuna.PRIVATE_OVERRIDES): BaseHeartbeat's abstract
+        # method. hpo serve-storage finds and re-queues stale trials itself.
+        return []
 
     def get_heartbeat_interval(self) -> int | None:
         return self.heartbeat_interval
@@ -100,7 +102,7 @@ def connect(url: str, heartbeat: HeartbeatSettings | None = None) -> ProxyStorag
     return storage
 
 
-class _Servicer(OptunaStorageProxyService):
+class _Servicer(_optuna.StorageProxyServicer):
     """Optuna's servicer, with ``hpo:heartbeat`` writes turned into heartbeats."""
 
     def SetTrialSystemAttribute(
@@ -109,7 +111,7 @@ class _Servicer(OptunaStorageProxyService):
         if request.key != HEARTBEAT_ATTR:
             return super().SetTrialSystemAttribute(request, context)
         try:
-            self._backend.record_heartbeat(request.trial_id)  # type: ignore[attr-defined]
+            _optuna.record_heartbeat(_optuna.servicer_storage(self), request.trial_id)
         except KeyError as exc:
             context.abort(code=grpc.StatusCode.NOT_FOUND, details=str(exc))
         return api_pb2.SetTrialSystemAttributeReply()
@@ -128,7 +130,8 @@ class _StaleTrialReaper(threading.Thread):
         while not self.stop.wait(self._interval):
             try:
                 for summary in self._storage.get_all_studies():
-                    fail_stale_trials(optuna.Study(summary.study_name, storage=self._storage))
+                    # Fail and re-queue each stale trial in one transaction (hpo._rdb).
+                    fail_stale(self._storage, self._storage.get_study_id_from_name(summary.study_name))
             except Exception as exc:  # the database may be briefly away; try again next round
                 print(f"warning: checking for stale trials failed: {exc}", file=sys.stderr)
 
@@ -156,12 +159,15 @@ def serve(
     _listen.check_free(address)
     # Optuna's cache layer (get_storage) keeps finished trials in memory: the proxy answers the
     # workers' polling from it instead of querying the database each time.
-    backend = get_storage(open_storage(storage_url, heartbeat))
+    backend = _optuna.cached_storage(open_storage(storage_url, heartbeat))
     server = grpc.server(
         ThreadPoolExecutor(max_workers=threads, thread_name_prefix="hpo-grpc"),
         # gRPC binds with SO_REUSEPORT by default: a second proxy on the same port would share
         # it silently instead of failing.
         options=[("grpc.so_reuseport", 0)],
+        # A database outage reaches the workers as UNAVAILABLE (which they wait out), not as
+        # Optuna's generic "invalid data" UNKNOWN.
+        interceptors=[TransientErrorInterceptor()],
     )
     api_pb2_grpc.add_StorageServiceServicer_to_server(_Servicer(backend), server)
     try:

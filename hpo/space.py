@@ -25,6 +25,7 @@ from optuna.distributions import (
     IntDistribution,
 )
 
+from hpo import _optuna
 from hpo.errors import SpecError
 
 Choice: TypeAlias = bool | int | float | str | None
@@ -367,7 +368,7 @@ def suggest(trial: optuna.Trial, space: SearchSpace) -> dict[str, ParamValue]:
     for param in space:
         if param.when is not None and not param.when.is_active(values):
             continue
-        values[param.name] = trial._suggest(param.name, to_optuna_distribution(param))
+        values[param.name] = _optuna.suggest(trial, param.name, to_optuna_distribution(param))
     return values
 
 

@@ -5,7 +5,8 @@ inline), the metric and direction, the sampler, the pruner, the budget and the e
 rule. :func:`load_study_file` turns it into a :class:`StudySpec` or raises one :class:`SpecError`
 naming the file, the field and the fix. The *definition* (:meth:`StudySpec.definition`) is the
 resolved file with its search space inlined; it is stored with the study so that any worker can
-run the study from the storage URL and the study name alone.
+run the study from the storage URL and the study name alone. :func:`spec_from_definition` reads a
+stored definition back and refuses one whose space is not inline (it never reads a file).
 """
 
 from __future__ import annotations
@@ -18,7 +19,15 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveFloat,
+    PositiveInt,
+    ValidationError,
+    model_validator,
+)
 
 from hpo.errors import SpecError
 from hpo.samplers import SAMPLER_BUILDERS, make_pruner, make_sampler
@@ -48,6 +57,8 @@ class PrunerSpec(_Frozen):
 class BudgetSpec(_Frozen):
     max_epochs: PositiveInt
     min_epochs: PositiveInt = 1
+    # Seconds one trial may train; a trial still running then is stopped and recorded FAIL.
+    trial_timeout: PositiveFloat | None = None
 
     @model_validator(mode="after")
     def _ordered(self) -> BudgetSpec:
@@ -90,7 +101,8 @@ class StudySpec(_Frozen):
         return self.sampler.seed if self.sampler.seed is not None else self.seed
 
     def definition(self) -> dict[str, Any]:
-        """The resolved, JSON-ready definition stored with the study."""
+        """The resolved, JSON-ready definition stored with the study; its ``search_space`` is always
+        the inline mapping (never a file path), as :func:`spec_from_definition` requires."""
         data = self.model_dump(mode="json", exclude={"space"})
         data["search_space"] = space_to_dict(self.space)
         return data
@@ -248,6 +260,26 @@ def load_study_file(path: str | Path) -> StudySpec:
 
 
 def spec_from_definition(definition: Mapping[str, Any], source: str) -> StudySpec:
+    """A :class:`StudySpec` from a stored definition (``source`` names where it was stored).
+
+    A stored definition carries its search space inline (:meth:`StudySpec.definition`); one whose
+    ``search_space`` is anything else is refused without touching the file system: the storage
+    never makes a worker read a path. The objective is not resolved here (see
+    :func:`hpo.objective.resolve_objective` and :class:`hpo.policy.ObjectivePolicy`).
+    """
+    if not isinstance(definition, Mapping):
+        raise SpecError(
+            source, "", "a stored definition must be a mapping", "re-create the study from its study file"
+        )
+    space = definition.get("search_space")
+    if not isinstance(space, Mapping):
+        what = "is missing" if space is None else f"is a {type(space).__name__}, not an inline mapping"
+        raise SpecError(
+            source,
+            "search_space",
+            f"{what}; a stored definition carries its space inline and is never read as a file path",
+            "re-create the study from its study file (hpo create-study stores the space inline)",
+        )
     return parse_study(definition, source)
 
 

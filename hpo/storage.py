@@ -22,9 +22,11 @@ from typing import Any
 
 import optuna
 import sqlalchemy
-from optuna.storages import BaseStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.storages import BaseStorage
 from sqlalchemy.engine import URL, make_url
 
+from hpo._optuna import rdb_backend, rdb_engine
+from hpo._rdb import HpoRDBStorage
 from hpo.errors import StorageError
 
 DEFAULT_STORAGE = "sqlite:///storage/hpo.db"
@@ -133,10 +135,16 @@ def open_storage(url: str, heartbeat: HeartbeatSettings | None = None) -> BaseSt
         engine_kwargs["connect_args"] = {"timeout": SQLITE_BUSY_TIMEOUT_S}
     else:
         engine_kwargs["pool_pre_ping"] = True
+        if parsed.get_backend_name() == "postgresql":
+            # A server behind a link that drops packets would otherwise hang a connect for the
+            # OS's TCP timeout (minutes) instead of failing into the worker's retries.
+            engine_kwargs["connect_args"] = {"connect_timeout": 10}
     try:
         storage = _create_rdb_storage(parsed.render_as_string(hide_password=False), engine_kwargs, heartbeat)
         if parsed.get_backend_name() == "sqlite":
-            _use_write_ahead_log(storage.engine)
+            engine = rdb_engine(storage)
+            assert engine is not None  # an RDBStorage always has one
+            _use_write_ahead_log(engine)
         return storage
     except ImportError as exc:
         raise StorageError(f"storage URL {redact(url)!r}: database driver missing ({exc})") from None
@@ -169,22 +177,21 @@ def _use_write_ahead_log(engine: sqlalchemy.Engine) -> None:
 
 def _create_rdb_storage(
     url: str, engine_kwargs: dict[str, object], heartbeat: HeartbeatSettings | None
-) -> RDBStorage:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # flagged experimental
-        callback = RetryHeartbeatStaleTrialCallback(max_retry=heartbeat.max_retry) if heartbeat else None
+) -> HpoRDBStorage:
     attempts = 3
     for attempt in range(1, attempts + 1):
         try:
             with warnings.catch_warnings():
-                # heartbeat_interval and the retry callback are flagged experimental by Optuna.
+                # heartbeat_interval and grace_period are flagged experimental by Optuna.
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                return RDBStorage(
+                # No Optuna stale-trial callback: hpo fails a stale trial and queues its retry
+                # in one transaction (hpo._rdb.fail_stale).
+                return HpoRDBStorage(
                     url,
                     engine_kwargs=engine_kwargs,
                     heartbeat_interval=heartbeat.interval if heartbeat else None,
                     grace_period=heartbeat.grace_period if heartbeat else None,
-                    heartbeat_stale_trial_callback=callback,
+                    max_retry=heartbeat.max_retry if heartbeat else HeartbeatSettings.max_retry,
                 )
         except (sqlalchemy.exc.ProgrammingError, sqlalchemy.exc.IntegrityError):
             # Several workers opening a new database at once race to create Optuna's tables
@@ -210,20 +217,23 @@ def study_lock(storage: BaseStorage, study_name: str) -> Iterator[None]:
     adopting the same study at once must not both queue its trials. PostgreSQL gets a session
     advisory lock; SQLite (one machine by nature) a file lock beside the database.
     """
-    if not isinstance(storage, RDBStorage):
+    rdb = rdb_backend(storage)  # through Optuna's cache and hpo's retrying layer
+    if rdb is None:
         yield
         return
+    engine = rdb_engine(rdb)
+    assert engine is not None  # an RDBStorage always has one
     key = int.from_bytes(hashlib.sha256(f"hpo:{study_name}".encode()).digest()[:8], "big", signed=True)
-    backend = storage.engine.dialect.name
+    backend = engine.dialect.name
     if backend == "postgresql":
-        with storage.engine.connect() as conn:
+        with engine.connect() as conn:
             conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": key})
             try:
                 yield
             finally:
                 conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
-    elif backend == "sqlite" and storage.engine.url.database not in (None, "", ":memory:"):
-        lock_path = Path(f"{storage.engine.url.database}.hpo-lock")
+    elif backend == "sqlite" and engine.url.database not in (None, "", ":memory:"):
+        lock_path = Path(f"{engine.url.database}.hpo-lock")
         with open(lock_path, "a") as handle:
             fcntl.flock(handle, fcntl.LOCK_EX)
             try:

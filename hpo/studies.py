@@ -10,6 +10,7 @@ change, so the study gets exactly ``n_trials`` trials however many workers run, 
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
@@ -17,8 +18,9 @@ from typing import Any
 
 import optuna
 from optuna.storages import BaseStorage
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
+from hpo import _optuna
 from hpo.errors import HpoError, StudyDefinitionMismatch
 from hpo.samplers import make_pruner, make_sampler
 from hpo.space import grid_points
@@ -43,15 +45,40 @@ def stored_definition(study: optuna.Study) -> dict[str, Any] | None:
     return definition if isinstance(definition, dict) else None
 
 
-def _queue_budget(study: optuna.Study, spec: StudySpec) -> None:
-    """Queue the study's trials (see the module docstring)."""
-    already = len(study.get_trials(deepcopy=False))
+def _is_retry(trial: FrozenTrial) -> bool:
+    return "failed_trial" in trial.system_attrs
+
+
+def _point_key(params: Mapping[str, Any]) -> str:
+    return json.dumps(dict(params), sort_keys=True, default=str)
+
+
+def _queue_budget(study: optuna.Study, spec: StudySpec) -> int:
+    """Queue the trials the study is missing (see the module docstring); how many were queued.
+
+    Idempotent: a creation interrupted half-way (any line, SIGKILL included) is completed by the
+    next ``create-study`` or worker, and a complete queue is left alone. Retries replace the
+    slot of the attempt they retry, so they do not count as slots.
+    """
+    slots = [t for t in study.get_trials(deepcopy=False) if not _is_retry(t)]
+    queued = 0
     if spec.sampler.name == "grid":
-        for point in grid_points(spec.space)[already:]:
-            study.enqueue_trial(point, skip_if_exists=False)
+        present = {_point_key(t.system_attrs.get("fixed_params") or t.params) for t in slots}
+        for point in grid_points(spec.space):
+            if _point_key(point) not in present:
+                study.enqueue_trial(point, skip_if_exists=False)
+                queued += 1
     else:
-        for _ in range(max(0, spec.n_trials - already)):
+        for _ in range(max(0, spec.n_trials - len(slots))):
             study.enqueue_trial({})
+            queued += 1
+    return queued
+
+
+def complete_queue(storage: BaseStorage, study: optuna.Study, spec: StudySpec) -> int:
+    """Queue whatever trials ``study`` lacks, under the study lock; how many were queued."""
+    with study_lock(storage, study.study_name):
+        return _queue_budget(study, spec)
 
 
 def _check_same(study_name: str, study: optuna.Study, spec: StudySpec) -> None:
@@ -89,10 +116,15 @@ def create_study(
         study = _load(storage, name)
         if study is not None:
             _check_same(name, study, spec)
-            if not skip_if_exists:
-                raise HpoError(f"study {name!r} already exists (fix: pass --skip-if-exists to reuse it)")
             if stored_definition(study) is None:
+                # No definition: made by `optuna create-study`, or an hpo creation killed before
+                # it stored one (then the study has no trials yet, and is simply completed).
+                if not skip_if_exists and study.get_trials(deepcopy=False):
+                    raise HpoError(f"study {name!r} already exists (fix: pass --skip-if-exists to reuse it)")
                 _adopt_locked(name, study, spec)
+            elif _queue_budget(study, spec) == 0 and not skip_if_exists:
+                # (A creation interrupted before its queue was complete is completed above.)
+                raise HpoError(f"study {name!r} already exists (fix: pass --skip-if-exists to reuse it)")
             return study, False
         study = optuna.create_study(
             storage=storage,
@@ -127,6 +159,7 @@ def adopt_study(storage: BaseStorage, study_name: str, spec: StudySpec) -> optun
             )
         if stored_definition(study) is not None:
             _check_same(study_name, study, spec)
+            _queue_budget(study, spec)
         else:
             _adopt_locked(study_name, study, spec)
         return study
@@ -152,7 +185,7 @@ def load_study_spec(storage: BaseStorage, study_name: str) -> tuple[optuna.Study
 
 def study_uid(study: optuna.Study) -> str:
     uid = study.user_attrs.get(UID_ATTR)
-    return uid if isinstance(uid, str) else f"id{study._study_id}"
+    return uid if isinstance(uid, str) else f"id{_optuna.study_id(study)}"
 
 
 def checkpoint_folder(root: Path, study: optuna.Study) -> Path:

@@ -23,6 +23,24 @@ def seed_everything(seed: int) -> torch.Generator:
     return generator
 
 
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The seed of one epoch's randomness (data order, dropout, augmentation).
+
+    It depends only on the trial's seed and the epoch's number, never on how many epochs this
+    process has trained: a trial resumed from its checkpoint after epoch ``k`` draws exactly what
+    the uninterrupted run drew from epoch ``k + 1`` on, so no generator state has to be saved.
+    """
+    return (seed * 1_000_003 + epoch) % 2**63
+
+
+def seed_epoch(seed: int, epoch: int) -> torch.Generator:
+    """Seed Python, NumPy and torch (dropout masks) for epoch ``epoch``; returns its data-order generator.
+
+    Call it at the start of every epoch, resumed or not (see :func:`epoch_seed`).
+    """
+    return seed_everything(epoch_seed(seed, epoch))
+
+
 def build_optimizer(
     name: str,
     parameters: Any,

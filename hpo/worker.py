@@ -1,53 +1,74 @@
-"""The worker loop: claim a queued trial, train it, record the result, repeat.
+"""The worker: a supervisor that claims queued trials, keeps their lease and records them, and a
+trainer process (:mod:`hpo.trainer`) that trains them.
 
-Guarantees (see also :mod:`hpo.studies`):
+Guarantees (see also :mod:`hpo.studies` and :mod:`hpo._rdb`):
 
-* a worker only runs trials queued when the study was created, so all workers together run
-  exactly ``n_trials`` (a trial retried after its worker died replaces the failed one);
-* a trial that raises is recorded FAIL with its reason and the worker goes on, until
-  ``max_consecutive_failures`` trials in a row have failed;
-* with heartbeats, a trial whose worker died is failed after the grace period and re-queued with
-  the same parameters (Optuna's ``RetryHeartbeatStaleTrialCallback``); a checkpoint-aware
-  objective resumes it from the failed attempt's checkpoint;
-* on SIGINT or SIGTERM the running trial is recorded FAIL, re-queued, and the worker exits with
-  nothing of its own left RUNNING.
+* workers only run trials queued when the study was created, and a claim is one conditional
+  update, so all workers together run exactly ``n_trials`` trials (a retry replaces the attempt
+  it retries);
+* the claim records the first heartbeat; from then on the supervisor beats from its own thread
+  while the trainer trains, so a training step that holds the GIL never looks dead, and a worker
+  killed at any line leaves a trial that turns stale and is failed and re-queued (one transaction)
+  by any other worker;
+* whatever the training code does to its process (an exception, ``SystemExit``, ``os._exit``, a
+  segfault, the OOM killer) ends the trial, FAIL with the cause, never the worker; a trial that
+  killed its trainer is retried, at most ``max_retry`` times over its whole chain of retries;
+  a trial running longer than ``budget.trial_timeout`` is stopped and failed;
+* storage errors are waited out: the trial in hand keeps training, its records are written once
+  the database answers again, and a trial whose lease expired meanwhile is not written twice;
+* on SIGINT or SIGTERM the trainer is stopped, the running trial is recorded FAIL and re-queued
+  (counted against ``max_retry``), and the worker exits 130 or 143.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import multiprocessing
 import os
 import shutil
 import signal
 import socket
 import threading
 import time
-import traceback
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, TypeVar
 
 import optuna
-import sqlalchemy
-from optuna.storages import BaseStorage, RDBStorage, RetryHeartbeatStaleTrialCallback, fail_stale_trials
+from optuna.storages import BaseStorage
 from optuna.trial import FrozenTrial, TrialState
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from hpo.objective import BUDGET_ATTR, Objective, TrialRun, resolve_objective
+from hpo import _optuna
+from hpo._rdb import RETRY_HISTORY_ATTR, FailOutcome, fail_stale, rdb_of
+from hpo.errors import HpoError
+from hpo.objective import BUDGET_ATTR, Objective
+from hpo.resilient import StorageUnavailable, is_transient
 from hpo.samplers import make_pruner, make_sampler
 from hpo.space import suggest
 from hpo.spec import StudySpec
 from hpo.studies import checkpoint_folder, trial_checkpoint_dir
+from hpo.trainer import THREADS_ENV, TrialJob, describe_exit, inline_main, trainer_main
 
+T = TypeVar("T")
 WORKER_ATTR = "hpo:worker"
+TRACEBACK_ATTR = "hpo:traceback"
+# A traceback is stored with its failed trial up to this many characters (its last ones).
+TRACEBACK_LIMIT = 8000
+# How long a new trainer may take to import the objective (torch, torchvision) and say ready.
+TRAINER_START_TIMEOUT_S = 300.0
+# How long a trainer may take to exit after SIGTERM before it is killed.
+TRAINER_STOP_GRACE_S = 10.0
+POLL_S = 0.2
 
 
 class WorkerInterrupted(BaseException):
-    """Raised in the main thread by SIGTERM/SIGINT; a BaseException so objectives don't swallow it."""
+    """SIGTERM/SIGINT reached the worker; a BaseException so nothing swallows it."""
 
 
 @dataclass(frozen=True)
@@ -60,16 +81,25 @@ class WorkerOptions:
     poll_interval: float = 1.0
     checkpoint_root: Path = Path("storage/checkpoints")
     show_progress: bool = True
+    threads: int | None = None  # intra-op threads of the trainer (None: PyTorch's default)
+    max_retry: int = 3  # retries of a trial whose attempt died (over its chain of retries)
 
 
 @dataclass
 class WorkerSummary:
     finished: dict[str, int] = field(default_factory=lambda: {"COMPLETE": 0, "PRUNED": 0, "FAIL": 0})
     stopped_because: str = ""
+    signal_name: str | None = None  # set when a signal stopped the worker
 
     @property
     def total(self) -> int:
         return sum(self.finished.values())
+
+    @property
+    def exit_code(self) -> int:
+        if self.signal_name is not None:
+            return 128 + int(signal.Signals[self.signal_name])
+        return 1 if "consecutive trials failed" in self.stopped_because else 0
 
 
 def worker_identity(label: str = "") -> str:
@@ -77,87 +107,94 @@ def worker_identity(label: str = "") -> str:
     return f"{ident}:{label}" if label else ident
 
 
-def active_workers(study: optuna.Study) -> set[str]:
-    """Identities of the workers that hold a RUNNING trial of ``study`` (after failing stale ones)."""
-    fail_stale_trials(study)
-    running = study._storage.get_all_trials(study._study_id, deepcopy=False, states=(TrialState.RUNNING,))
-    return {str(t.system_attrs.get(WORKER_ATTR, t.number)) for t in running}
-
-
-def _waiting_trials(study: optuna.Study, limit: int = 16) -> list[tuple[int, int]]:
-    """(id, number) of up to ``limit`` WAITING trials: retries first, then oldest first.
-
-    On a relational storage this is one indexed query on Optuna's ``trials`` table instead of
-    loading every waiting trial with its parameters and attributes (what ``Study.ask`` does).
-    """
-    storage = study._storage
-    rdb = getattr(storage, "_backend", storage)  # optuna.load_study wraps RDBStorage in a cache
-    if isinstance(rdb, RDBStorage):
-        with rdb.engine.connect() as conn:
-            rows = conn.execute(
-                # Retries of trials whose worker died come first: they resume from a checkpoint,
-                # and multi-fidelity samplers (BOHB) wait on them to finish a rung.
-                sqlalchemy.text(
-                    "SELECT t.trial_id, t.number FROM trials t "
-                    "LEFT JOIN trial_system_attributes a "
-                    "ON a.trial_id = t.trial_id AND a.key = 'failed_trial' "
-                    "WHERE t.study_id = :study AND t.state = 'WAITING' "
-                    "ORDER BY (a.trial_id IS NULL), t.trial_id LIMIT :limit"
-                ),
-                {"study": study._study_id, "limit": limit},
-            )
-            return [(row[0], row[1]) for row in rows]
-    trials = storage.get_all_trials(study._study_id, deepcopy=False, states=(TrialState.WAITING,))
-    trials = sorted(trials, key=lambda t: ("failed_trial" not in t.system_attrs, t._trial_id))
-    return [(t._trial_id, t.number) for t in trials[:limit]]
+def _retrying(storage: BaseStorage, fn: Callable[[], T]) -> T:
+    """``fn()`` (raw SQL on the database) with the storage's retries when it has them."""
+    call = getattr(storage, "call", None)
+    return call(fn) if callable(call) and hasattr(storage, "inner") else fn()
 
 
 def claim_trial(study: optuna.Study) -> tuple[int, int] | None:
     """Atomically move one WAITING trial of ``study`` to RUNNING; its (id, number), or None if
-    none is left.
-
-    The storage changes the state only if the trial is still WAITING (a row lock on PostgreSQL,
-    the database lock on SQLite), so two workers never claim the same trial.
-    """
-    storage = study._storage
+    none is left. Retries of dead attempts are claimed first."""
+    storage = _optuna.study_storage(study)
+    rdb = rdb_of(storage)
+    if rdb is not None:
+        # Repeated after a lost answer, a claim may have won a trial nobody then runs: it never
+        # beats, turns stale and is retried, so nothing is lost.
+        return _retrying(storage, lambda: rdb.claim_next(_optuna.study_id(study)))
+    # The gRPC proxy: its server's storage makes the state change conditional.
     while True:
-        candidates = _waiting_trials(study)
-        if not candidates:
+        waiting = storage.get_all_trials(
+            _optuna.study_id(study), deepcopy=False, states=(TrialState.WAITING,)
+        )
+        if not waiting:
             return None
-        for trial_id, number in candidates:
+        waiting = sorted(waiting, key=lambda t: ("failed_trial" not in t.system_attrs, _optuna.trial_id(t)))
+        for trial in waiting[:16]:
             with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
-                if storage.set_trial_state_values(trial_id, state=TrialState.RUNNING):
-                    return trial_id, number
-        # every candidate was taken by other workers meanwhile: look again
+                if storage.set_trial_state_values(_optuna.trial_id(trial), state=TrialState.RUNNING):
+                    return _optuna.trial_id(trial), trial.number
 
 
-def _ensure_cached(study: optuna.Study, trial_id: int) -> None:
-    """Make the claimed trial known to the study's trial cache.
+def fail_and_requeue(
+    study: optuna.Study, trial_id: int, reason: str, *, retry: bool, max_retry: int
+) -> FailOutcome:
+    """Record the trial FAIL with ``reason``, and (``retry``) queue a clean retry of it.
 
-    ``optuna.load_study`` wraps the RDB storage in a cache that parameter writes go through; a
-    trial queued after the cache last read the study (a retry queued by another worker, say) is
-    unknown there until the study's trials are read again. Reading them costs a query over every
-    unfinished trial, so it is done only when the cache lacks the trial.
+    On a database (SQLite, PostgreSQL) both happen in one transaction. Through the gRPC proxy
+    they are two calls: a worker killed between them leaves the trial failed without its retry.
     """
-    known = getattr(study._storage, "_trial_id_to_study_id_and_number", None)  # Optuna's cache index
-    if not isinstance(known, dict) or trial_id not in known:
-        study._storage.get_all_trials(study._study_id, deepcopy=False, states=(TrialState.RUNNING,))
+    storage = _optuna.study_storage(study)
+    rdb = rdb_of(storage)
+    if rdb is not None:
+        return _retrying(storage, lambda: rdb.fail_and_requeue(trial_id, reason, retry=retry))
+    frozen = storage.get_trial(trial_id)
+    history = [*frozen.system_attrs.get(RETRY_HISTORY_ATTR, []), frozen.number]
+    if retry and len(history) > max_retry:
+        reason = f"{reason}; not retried: all {max_retry} retries of this configuration used"
+        retry = False
+    storage.set_trial_system_attr(trial_id, "fail_reason", reason)
+    storage.set_trial_user_attr(trial_id, "fail_reason", reason)
+    try:
+        storage.set_trial_state_values(trial_id, state=TrialState.FAIL)
+    except optuna.exceptions.UpdateFinishedTrialError:
+        return FailOutcome(False)
+    if not retry:
+        return FailOutcome(True, None, reason)
+    system = {k: v for k, v in frozen.system_attrs.items() if k not in {"fail_reason", WORKER_ATTR}}
+    system.update({"failed_trial": system.get("failed_trial", frozen.number), RETRY_HISTORY_ATTR: history})
+    system["hpo:retry_of"] = frozen.number
+    study.add_trial(
+        optuna.trial.create_trial(
+            state=TrialState.WAITING,
+            params=frozen.params,
+            distributions=frozen.distributions,
+            system_attrs=system,
+        )
+    )
+    return FailOutcome(True, -1, reason)
 
 
 def heartbeat_interval(storage: BaseStorage) -> int | None:
-    """Seconds between heartbeats, or None when the storage has heartbeats off.
-
-    ``optuna.load_study`` wraps an RDBStorage in a caching layer; both answer this method.
-    """
+    """Seconds between heartbeats, or None when the storage has heartbeats off."""
     getter = getattr(storage, "get_heartbeat_interval", None)
     return getter() if callable(getter) else None
 
 
+def _inner(storage: BaseStorage) -> BaseStorage:
+    """The storage under hpo's retrying layer: calls that must not block on an outage use it."""
+    inner = getattr(storage, "inner", None)
+    return inner if isinstance(inner, BaseStorage) else storage
+
+
 class Heartbeat:
-    """Records a heartbeat for a running trial every ``interval`` seconds from a daemon thread."""
+    """Records a heartbeat for a running trial every ``interval`` seconds from a daemon thread.
+
+    Missed beats (the database is down) are not retried: the next interval beats again.
+    """
 
     def __init__(self, storage: BaseStorage, trial_id: int) -> None:
-        self._storage = storage
+        self._storage = _inner(storage)
         self._trial_id = trial_id
         self._stop = threading.Event()
         self._interval = heartbeat_interval(storage)
@@ -165,7 +202,6 @@ class Heartbeat:
 
     def __enter__(self) -> Heartbeat:
         if self._interval is not None:
-            self._storage.record_heartbeat(self._trial_id)  # type: ignore[attr-defined]
             self._thread = threading.Thread(target=self._run, name="hpo-heartbeat", daemon=True)
             self._thread.start()
         return self
@@ -173,34 +209,26 @@ class Heartbeat:
     def _run(self) -> None:
         assert self._interval is not None
         while not self._stop.wait(self._interval):
-            with contextlib.suppress(Exception):  # a missed beat is retried next interval
+            with contextlib.suppress(Exception):
                 self._storage.record_heartbeat(self._trial_id)  # type: ignore[attr-defined]
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         if self._thread is not None:
-            self._thread.join()
+            self._thread.join(timeout=30)
 
 
 class Interrupts:
-    """SIGTERM/SIGINT handling that never interrupts a database write.
-
-    A signal only raises :class:`WorkerInterrupted` at once while the objective is computing
-    (inside :meth:`interruptible`, outside :meth:`shielded`). Anywhere else it is remembered and
-    acted on at the next safe point, so a storage transaction is never abandoned half-way (on
-    SQLite that would keep the database locked for every other worker).
-    """
+    """SIGTERM/SIGINT only set a flag (and wake waits); the worker acts on it at its next check,
+    so a storage transaction is never abandoned half-way."""
 
     def __init__(self) -> None:
         self.pending: str | None = None
-        self._raise_now = False
+        self.wake = threading.Event()
 
     def _handler(self, signum: int, frame: FrameType | None) -> None:
-        name = signal.Signals(signum).name
-        self.pending = self.pending or name
-        if self._raise_now:
-            self._raise_now = False
-            raise WorkerInterrupted(name)
+        self.pending = self.pending or signal.Signals(signum).name
+        self.wake.set()
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[None]:
@@ -218,25 +246,257 @@ class Interrupts:
         if self.pending:
             raise WorkerInterrupted(self.pending)
 
-    @contextlib.contextmanager
-    def interruptible(self) -> Iterator[None]:
+    def sleep(self, seconds: float) -> None:
+        self.wake.wait(seconds)
         self.check()
-        self._raise_now = True
-        try:
-            yield
-        finally:
-            self._raise_now = False
 
-    @contextlib.contextmanager
-    def shielded(self) -> Iterator[None]:
-        was = self._raise_now
-        self._raise_now = False
+
+class TrainerDied(Exception):
+    def __init__(self, exitcode: int | None) -> None:
+        super().__init__(describe_exit(exitcode))
+        self.exitcode = exitcode
+
+
+class Trainer:
+    """The trainer child process (spawned; see :mod:`hpo.trainer`), started on first use and
+    again after it died."""
+
+    def __init__(self, threads: int | None) -> None:
+        self._threads = threads
+        self._process: Any = None
+        self._conn: Connection | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
+
+    def ensure_started(self, interrupts: Interrupts) -> None:
+        if self._process is not None and self._process.is_alive():
+            return
+        self.close()
+        context = multiprocessing.get_context("spawn")
+        parent, child = context.Pipe(duplex=True)
+        previous = os.environ.get(THREADS_ENV)
+        if self._threads is not None:
+            os.environ[THREADS_ENV] = str(self._threads)  # spawn copies the environment now
         try:
-            yield
+            process = context.Process(
+                target=trainer_main, args=(child, os.getpid()), name="hpo-trainer", daemon=False
+            )
+            process.start()
         finally:
-            self._raise_now = was
-        if was:
-            self.check()
+            if self._threads is not None:
+                if previous is None:
+                    os.environ.pop(THREADS_ENV, None)
+                else:
+                    os.environ[THREADS_ENV] = previous
+        child.close()
+        self._process, self._conn = process, parent
+        deadline = time.monotonic() + TRAINER_START_TIMEOUT_S
+        while True:
+            message = self.poll(POLL_S)
+            if message is not None and message[0] == "ready":
+                return
+            interrupts.check()
+            if time.monotonic() > deadline:
+                self.kill()
+                raise HpoError(f"the trainer process did not start within {TRAINER_START_TIMEOUT_S:g}s")
+
+    def send(self, message: tuple[Any, ...]) -> None:
+        assert self._conn is not None
+        try:
+            self._conn.send(message)
+        except (BrokenPipeError, ConnectionResetError, EOFError, OSError):
+            raise TrainerDied(self._exitcode()) from None
+
+    def poll(self, timeout: float) -> tuple[Any, ...] | None:
+        """The trainer's next message, None if none came within ``timeout``; TrainerDied if it died."""
+        assert self._conn is not None
+        try:
+            if self._conn.poll(timeout):
+                return tuple(self._conn.recv())
+        except (EOFError, ConnectionResetError, OSError):
+            raise TrainerDied(self._exitcode()) from None
+        if not self._process.is_alive():
+            raise TrainerDied(self._exitcode())
+        return None
+
+    def _exitcode(self) -> int | None:
+        self._process.join(timeout=5)
+        return self._process.exitcode
+
+    def kill(self) -> None:
+        if self._process is not None and self._process.is_alive():
+            self._process.kill()
+            self._process.join(timeout=10)
+        self.close()
+
+    def stop(self) -> None:
+        """End the trainer: SIGTERM (the training code stops where it is), then SIGKILL."""
+        if self._process is not None and self._process.is_alive():
+            self._process.terminate()
+            self._process.join(timeout=TRAINER_STOP_GRACE_S)
+        self.kill()
+
+    def shutdown(self) -> None:
+        """Ask an idle trainer to exit, then make sure it has."""
+        if self._process is not None and self._process.is_alive() and self._conn is not None:
+            with contextlib.suppress(Exception):
+                self._conn.send(("exit",))
+            self._process.join(timeout=TRAINER_STOP_GRACE_S)
+        self.kill()
+
+    def close(self) -> None:
+        if self._conn is not None:
+            with contextlib.suppress(Exception):
+                self._conn.close()
+        self._conn = None
+        self._process = None
+
+
+class InlineTrainer(Trainer):
+    """The trainer as a thread of this process (no isolation; see :func:`hpo.trainer.inline_main`)."""
+
+    def __init__(self, objective: Objective, cache: dict[str, Any]) -> None:
+        super().__init__(threads=None)
+        self._objective = objective
+        self._cache = cache
+
+    def ensure_started(self, interrupts: Interrupts) -> None:
+        if self._process is not None and self._process.is_alive():
+            return
+        self.close()
+        parent, child = multiprocessing.Pipe(duplex=True)
+        thread = threading.Thread(
+            target=inline_main, args=(child, self._objective, self._cache), name="hpo-trainer", daemon=True
+        )
+        thread.start()
+        self._process, self._conn = _ThreadHandle(thread, child), parent
+        while self.poll(POLL_S) is None:
+            interrupts.check()
+
+
+class _ThreadHandle:
+    """What :class:`Trainer` asks of its process, for a thread (which cannot be killed: closing
+    its pipe ends it at its next message)."""
+
+    pid = None
+    exitcode = None
+
+    def __init__(self, thread: threading.Thread, conn: Connection) -> None:
+        self._thread = thread
+        self._conn = conn
+
+    def is_alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def join(self, timeout: float | None = None) -> None:
+        self._thread.join(timeout=min(timeout or 0.0, 1.0))
+
+    def terminate(self) -> None:
+        self.kill()
+
+    def kill(self) -> None:
+        with contextlib.suppress(Exception):
+            self._conn.close()
+
+
+class Recorder:
+    """Writes one trial's intermediate records, never blocking the training on an outage.
+
+    Each write is tried once on the storage under the retrying layer; a write that fails because
+    the database is unreachable is kept, in order, and tried again later, and while any is
+    pending no pruning decision is taken (the trial trains on). A write refused because the trial
+    is already finished means the lease was lost (another worker failed the trial as stale and
+    queued its retry): the trial is given up.
+    """
+
+    RETRY_EVERY_S = 2.0
+
+    def __init__(
+        self,
+        study: optuna.Study,
+        trial_id: int,
+        say: Callable[[str], None],
+    ) -> None:
+        """``study`` is bound to the storage under the retrying layer (see ``Worker``)."""
+        self._storage = _optuna.study_storage(study)
+        self._study = study
+        self._trial_id = trial_id
+        self._say = say
+        self._pending: list[Callable[[], None]] = []
+        self._reported: set[int] = set()
+        self._down_since: float | None = None
+        self._last_try = 0.0
+        self.lost = False
+
+    def report(self, value: float, step: int) -> None:
+        if step in self._reported:
+            return  # a resumed trial re-reports restored epochs; Optuna keeps the first
+        self._reported.add(step)
+        self._do(lambda: self._storage.set_trial_intermediate_value(self._trial_id, step, value))
+
+    def user_attr(self, key: str, value: Any) -> None:
+        self._do(lambda: self._storage.set_trial_user_attr(self._trial_id, key, value))
+
+    def should_prune(self) -> bool:
+        if self._pending or self.lost:
+            return False
+        try:
+            frozen = self._storage.get_trial(self._trial_id)
+            return bool(self._study.pruner.prune(self._study, frozen))
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            self._went_down(exc)
+            return False
+
+    def _do(self, write: Callable[[], None]) -> None:
+        if not self.lost:
+            self._pending.append(write)
+            self.drain()
+
+    def drain(self) -> bool:
+        """Try the pending writes; True when none is left."""
+        self._last_try = time.monotonic()
+        while self._pending and not self.lost:
+            try:
+                self._pending[0]()
+            except optuna.exceptions.UpdateFinishedTrialError:
+                self.lost = True
+                self._pending.clear()
+                return True
+            except Exception as exc:
+                if not is_transient(exc):
+                    raise
+                self._went_down(exc)
+                return False
+            self._pending.pop(0)
+        if self._down_since is not None:
+            self._say(f"database reachable again after {time.monotonic() - self._down_since:.1f}s")
+            self._down_since = None
+        return True
+
+    def retry_due(self) -> None:
+        if self._pending and time.monotonic() - self._last_try >= self.RETRY_EVERY_S:
+            self.drain()
+
+    def drain_blocking(self, patience: float, interrupts: Interrupts) -> None:
+        """Write everything pending, waiting for the database up to ``patience`` seconds."""
+        deadline = time.monotonic() + patience
+        while not self.drain():
+            if time.monotonic() > deadline:
+                raise StorageUnavailable(
+                    f"the database stayed unreachable for {patience:g}s while trial records were "
+                    "pending (fix: check the database server; raise --storage-patience)"
+                )
+            interrupts.wake.wait(self.RETRY_EVERY_S)
+
+    def _went_down(self, exc: BaseException) -> None:
+        if self._down_since is None:
+            self._down_since = time.monotonic()
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            self._say(f"database unreachable, training on and keeping this trial's records: {first[:200]}")
 
 
 def _format_params(params: Mapping[str, Any]) -> str:
@@ -246,27 +506,48 @@ def _format_params(params: Mapping[str, Any]) -> str:
     return ", ".join(f"{k}={fmt(v)}" for k, v in params.items())
 
 
+@dataclass
+class _Outcome:
+    state: TrialState | None  # None: not ours to record any more (lease lost)
+    note: str = ""
+    frozen: FrozenTrial | None = None
+    keep_checkpoint: bool = False
+
+
 class Worker:
-    """Runs the trials of one study in this process."""
+    """Runs the trials of one study: this process supervises, a trainer process trains."""
 
     def __init__(
         self,
         study: optuna.Study,
         spec: StudySpec,
         options: WorkerOptions,
-        objective: Objective | None = None,
+        objective: str | Objective,
         console: Console | None = None,
+        storage_patience: float = 300.0,
+        cache: dict[str, Any] | None = None,
     ) -> None:
+        """``objective``: the allowed ``module:attribute`` (checked by the caller, see
+        :mod:`hpo.policy`), trained in a trainer process; or an :class:`Objective` object, trained
+        in a thread of this process with ``cache`` as its data cache (no crash isolation)."""
         self.study = study
         self.spec = spec
         self.options = options
-        self.objective = objective or resolve_objective(spec.objective, "stored definition")
         self.console = console or Console(highlight=False, soft_wrap=True)
         self.identity = worker_identity(options.label)
-        # Per-worker data cache: decoded datasets etc. survive from one trial to the next.
-        self.cache: dict[str, Any] = {}
         self.interrupts = Interrupts()
+        self.trainer: Trainer
+        if isinstance(objective, Objective):
+            self.objective = spec.objective
+            self.trainer = InlineTrainer(objective, cache if cache is not None else {})
+        else:
+            self.objective = objective
+            self.trainer = Trainer(options.threads)
+        self.storage_patience = storage_patience
         self._checkpoint_root = checkpoint_folder(options.checkpoint_root, study)
+        self._definition = spec.definition()
+        self._printed_traceback = False
+        self._fast: optuna.Study | None = None
         study.pruner = make_pruner(spec.pruner, spec.budget.max_epochs)
 
     # ------------------------------------------------------------------ output
@@ -289,56 +570,64 @@ class Worker:
     # ------------------------------------------------------------------ loop
     def run(self) -> WorkerSummary:
         summary = WorkerSummary()
-        started = time.monotonic()
-        consecutive_failures = 0
-        storage = self.study._storage
-        interval = heartbeat_interval(storage)
-        heartbeat_enabled = interval is not None
-        stale_checked = -math.inf
         with self.interrupts.installed():
             try:
-                while True:
-                    self.interrupts.check()
-                    if self.options.n_trials is not None and summary.total >= self.options.n_trials:
-                        summary.stopped_because = f"ran its {self.options.n_trials} trial(s)"
-                        break
-                    if (
-                        self.options.timeout is not None
-                        and time.monotonic() - started >= self.options.timeout
-                    ):
-                        summary.stopped_because = f"timeout of {self.options.timeout:g}s reached"
-                        break
-                    if interval is not None and time.monotonic() - stale_checked >= interval:
-                        # Other workers' dead trials are failed (and re-queued) at most once per
-                        # heartbeat interval: a trial cannot turn stale faster than that.
-                        fail_stale_trials(self.study)
-                        stale_checked = time.monotonic()
-                    claimed = claim_trial(self.study)
-                    if claimed is None:
-                        stale_checked = -math.inf  # before concluding the study is done, look again
-                        if self._study_done(heartbeat_enabled):
-                            summary.stopped_because = "no trials left in the study"
-                            break
-                        with self.interrupts.interruptible():
-                            time.sleep(self.options.poll_interval)  # others' trials may be retried
-                        continue
-                    state = self._run_trial(*claimed)
-                    summary.finished[state.name] += 1
-                    consecutive_failures = consecutive_failures + 1 if state == TrialState.FAIL else 0
-                    if consecutive_failures >= self.options.max_consecutive_failures:
-                        summary.stopped_because = (
-                            f"{consecutive_failures} consecutive trials failed; stopping this worker "
-                            "(see each trial's fail_reason with `hpo status`)"
-                        )
-                        break
+                self._loop(summary)
             except WorkerInterrupted as interrupt:
                 summary.stopped_because = f"interrupted by {interrupt}"
+                summary.signal_name = str(interrupt)
+            finally:
+                self.trainer.shutdown()
         self._say(f"worker {self.identity} stopped: {summary.stopped_because}")
         return summary
 
+    def _loop(self, summary: WorkerSummary) -> None:
+        started = time.monotonic()
+        consecutive_failures = 0
+        interval = heartbeat_interval(_optuna.study_storage(self.study))
+        stale_checked = -math.inf
+        while True:
+            self.interrupts.check()
+            if self.options.n_trials is not None and summary.total >= self.options.n_trials:
+                summary.stopped_because = f"ran its {self.options.n_trials} trial(s)"
+                return
+            if self.options.timeout is not None and time.monotonic() - started >= self.options.timeout:
+                summary.stopped_because = f"timeout of {self.options.timeout:g}s reached"
+                return
+            if interval is not None and time.monotonic() - stale_checked >= interval:
+                # Other workers' dead trials are failed (and re-queued) at most once per
+                # heartbeat interval: a trial cannot turn stale faster than that.
+                for outcome in self._fail_stale():
+                    self._say(f"failed a stale trial of a dead worker: {outcome.reason[:120]}")
+                stale_checked = time.monotonic()
+            self.trainer.ensure_started(self.interrupts)  # warm before the first claim
+            claimed = claim_trial(self.study)
+            if claimed is None:
+                stale_checked = -math.inf  # before concluding the study is done, look again
+                if self._study_done(interval is not None):
+                    summary.stopped_because = "no trials left in the study"
+                    return
+                self.interrupts.sleep(self.options.poll_interval)  # others' trials may be retried
+                continue
+            state = self._run_trial(*claimed)
+            if state is None:
+                continue  # given up (lease lost): not this worker's result
+            summary.finished[state.name] += 1
+            consecutive_failures = consecutive_failures + 1 if state == TrialState.FAIL else 0
+            if consecutive_failures >= self.options.max_consecutive_failures:
+                summary.stopped_because = (
+                    f"{consecutive_failures} consecutive trials failed; stopping this worker "
+                    "(see each trial's fail_reason with `hpo status`)"
+                )
+                return
+
+    def _fail_stale(self) -> list[FailOutcome]:
+        storage = _optuna.study_storage(self.study)
+        return _retrying(storage, lambda: fail_stale(storage, _optuna.study_id(self.study)))
+
     def _study_done(self, heartbeat_enabled: bool) -> bool:
-        trials = self.study._storage.get_all_trials(
-            self.study._study_id, deepcopy=False, states=(TrialState.WAITING, TrialState.RUNNING)
+        trials = _optuna.study_storage(self.study).get_all_trials(
+            _optuna.study_id(self.study), deepcopy=False, states=(TrialState.WAITING, TrialState.RUNNING)
         )
         if not trials:
             return True
@@ -346,100 +635,187 @@ class Worker:
         # (heartbeats) and re-queued; otherwise there is nothing this worker could pick up.
         return not heartbeat_enabled and all(t.state == TrialState.RUNNING for t in trials)
 
-    def _run_trial(self, trial_id: int, number: int) -> TrialState:
-        storage = self.study._storage
-        # A sampler per trial, seeded by the trial number: reproducible for one worker, and
-        # parallel workers never draw the same random configuration from equal RNG states.
-        self.study.sampler = make_sampler(self.spec, seed=self.spec.sampler_seed + number)
-        _ensure_cached(self.study, trial_id)
-        trial = optuna.Trial(self.study, trial_id)
-        # Read after Trial(): the sampler's before_trial may have set this trial's budget.
-        system_attrs = storage.get_trial_system_attrs(trial_id)
-        storage.set_trial_system_attr(trial_id, WORKER_ATTR, self.identity)
+    # ------------------------------------------------------------------ one trial
+    def _run_trial(self, trial_id: int, number: int) -> TrialState | None:
         t0 = time.monotonic()
-        run: TrialRun | None = None
-        with Heartbeat(storage, trial_id):
+        with Heartbeat(_optuna.study_storage(self.study), trial_id):
             try:
-                run = self._make_run(trial, suggest(trial, self.spec.space), number, system_attrs)
-                value = self._train(run, number)
-                if not math.isfinite(value):
-                    raise FloatingPointError(f"objective returned {value}")
-                run.flush()
-                frozen = self.study.tell(trial, value)
-            except optuna.TrialPruned as pruned:
-                if run is not None:
-                    run.flush()
-                frozen = self.study.tell(trial, state=TrialState.PRUNED)
-                self._finished(frozen, time.monotonic() - t0, str(pruned))
-                return frozen.state
+                outcome = self._prepare_and_supervise(trial_id, number)
             except WorkerInterrupted as interrupt:
-                with self.interrupts.shielded():
-                    self._flush_quietly(run)
-                    self._fail(trial_id, f"worker interrupted by {interrupt}")
-                    frozen = storage.get_trial(trial_id)
-                    RetryHeartbeatStaleTrialCallback()(self.study, frozen)  # re-queue, same params
-                    self._finished(frozen, time.monotonic() - t0, "re-queued")
+                self.trainer.stop()
+                outcome = self._record_failure(
+                    trial_id, f"worker interrupted by {interrupt}", retry=True, keep_checkpoint=True
+                )
+                self._finished(number, outcome, time.monotonic() - t0)
                 raise
-            except Exception as exc:  # a failing trial must never take the worker down
-                reason = f"{type(exc).__name__}: {exc}"
-                self._flush_quietly(run)
-                self._fail(trial_id, reason, traceback.format_exc())
-                frozen = storage.get_trial(trial_id)
-                self._finished(frozen, time.monotonic() - t0, reason)
-                return frozen.state
-        self._finished(frozen, time.monotonic() - t0)
-        return frozen.state
+        self._finished(number, outcome, time.monotonic() - t0)
+        return outcome.state
 
-    def _make_run(
-        self, trial: optuna.Trial, params: dict[str, Any], number: int, system_attrs: Mapping[str, Any]
-    ) -> TrialRun:
-        return TrialRun(
-            trial=trial,
-            spec=self.spec,
-            params=params,
+    def _prepare_and_supervise(self, trial_id: int, number: int) -> _Outcome:
+        storage = _optuna.study_storage(self.study)
+        try:
+            # A sampler per trial, seeded by the trial number: reproducible for one worker, and
+            # parallel workers never draw the same random configuration from equal RNG states.
+            self.study.sampler = make_sampler(self.spec, seed=self.spec.sampler_seed + number)
+            if hasattr(self.study.sampler, "wait_check"):  # BOHB waiting for a rung: stoppable
+                self.study.sampler.wait_check = self.interrupts.check
+            _ensure_cached(self.study, trial_id)
+            trial = _optuna.trial_for(self.study, trial_id)
+            # Read after Trial(): the sampler's before_trial may have set this trial's budget.
+            system_attrs = storage.get_trial_system_attrs(trial_id)
+            storage.set_trial_system_attr(trial_id, WORKER_ATTR, self.identity)
+            params = suggest(trial, self.spec.space)
+        except (WorkerInterrupted, StorageUnavailable):
+            raise
+        except Exception as exc:  # a sampler or space error fails this trial, not the worker
+            return self._record_failure(trial_id, f"preparing the trial failed: {type(exc).__name__}: {exc}")
+        job = TrialJob(
+            number=number,
+            definition=self._definition,
+            objective=self.objective,
+            params=dict(params),
             max_epochs=int(system_attrs.get(BUDGET_ATTR, self.spec.budget.max_epochs)),
             device=self.options.device,
-            checkpoint_dir=self._checkpoint_dir(number, system_attrs),
-            cache=self.cache,
-            shield=self.interrupts.shielded,
+            checkpoint_dir=str(self._checkpoint_dir(number, system_attrs)),
+            prunes=not isinstance(self.study.pruner, optuna.pruners.NopPruner),
         )
+        return self._supervise(trial, job)
 
-    def _train(self, run: TrialRun, number: int) -> float:
+    def _supervise(self, trial: optuna.Trial, job: TrialJob) -> _Outcome:
+        trial_id = _optuna.trial_id(trial)
+        recorder = Recorder(self._fast_study(), trial_id, self._say)
+        limit = self.spec.budget.trial_timeout
         progress = self._progress()
         with contextlib.ExitStack() as stack:
+            task = None
             if progress is not None:
                 stack.enter_context(progress)
-                task = progress.add_task(f"trial {number}", total=run.max_epochs)
-                run.on_epoch = lambda epoch, metrics: progress.update(task, completed=epoch)
-            stack.enter_context(self.interrupts.interruptible())
-            return float(self.objective.train(run))
+                task = progress.add_task(f"trial {job.number}", total=job.max_epochs)
+            try:
+                self.trainer.ensure_started(self.interrupts)
+                started = time.monotonic()
+                self.trainer.send(job.to_message())
+                while True:
+                    self.interrupts.check()
+                    if limit is not None and time.monotonic() - started > limit:
+                        self.trainer.kill()
+                        return self._record_failure(
+                            trial_id, f"exceeded budget.trial_timeout of {limit:g}s; the trainer was stopped"
+                        )
+                    recorder.retry_due()
+                    message = self.trainer.poll(POLL_S)
+                    if message is None:
+                        continue
+                    kind = message[0]
+                    if kind == "report":
+                        recorder.report(float(message[1]), int(message[2]))
+                        if progress is not None and task is not None:
+                            progress.update(task, completed=int(message[2]))
+                    elif kind == "should_prune":
+                        answer = ("abort",) if recorder.lost else ("prune", recorder.should_prune())
+                        self.trainer.send(answer)
+                    elif kind == "user_attr":
+                        recorder.user_attr(str(message[1]), message[2])
+                    elif kind == "artifact":
+                        self.trainer.send(self._upload(trial, str(message[1])))
+                    else:
+                        return self._conclude(trial, recorder, message)
+            except TrainerDied as died:
+                self.trainer.close()
+                recorder.drain_blocking(self.storage_patience, self.interrupts)
+                if recorder.lost:
+                    return self._lost(job.number)
+                return self._record_failure(trial_id, str(died), retry=True, keep_checkpoint=True)
 
-    @staticmethod
-    def _flush_quietly(run: TrialRun | None) -> None:
-        # Keep the learning curve of a failing trial if the storage still takes writes.
-        if run is not None:
+    def _fast_study(self) -> optuna.Study:
+        """The study on the storage under the retrying layer, for writes that must not block."""
+        if self._fast is None:
+            self._fast = optuna.Study(
+                self.study.study_name, storage=_inner(_optuna.study_storage(self.study))
+            )
+        self._fast.pruner = self.study.pruner
+        return self._fast
+
+    def _conclude(self, trial: optuna.Trial, recorder: Recorder, message: tuple[Any, ...]) -> _Outcome:
+        trial_id = _optuna.trial_id(trial)
+        recorder.drain_blocking(self.storage_patience, self.interrupts)
+        if recorder.lost or message[0] == "aborted":
+            return self._lost(trial.number)
+        kind = message[0]
+        if kind == "failed":
+            exc_type, text, details = str(message[1]), str(message[2]), str(message[3])
+            if not self._printed_traceback:
+                self._printed_traceback = True  # the first failure in full, the rest in one line
+                self._say(details.rstrip())
             with contextlib.suppress(Exception):
-                run.flush()
+                _optuna.study_storage(self.study).set_trial_system_attr(
+                    trial_id, TRACEBACK_ATTR, details[-TRACEBACK_LIMIT:]
+                )
+            return self._record_failure(trial_id, f"{exc_type}: {text}")
+        try:
+            if kind == "done":
+                frozen = self.study.tell(trial, float(message[1]), skip_if_finished=True)
+            else:
+                frozen = self.study.tell(trial, state=TrialState.PRUNED, skip_if_finished=True)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            return self._lost(trial.number)
+        expected = TrialState.COMPLETE if kind == "done" else TrialState.PRUNED
+        if frozen.state != expected:
+            return self._lost(trial.number)  # finished by someone else first: not written twice
+        note = str(message[1]) if kind == "pruned" else ""
+        return _Outcome(frozen.state, note, frozen)
+
+    def _lost(self, number: int) -> _Outcome:
+        note = (
+            "given up: its lease expired while this worker could not reach the database, and another "
+            "worker failed and re-queued it"
+        )
+        return _Outcome(None, note, keep_checkpoint=True)
+
+    def _record_failure(
+        self, trial_id: int, reason: str, *, retry: bool = False, keep_checkpoint: bool = False
+    ) -> _Outcome:
+        outcome = fail_and_requeue(
+            self.study, trial_id, reason, retry=retry, max_retry=self.options.max_retry
+        )
+        if not outcome.failed:
+            return self._lost(_optuna.study_storage(self.study).get_trial(trial_id).number)
+        retried = outcome.retry_trial_id is not None
+        note = f"{outcome.reason}; re-queued" if retried else outcome.reason
+        frozen = _optuna.study_storage(self.study).get_trial(trial_id)
+        return _Outcome(TrialState.FAIL, note, frozen, keep_checkpoint=keep_checkpoint and retried)
+
+    def _upload(self, trial: optuna.Trial, path: str) -> tuple[str, str]:
+        from hpo.artifacts import upload_trial_artifact
+
+        try:
+            return ("artifact_id", upload_trial_artifact(trial, path))
+        except Exception as exc:
+            return ("error", f"{type(exc).__name__}: {exc}")
 
     def _checkpoint_dir(self, number: int, system_attrs: Mapping[str, Any]) -> Path:
         return trial_checkpoint_dir(self._checkpoint_root, number, system_attrs)
 
-    def _fail(self, trial_id: int, reason: str, details: str | None = None) -> None:
-        storage = self.study._storage
-        with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
-            storage.set_trial_system_attr(trial_id, "fail_reason", reason)
-            storage.set_trial_user_attr(trial_id, "fail_reason", reason)
-            storage.set_trial_state_values(trial_id, state=TrialState.FAIL)
-        if details and os.environ.get("HPO_DEBUG"):
-            self._say(details)
+    def _finished(self, number: int, outcome: _Outcome, seconds: float) -> None:
+        frozen = outcome.frozen
+        if frozen is not None and not outcome.keep_checkpoint:
+            # Finished for good by this worker: its checkpoint can no longer be resumed.
+            shutil.rmtree(self._checkpoint_dir(frozen.number, frozen.system_attrs), ignore_errors=True)
+        state = outcome.state.name if outcome.state is not None else "ABANDONED"
+        value = f" value={frozen.value:.6g}" if frozen is not None and frozen.value is not None else ""
+        params = f" [{_format_params(frozen.params)}]" if frozen is not None else ""
+        suffix = f" ({outcome.note})" if outcome.note else ""
+        self._say(f"trial {number} {state}{value}{params} {seconds:.1f}s{suffix}")
 
-    def _finished(self, trial: FrozenTrial, seconds: float, note: str = "") -> None:
-        if note != "re-queued":
-            # Finished for good: its checkpoint can no longer be resumed, so reclaim the disk.
-            shutil.rmtree(self._checkpoint_dir(trial.number, trial.system_attrs), ignore_errors=True)
-        value = f" value={trial.value:.6g}" if trial.value is not None else ""
-        suffix = f" ({note})" if note else ""
-        self._say(
-            f"trial {trial.number} {trial.state.name}{value} [{_format_params(trial.params)}] "
-            f"{seconds:.1f}s{suffix}"
-        )
+
+def _ensure_cached(study: optuna.Study, trial_id: int) -> None:
+    """Make the claimed trial known to the study's trial cache.
+
+    ``optuna.load_study`` wraps the RDB storage in a cache that parameter writes go through; a
+    trial queued after the cache last read the study (a retry queued by another worker, say) is
+    unknown there until the study's trials are read again. Reading them costs a query over every
+    unfinished trial, so it is done only when the cache lacks the trial.
+    """
+    storage = _optuna.study_storage(study)
+    if _optuna.is_cached(storage) and not _optuna.cache_knows_trial(storage, trial_id):
+        storage.get_all_trials(_optuna.study_id(study), deepcopy=False, states=(TrialState.RUNNING,))

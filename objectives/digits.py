@@ -3,11 +3,15 @@
 The data (1,797 8x8 images, 10 classes) ships with scikit-learn: nothing is downloaded. The
 searched options follow the reports: optimizer, learning rate, batch size, weight decay, and a
 StepLR schedule (step_size, gamma); momentum applies to SGD.
+
+Each epoch's data order and dropout masks come from a seed derived from (study seed, epoch)
+(:func:`hpo.training.seed_epoch`), so a trial resumed from its checkpoint after epoch ``k``
+continues exactly as the uninterrupted run did: same metrics, same final value.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +21,14 @@ from sklearn.model_selection import train_test_split
 from torch import nn
 
 from hpo.objective import Objective, TrialRun
-from hpo.training import build_optimizer, build_scheduler, load_checkpoint, save_checkpoint, seed_everything
+from hpo.training import (
+    build_optimizer,
+    build_scheduler,
+    load_checkpoint,
+    save_checkpoint,
+    seed_epoch,
+    seed_everything,
+)
 
 
 class DigitsConfig(BaseModel):
@@ -111,7 +122,7 @@ def train(run: TrialRun) -> float:
         run.cache[key] = load_data(data_cfg, run.seed)
     data = {name: tensor.to(run.device) for name, tensor in run.cache[key].items()}
 
-    generator = seed_everything(run.seed)
+    seed_everything(run.seed)  # the initial weights
     model = build_model(cfg).to(run.device)
     optimizer = build_optimizer(
         cfg.optimizer, model.parameters(), cfg.lr, cfg.weight_decay, cfg.momentum, cfg.nesterov
@@ -120,17 +131,20 @@ def train(run: TrialRun) -> float:
         cfg.scheduler, optimizer, step_size=cfg.step_size, gamma=cfg.gamma, epochs=run.max_epochs
     )
 
-    config = cfg.model_dump()
+    # A checkpoint is resumed only by the same configuration, data and seed (and epoch budget,
+    # where the schedule depends on it).
+    identity: dict[str, Any] = {"config": cfg.model_dump(), "data": data_cfg.model_dump(), "seed": run.seed}
+    if cfg.scheduler == "cosine":
+        identity["max_epochs"] = run.max_epochs
     start_epoch = 1
     restored = load_checkpoint(
-        run.checkpoint_dir, model=model, optimizer=optimizer, scheduler=scheduler, config=config
+        run.checkpoint_dir, model=model, optimizer=optimizer, scheduler=scheduler, config=identity
     )
     if restored is not None:
-        done, history = restored
-        start_epoch = run.resume(history) + 1
-        generator.manual_seed(run.seed + done)
+        start_epoch = run.resume(restored[1]) + 1
 
     for epoch in range(start_epoch, run.max_epochs + 1):
+        generator = seed_epoch(run.seed, epoch)  # data order and dropout: the same when resumed
         train_loss = train_one_epoch(
             model, optimizer, data["x_train"], data["y_train"], cfg.batch_size, generator
         )
@@ -144,7 +158,7 @@ def train(run: TrialRun) -> float:
             optimizer=optimizer,
             scheduler=scheduler,
             epoch=epoch,
-            config=config,
+            config=identity,
             history=run.history,
         )
         if stop:

@@ -76,6 +76,8 @@ def cli_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     env["CUDA_VISIBLE_DEVICES"] = ""
     env.pop("OPTUNA_STORAGE", None)
     env["PYTHONUNBUFFERED"] = "1"
+    # Workers run only objectives their own side allows (hpo.policy): the tests' support modules.
+    env["HPO_ALLOW_OBJECTIVES"] = "hpo_test_objectives,hpo_*_objectives"
     if extra:
         env.update(extra)
     return env

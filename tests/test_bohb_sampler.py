@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import math
 import statistics
+import threading
+import time
+from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -22,7 +25,15 @@ from optuna.testing.pytest_samplers import (
 )
 from optuna.trial import TrialState
 
-from hpo.bohb import MODEL_PICK_ATTR, SLOT_ATTR, BOHBSampler, HyperbandSchedule, trial_budget
+from hpo.bohb import (
+    ADOPTED_BY_ATTR,
+    MODEL_PICK_ATTR,
+    SLOT_ATTR,
+    BOHBSampler,
+    HyperbandSchedule,
+    SlotWaitError,
+    trial_budget,
+)
 from hpo.bohb._configspace import ConfigSpaceCodec
 from hpo.bohb._kde import KdeModel, KdeOptions, Observation
 from hpo.errors import SpecError
@@ -338,3 +349,158 @@ def test_cli_reports_a_bad_option_in_one_line(tmp_path: Path) -> None:
     assert len(lines) == 1 and lines[0].startswith("error: ") and "max_budget=30 exceeds" in lines[0], (
         result.stderr
     )
+
+
+# --------------------------------------------------------------------------- a plan fitted to n_trials
+
+
+def test_a_stale_trial_object_never_gets_a_second_slot() -> None:
+    """before_trial reads the slot from the storage under the plan lock, not from the trial it is given."""
+    sampler = BOHBSampler(BRANIN_SPACE, min_budget=1, max_budget=9, seed=0, n_trials=20)
+    study = optuna.create_study(sampler=sampler)
+    trial = study.ask()
+    stale = study._storage.get_trial(trial._trial_id)
+    stale.system_attrs.pop(SLOT_ATTR)  # as read before the first before_trial wrote the slot
+    sampler.before_trial(study, stale)  # the same trial handed in again (claimed twice)
+    slot = study._storage.get_trial_system_attrs(trial._trial_id)[SLOT_ATTR]
+    assert (slot["bracket"], slot["stage"], slot["slot"]) == (0, 0, 0)
+    following = study.ask()
+    assert study._storage.get_trial_system_attrs(following._trial_id)[SLOT_ATTR]["slot"] == 1
+
+
+def test_parallel_threads_fill_exactly_the_plan_of_n_trials() -> None:
+    """Eight threads, one cycle of trials: later trials wait for rungs instead of opening brackets."""
+    schedule = HyperbandSchedule(1, 9, 3)
+    cycle = schedule.cycle()
+    n_trials = sum(b.evaluations for b in cycle)
+    sampler = BOHBSampler(BRANIN_SPACE, min_budget=1, max_budget=9, seed=0, n_trials=n_trials)
+    study = optuna.create_study(sampler=sampler)
+
+    def objective(trial: optuna.Trial) -> float:
+        params = suggest(trial, BRANIN_SPACE)
+        budget = trial_budget(trial)
+        assert budget is not None
+        time.sleep(0.01 * budget)
+        return branin(*xy(params), budget / 9)
+
+    study.optimize(objective, n_trials=n_trials, n_jobs=8)
+    slots = [t.system_attrs[SLOT_ATTR] for t in study.trials]
+    assert len({(s["bracket"], s["stage"], s["slot"]) for s in slots}) == n_trials
+    filled = Counter((s["bracket"], s["stage"]) for s in slots)
+    assert filled == {(b.index, stage): n for b in cycle for stage, n in enumerate(b.num_configs)}
+    assert sum(s["budget"] for s in slots) == sum(b.total_budget for b in cycle)
+
+
+def test_leftover_trials_evaluate_new_configurations_at_the_full_budget() -> None:
+    # 1..9, eta 3: a cycle is 13 + 4 + 3 = 20 trials; 26 leaves 6: bracket 3 (13) does not fit,
+    # bracket 4 (4) does, and the last 2 go to a single-stage bracket at max_budget.
+    sampler = BOHBSampler(BRANIN_SPACE, min_budget=1, max_budget=9, seed=0, n_trials=26)
+    study = run_branin(sampler, 26)
+    slots = [t.system_attrs[SLOT_ATTR] for t in study.trials]
+    assert Counter(s["bracket"] for s in slots) == {0: 13, 1: 4, 2: 3, 4: 4, 5: 2}
+    assert {s["budget"] for s in slots if s["bracket"] == 5} == {9.0}
+    assert not any(s["promoted"] for s in slots if s["bracket"] == 5)
+    # a trial beyond n_trials also gets a new configuration at max_budget, it never waits for ever
+    extra = study.ask()
+    slot = study._storage.get_trial_system_attrs(extra._trial_id)[SLOT_ATTR]
+    assert (slot["bracket"], slot["stage"], slot["slot"], slot["budget"]) == (5, 0, 2, 9.0)
+
+
+def stage_zero_with_a_requeued_trial(
+    sampler: BOHBSampler,
+) -> tuple[optuna.Study, int, optuna.trial.FrozenTrial]:
+    """Bracket 0's first stage (nine trials): eight finished, the ninth failed and re-queued. Also
+    a trial claimed before all of them (number 0) that has not asked for its slot yet."""
+    study = optuna.create_study(sampler=sampler)
+    early = study._storage.create_new_trial(study._study_id)  # RUNNING, like a claimed queued trial
+    asked = [study.ask() for _ in range(9)]
+    for trial in asked[:8]:
+        study.tell(trial, branin(*xy(suggest(trial, BRANIN_SPACE))))
+    suggest(asked[8], BRANIN_SPACE)
+    failed = study.tell(asked[8], state=TrialState.FAIL)
+    RetryHeartbeatStaleTrialCallback()(study, failed)  # what a worker does for an interrupted trial
+    return study, early, failed
+
+
+def test_a_waiting_trial_takes_over_a_requeued_slot() -> None:
+    """With every slot of the budget taken, a trial would wait for the rung, which waits for a
+    re-queued trial that no free worker may be left to claim: the waiting trial runs it instead."""
+    sampler = BOHBSampler(BRANIN_SPACE, min_budget=1, max_budget=9, seed=0, n_trials=13, wait_timeout=5)
+    study, early, failed = stage_zero_with_a_requeued_trial(sampler)
+    storage = study._storage
+    (retry,) = storage.get_all_trials(study._study_id, states=(TrialState.WAITING,))
+    started = time.monotonic()
+    trial = optuna.Trial(study, early)  # before_trial
+    assert time.monotonic() - started < 2
+    attrs = storage.get_trial_system_attrs(early)
+    assert attrs[SLOT_ATTR] == {**failed.system_attrs[SLOT_ATTR], "attempt": 1}
+    assert attrs["failed_trial"] == failed.number
+    assert suggest(trial, BRANIN_SPACE) == failed.params
+    adopted = storage.get_trial(retry._trial_id)
+    assert adopted.state == TrialState.FAIL and adopted.system_attrs[ADOPTED_BY_ATTR] == trial.number == 0
+    assert adopted.system_attrs[SLOT_ATTR] is None and "taken over" in adopted.system_attrs["fail_reason"]
+    (replacement,) = storage.get_all_trials(study._study_id, states=(TrialState.WAITING,))
+    assert SLOT_ATTR not in replacement.system_attrs  # a fresh trial keeps the study at n_trials slots
+    study.tell(trial, -1.0)  # the best of the stage: its result, not the failed attempt's, counts
+    following = study.ask()
+    assert following._trial_id == replacement._trial_id
+    slot = storage.get_trial_system_attrs(following._trial_id)[SLOT_ATTR]
+    assert (slot["bracket"], slot["stage"], slot["slot"], slot["promoted"]) == (0, 1, 0, True)
+    assert [0, 0, 8] in storage.get_study_system_attrs(study._study_id)["hpo:bohb:promoted:0:1"]
+
+
+def test_a_trial_waits_for_a_running_stage_and_times_out_clearly() -> None:
+    sampler = BOHBSampler(BRANIN_SPACE, min_budget=1, max_budget=9, seed=0, n_trials=13, wait_timeout=0.3)
+    study = optuna.create_study(sampler=sampler)
+    asked = [study.ask() for _ in range(9)]
+    for trial in asked[:8]:
+        study.tell(trial, branin(*xy(suggest(trial, BRANIN_SPACE))))
+    started = time.monotonic()
+    with pytest.raises(SlotWaitError, match=r"trial 9 waited .* n_trials=13 .*wait_timeout"):
+        study.ask()  # trial 8 still runs: stage 1 cannot start, and 13 trials allow no bracket 1
+    assert 0.3 <= time.monotonic() - started < 3
+
+
+def test_a_wait_check_can_end_the_wait() -> None:
+    """hpo's worker can stop on SIGTERM while it waits; a caller that must not block can refuse to."""
+
+    class Stop(Exception):
+        pass
+
+    def stop() -> None:
+        raise Stop
+
+    sampler = BOHBSampler(BRANIN_SPACE, min_budget=1, max_budget=9, seed=0, n_trials=13)
+    study = optuna.create_study(sampler=sampler)
+    asked = [study.ask() for _ in range(9)]  # all running: stage 1 has to wait for them
+    sampler.wait_check = stop
+    with pytest.raises(Stop):
+        study.ask()
+    assert len(asked) == 9
+
+
+def test_a_waiting_trial_gets_its_slot_once_the_stage_finishes() -> None:
+    sampler = BOHBSampler(BRANIN_SPACE, min_budget=1, max_budget=9, seed=0, n_trials=13, wait_timeout=30)
+    study = optuna.create_study(sampler=sampler)
+    asked = [study.ask() for _ in range(9)]
+    for trial in asked:
+        suggest(trial, BRANIN_SPACE)
+    for trial in asked[:8]:
+        study.tell(trial, 1.0 + trial.number)
+    timer = threading.Timer(0.5, lambda: study.tell(asked[8], 0.5))
+    timer.start()
+    started = time.monotonic()
+    waited = study.ask()
+    assert time.monotonic() - started >= 0.4
+    timer.join()
+    slot = study._storage.get_trial_system_attrs(waited._trial_id)[SLOT_ATTR]
+    assert (slot["bracket"], slot["stage"], slot["slot"], slot["config"]) == (0, 1, 0, [0, 0, 0])
+
+
+def test_study_files_give_bohb_their_trial_budget() -> None:
+    sampler = make_sampler(spec_with("{name: bohb, options: {wait_timeout: 60}}", n_trials=26))
+    assert isinstance(sampler, BOHBSampler) and sampler.n_trials == 26
+    with pytest.raises(SpecError, match="wait_timeout must be a positive number"):
+        spec_with("{name: bohb, options: {wait_timeout: 0}}")
+    with pytest.raises(ValueError, match="n_trials must be a positive whole number"):
+        BOHBSampler(BRANIN_SPACE, min_budget=1, max_budget=9, n_trials=0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Iterator
 from typing import Any
 
@@ -14,8 +15,8 @@ from hpbandster.core.master import Master
 from hpbandster.optimizers import BOHB as HpBandSterBOHB
 from hpo_bohb_objectives import branin
 
-from hpo.bohb import SLOT_ATTR, BOHBSampler, HyperbandSchedule, budget_epochs
-from hpo.bohb._schedule import SlotRun, next_assignment, promote
+from hpo.bohb import SLOT_ATTR, BOHBSampler, HyperbandSchedule, budget_epochs, plan_for
+from hpo.bohb._schedule import Assignment, SlotRun, bracket_quotas, latest_runs, next_assignment, promote
 from hpo.objective import BUDGET_ATTR
 from hpo.space import parse_space, suggest
 
@@ -170,6 +171,144 @@ def test_a_retried_slot_counts_once_with_its_latest_attempt() -> None:
 def test_promote_breaks_ties_by_age() -> None:
     rung = [run(i, 0, 0, i, (0, 0, i), 1.0) for i in range(4)]
     assert promote(rung, 2) == ((0, 0, 0), (0, 0, 1))
+
+
+# --------------------------------------------------------------------------- a plan fitted to n_trials
+
+CYCLE = sum(b.evaluations for b in SCHEDULE.cycle())  # 13 + 4 + 3 = 20
+
+
+def first_stages_running() -> list[SlotRun]:
+    """One cycle's first stages all taken and running: bracket 0 (9 slots), 1 (3) and 2 (3)."""
+    runs = [run(i, 0, 0, i, (0, 0, i), None) for i in range(9)]
+    runs += [run(9 + i, 1, 0, i, (1, 0, i), None) for i in range(3)]
+    return runs + [run(12 + i, 2, 0, i, (2, 0, i), None) for i in range(3)]
+
+
+def where(assignment: Assignment | None) -> tuple[int, int, int, float] | None:
+    if assignment is None:
+        return None
+    return (assignment.bracket, assignment.stage, assignment.slot, assignment.budget)
+
+
+def test_a_trial_waits_while_running_brackets_hold_the_trials_left() -> None:
+    runs = first_stages_running()
+    assert where(next_assignment(SCHEDULE, runs, {})[0]) == (3, 0, 0, 1.0)  # hpbandster's endless plan
+    # 20 trials: the 5 left are the later stages of brackets 0 and 1, which wait for stage 0
+    assert next_assignment(SCHEDULE, runs, {}, n_trials=CYCLE) == (None, {})
+    assert where(next_assignment(SCHEDULE, runs, {}, n_trials=CYCLE + 13)[0]) == (3, 0, 0, 1.0)
+
+
+def test_a_retry_refills_its_slot_and_takes_no_trial_from_the_budget() -> None:
+    runs = first_stages_running()
+    runs[4] = run(4, 0, 0, 4, (0, 0, 4), math.inf)  # crashed ...
+    runs.append(run(30, 0, 0, 4, (0, 0, 4), None))  # ... and re-queued
+    assert next_assignment(SCHEDULE, runs, {}, n_trials=CYCLE) == (None, {})
+
+
+def test_a_smaller_bracket_of_the_cycle_opens_when_the_next_does_not_fit() -> None:
+    runs = first_stages_running()
+    # 12 left: bracket 3 (13 evaluations) does not fit, bracket 4 ([3, 1] at 3, 9) does
+    assert where(next_assignment(SCHEDULE, runs, {}, n_trials=CYCLE + 12)[0]) == (4, 0, 0, 3.0)
+    # 3 left: bracket 5, the cycle's last ([3] at 9)
+    assert where(next_assignment(SCHEDULE, runs, {}, n_trials=CYCLE + 3)[0]) == (5, 0, 0, 9.0)
+
+
+def test_leftover_trials_get_the_full_budget_and_no_more_than_their_share() -> None:
+    runs = first_stages_running()
+    # 2 left, fewer than any bracket: new configurations at max_budget, in bracket 5 ([3] at 9)
+    assert where(next_assignment(SCHEDULE, runs, {}, n_trials=CYCLE + 2)[0]) == (5, 0, 0, 9.0)
+    runs += [run(15, 5, 0, 0, (5, 0, 0), None), run(16, 5, 0, 1, (5, 0, 1), None)]
+    # bracket 5's third slot is beyond the budget: the 5 trials left belong to brackets 0 and 1
+    assert next_assignment(SCHEDULE, runs, {}, n_trials=CYCLE + 2) == (None, {})
+    assert bracket_quotas(SCHEDULE, [0, 1, 2, 5], CYCLE + 2) == {0: 13, 1: 4, 2: 3, 5: 2}
+
+
+def test_a_trial_beyond_the_budget_gets_a_full_budget_configuration() -> None:
+    schedule = HyperbandSchedule(1, 9, 3)
+    runs: list[SlotRun] = []
+    decisions: dict[Any, Any] = {}
+    for number in range(CYCLE + 2):  # one at a time, each finished before the next: the whole plan
+        assignment, decided = next_assignment(schedule, runs, decisions, n_trials=CYCLE + 2)
+        assert assignment is not None
+        decisions.update(decided)
+        runs.append(
+            run(number, assignment.bracket, assignment.stage, assignment.slot, assignment.config, 1.0)
+        )
+    assert where(next_assignment(schedule, runs, decisions, n_trials=CYCLE + 2)[0]) == (5, 0, 2, 9.0)
+    runs.append(run(99, 5, 0, 2, (5, 0, 2), 1.0))
+    assert where(next_assignment(schedule, runs, decisions, n_trials=CYCLE + 2)[0]) == (8, 0, 0, 9.0)
+
+
+def test_the_plan_of_the_issue_a_whole_cycle_of_1_to_27_epochs() -> None:
+    schedule = HyperbandSchedule(1, 27, 3)
+    plan = plan_for(schedule, 65)
+    assert [(bracket.index, filled) for bracket, filled in plan] == [(0, 40), (1, 13), (2, 8), (3, 4)]
+    assert sum(bracket.total_budget for bracket, _ in plan) == 405
+    assert sum(bracket.num_configs[-1] for bracket, _ in plan) == 8  # evaluations at 27 epochs
+    assert [(b.index, n) for b, n in plan_for(SCHEDULE, 26)] == [(0, 13), (1, 4), (2, 3), (4, 4), (5, 2)]
+
+
+def test_a_slot_handed_on_to_an_older_trial_is_its_current_attempt() -> None:
+    failed = run(9, 0, 0, 4, (0, 0, 4), math.inf)
+    adopter = SlotRun(2, 0, 0, 4, (0, 0, 4), False, math.inf, attempt=1)
+    assert latest_runs([failed, adopter])[(0, 0, 4)] is adopter
+
+
+def simulate(schedule: HyperbandSchedule, n_trials: int, workers: int, seed: int) -> list[SlotRun]:
+    """``workers`` parallel workers, each claiming one of the ``n_trials`` trials and asking for its
+    slot again and again while it has to wait; run lengths proportional to the budget, some crash."""
+    rng = random.Random(seed)
+    runs: dict[int, SlotRun] = {}
+    decisions: dict[Any, Any] = {}
+    ends: dict[int, float] = {}  # running trial -> when it finishes
+    waiting: list[int] = []
+    claimed = 0
+    now = 0.0
+    while claimed < n_trials or ends or waiting:
+        while len(ends) + len(waiting) < workers and claimed < n_trials:
+            waiting.append(claimed)
+            claimed += 1
+        for number in list(waiting):
+            assignment, decided = next_assignment(schedule, runs.values(), decisions, n_trials)
+            decisions.update(decided)
+            if assignment is not None:
+                a = assignment
+                runs[number] = SlotRun(number, a.bracket, a.stage, a.slot, a.config, False, math.inf)
+                ends[number] = now + a.budget * rng.uniform(0.5, 1.5)
+                waiting.remove(number)
+        assert ends, f"deadlock: trials {waiting} wait and nothing runs"
+        number = min(ends, key=ends.__getitem__)
+        now = ends.pop(number)
+        loss = math.inf if rng.random() < 0.1 else rng.random()
+        old = runs[number]
+        runs[number] = SlotRun(number, old.bracket, old.stage, old.slot, old.config, True, loss)
+    return list(runs.values())
+
+
+@pytest.mark.parametrize(("min_budget", "max_budget", "eta"), [(1, 27, 3), (1, 9, 3), (1, 8, 2), (3, 81, 3)])
+@pytest.mark.parametrize("workers", [2, 8, 40])
+def test_parallel_workers_fill_exactly_the_plan_whatever_the_order(
+    min_budget: float, max_budget: float, eta: float, workers: int
+) -> None:
+    schedule = HyperbandSchedule(min_budget, max_budget, eta)
+    cycle = sum(b.evaluations for b in schedule.cycle())
+    for n_trials in (cycle, 2 * cycle, schedule.bracket(0).evaluations, cycle + 1, 2 * cycle + 7):
+        plan = plan_for(schedule, n_trials)
+        for seed in range(2):
+            runs = simulate(schedule, n_trials, workers, seed)
+            filled: dict[int, list[int]] = {}
+            for bracket, stage, _ in latest_runs(runs):
+                filled.setdefault(bracket, [0] * len(schedule.bracket(bracket).num_configs))[stage] += 1
+            expected = {b.index: list(b.num_configs) if n == b.evaluations else [n] for b, n in plan}
+            assert filled == expected, (n_trials, workers, seed)
+            if n_trials % cycle == 0:  # whole cycles: every bracket complete, the plan's budget used
+                assert all(n == b.evaluations for b, n in plan)
+                budgets = [schedule.bracket(b).budgets[stage] for b, stage, _ in latest_runs(runs)]
+                assert sum(budgets) == pytest.approx(
+                    n_trials // cycle * sum(b.total_budget for b in schedule.cycle())
+                )
+                assert budgets.count(schedule.max_budget) == sum(b.num_configs[-1] for b, _ in plan)
 
 
 # --------------------------------------------------------------------------- job for job

@@ -11,6 +11,7 @@ from conftest import run_cli, write_study
 from hpo.compare._results import collect_results, load_results
 from hpo.storage import open_storage
 
+# (15 epochs: with the digits curves of this seed, lr=0.03 at batch 16 then stops early at epoch 10.)
 # Categorical values (every one tabulated), so that random search and TPE ask for exactly the
 # configurations the table holds and the replay needs no nearest-neighbour approximation.
 AGREE = """
@@ -24,7 +25,7 @@ search_space:
 metric: val_loss
 direction: minimize
 n_trials: 6
-budget: {max_epochs: 10}
+budget: {max_epochs: 15}
 early_stopping: {rule: consecutive_worse}
 sampler: {name: tpe, options: {n_startup_trials: 2}}
 pruner: {name: median, options: {n_startup_trials: 2, n_warmup_steps: 1}}
@@ -75,6 +76,6 @@ def test_replay_makes_the_same_trials_and_pruning_decisions_as_training(
             if a.state == "COMPLETE":
                 assert b.value == pytest.approx(a.value, rel=1e-5), where
             pruned += a.state == "PRUNED"
-            stopped_early += a.state == "COMPLETE" and a.epochs < 10
+            stopped_early += a.state == "COMPLETE" and a.epochs < 15
     # the agreement covers both kinds of decision
     assert pruned > 0 and stopped_early > 0, (pruned, stopped_early)

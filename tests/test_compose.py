@@ -212,6 +212,89 @@ def test_the_dashboard_is_published_on_loopback_unless_dot_env_says_otherwise() 
     assert interpolate(raw_mapping, {"POSTGRES_USER": "u", "POSTGRES_PASSWORD": "p"}) == "127.0.0.1:8080:8080"
 
 
+REQUIRED = {"POSTGRES_USER": "u", "POSTGRES_PASSWORD": "p"}  # the variables without a default
+_BIND_DEFAULT = re.compile(r"^\$\{(?P<name>[A-Z_]+_BIND):-127\.0\.0\.1\}:")
+
+
+def host_ip(mapping: str | dict[str, Any]) -> str | None:
+    """The host address a published port binds to (None: every interface), either syntax."""
+    if isinstance(mapping, dict):  # long syntax: {target, published, host_ip, protocol}
+        return mapping.get("host_ip") or None
+    spec = str(mapping).split("/", 1)[0]  # drop /tcp
+    if spec.startswith("["):  # [::1]:8080:80
+        return spec[1 : spec.index("]")]
+    parts = spec.split(":")
+    return parts[0] if len(parts) == 3 else None  # HOST_PORT:CONTAINER_PORT or CONTAINER_PORT: all
+
+
+def published_ports(services: dict[str, Any]) -> list[tuple[str, Any]]:
+    return [(name, mapping) for name, service in services.items() for mapping in service.get("ports", [])]
+
+
+def test_the_host_address_of_a_port_mapping_is_read_in_every_syntax() -> None:
+    assert host_ip("127.0.0.1:13000:13000") == "127.0.0.1"
+    assert host_ip("127.0.0.1:13000:13000/tcp") == "127.0.0.1"
+    assert host_ip("[::1]:13000:13000") == "::1"
+    assert host_ip("13000:13000") is None  # what the storage proxy had: every interface
+    assert host_ip("13000") is None
+    assert host_ip({"target": 13000, "published": 13000}) is None
+    assert host_ip({"target": 13000, "published": 13000, "host_ip": "127.0.0.1"}) == "127.0.0.1"
+
+
+def test_every_published_port_binds_to_loopback_unless_its_bind_variable_is_set() -> None:
+    # The dashboard and the storage proxy have no authentication: on every interface, anyone on
+    # the network could read and rewrite every study. Each published port must name its host
+    # address through a *_BIND variable that defaults to loopback.
+    raw = raw_compose()["services"]
+    ports = published_ports(raw)
+    assert {name for name, _ in ports} == {"dashboard", "storage-proxy"}  # postgres is not published
+    bind_variables = set()
+    for name, mapping in ports:
+        assert isinstance(mapping, str), f"{name}: use the short syntax HOST_IP:HOST_PORT:PORT"
+        match = _BIND_DEFAULT.match(mapping)
+        assert match, f"{name}: {mapping!r} must start with ${{..._BIND:-127.0.0.1}}:"
+        variable = match.group("name")
+        bind_variables.add(variable)
+        # Unset (no .env entry), empty, and as .env.example ships it: loopback.
+        for env in (REQUIRED, {**REQUIRED, variable: ""}, env_example()):
+            assert host_ip(interpolate(mapping, env)) == "127.0.0.1", (name, env.get(variable))
+        # Set: where it says, and only for this service.
+        assert host_ip(interpolate(mapping, {**REQUIRED, variable: "10.0.0.5"})) == "10.0.0.5", name
+    assert bind_variables == {"HPO_DASHBOARD_BIND", "HPO_PROXY_BIND"}  # one variable per service
+    assert {"HPO_DASHBOARD_BIND", "HPO_PROXY_BIND"} <= set(env_example())
+    for name, mapping in published_ports(compose()["services"]):
+        assert host_ip(mapping) == "127.0.0.1", name
+
+
+def _docker_compose_config(env_file: Path) -> dict[str, Any]:
+    result = subprocess.run(
+        ["docker-compose", "--env-file", str(env_file), "-f", str(COMPOSE), "--profile", "proxy", "config"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    return yaml.safe_load(result.stdout)["services"]
+
+
+def test_docker_compose_publishes_every_port_on_loopback_by_default(tmp_path: Path) -> None:
+    if shutil.which("docker-compose") is None:
+        require_real("Debian's docker-compose is not installed (run scripts/ci-compose.sh)")
+    minimal = tmp_path / "minimal.env"
+    minimal.write_text("".join(f"{key}={value}\n" for key, value in REQUIRED.items()))
+    services = _docker_compose_config(minimal)
+    ports = published_ports(services)
+    assert {name for name, _ in ports} == {"dashboard", "storage-proxy"}
+    assert all(host_ip(mapping) == "127.0.0.1" for _, mapping in ports), ports
+    assert all(host_ip(m) == "127.0.0.1" for _, m in published_ports(_docker_compose_config(ENV_EXAMPLE)))
+    exposed = tmp_path / "exposed.env"
+    exposed.write_text(minimal.read_text() + "HPO_PROXY_BIND=10.0.0.5\nHPO_PROXY_PORT=13001\n")
+    services = _docker_compose_config(exposed)
+    assert [host_ip(m) for m in services["storage-proxy"]["ports"]] == ["10.0.0.5"]
+    assert str(services["storage-proxy"]["ports"][0]).startswith("10.0.0.5:13001:13000")
+    assert [host_ip(m) for m in services["dashboard"]["ports"]] == ["127.0.0.1"]
+
+
 def _dockerignored(path: str, patterns: list[str]) -> bool:
     ignored = False
     for pattern in patterns:

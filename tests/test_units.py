@@ -2,11 +2,24 @@
 
 from __future__ import annotations
 
+import contextlib
+import subprocess
+import sys
+from pathlib import Path
+
 import optuna
 import pytest
 
 from hpo.errors import HpoError, StorageError
-from hpo.launcher import SQLITE_MAX_WORKER_PROCESSES, Slot, check_sqlite_limit, parse_gpus, plan_slots
+from hpo.launcher import (
+    SQLITE_MAX_WORKER_PROCESSES,
+    Slot,
+    check_sqlite_limit,
+    free_sqlite_slots,
+    parse_gpus,
+    plan_slots,
+    sqlite_worker_slot,
+)
 from hpo.objective import EarlyStopping
 from hpo.samplers import make_pruner, make_sampler
 from hpo.spec import EarlyStoppingSpec, PrunerSpec, parse_study
@@ -129,13 +142,37 @@ def test_parse_gpus_and_slots() -> None:
         plan_slots([0], 0)
 
 
-def test_sqlite_limit_refuses_beyond_the_tested_number_of_processes() -> None:
-    check_sqlite_limit(SQLITE_MAX_WORKER_PROCESSES)
-    check_sqlite_limit(1, already_running=SQLITE_MAX_WORKER_PROCESSES - 1)
+def test_sqlite_worker_slots_are_held_by_live_processes_only(tmp_path: Path) -> None:
+    database = tmp_path / "hpo.db"
+    check_sqlite_limit(database, SQLITE_MAX_WORKER_PROCESSES)
     with pytest.raises(HpoError, match="PostgreSQL"):
-        check_sqlite_limit(SQLITE_MAX_WORKER_PROCESSES + 1)
-    with pytest.raises(HpoError, match="already running"):
-        check_sqlite_limit(1, already_running=SQLITE_MAX_WORKER_PROCESSES)
+        check_sqlite_limit(database, SQLITE_MAX_WORKER_PROCESSES + 1)
+    with contextlib.ExitStack() as held:
+        slots = [held.enter_context(sqlite_worker_slot(database)) for _ in range(SQLITE_MAX_WORKER_PROCESSES)]
+        assert sorted(slots) == list(range(SQLITE_MAX_WORKER_PROCESSES))
+        assert free_sqlite_slots(database) == 0
+        with pytest.raises(HpoError, match="already running"), sqlite_worker_slot(database):
+            pass
+        with pytest.raises(HpoError, match="already running"):
+            check_sqlite_limit(database, 1)
+    assert free_sqlite_slots(database) == SQLITE_MAX_WORKER_PROCESSES  # released with their holders
+    # a process killed while holding a slot gives it back (the kernel drops its flock)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from hpo.launcher import sqlite_worker_slot\n"
+            f"with sqlite_worker_slot(__import__('pathlib').Path({str(database)!r})):\n"
+            "    print('held', flush=True); time.sleep(60)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+    assert free_sqlite_slots(database) == SQLITE_MAX_WORKER_PROCESSES - 1
+    holder.kill()
+    holder.wait(timeout=30)
+    assert free_sqlite_slots(database) == SQLITE_MAX_WORKER_PROCESSES
 
 
 def test_storage_urls(monkeypatch: pytest.MonkeyPatch) -> None:

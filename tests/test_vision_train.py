@@ -141,6 +141,23 @@ def test_resumed_trial_continues_exactly_like_an_uninterrupted_one(colours: Path
     assert "resumed_from_epoch" not in other.trial.study._storage.get_trial(other.trial._trial_id).user_attrs
 
 
+def test_cosine_schedule_resumes_only_with_the_same_epoch_budget(colours: Path, tmp_path: Path) -> None:
+    # The checkpointed scheduler carries T_max = the budget it was built for: with another budget
+    # the schedule would not be the uninterrupted run's, so the trial starts from epoch 1.
+    data = {"format": "imagefolder", "root": str(colours), "image_size": 8}
+    settings = {**MLP, "scheduler": "cosine"}
+    train(make_run(tmp_path, data=data, settings=settings, epochs=2))
+    longer = make_run(tmp_path, data=data, settings=settings, epochs=3)
+    train(longer)
+    assert (
+        "resumed_from_epoch" not in longer.trial.study._storage.get_trial(longer.trial._trial_id).user_attrs
+    )
+    assert torch.load(tmp_path / CHECKPOINT_FILE, weights_only=True)["config"]["max_epochs"] == 3
+    same = make_run(tmp_path, data=data, settings=settings, epochs=3)
+    train(same)
+    assert same.trial.study._storage.get_trial(same.trial._trial_id).user_attrs["resumed_from_epoch"] == 3
+
+
 def test_bf16_precision_trains_on_cpu_with_float32_weights(colours: Path, tmp_path: Path) -> None:
     data = {"format": "imagefolder", "root": str(colours), "image_size": 12}
     run = make_run(tmp_path, data=data, settings={**MLP, "precision": "bf16"}, epochs=2)

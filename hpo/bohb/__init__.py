@@ -11,6 +11,7 @@ Public surface:
 * :class:`HyperbandSchedule`, :class:`Bracket` — the bracket plan, identical to hpbandster's;
 * :class:`ConfigSpaceCodec` — an hpo search space as a ConfigSpace ``ConfigurationSpace``;
 * :func:`trial_budget` — the budget BOHB gave a trial;
+* :func:`plan_for` — the brackets a study of ``n_trials`` trials runs;
 * :func:`build_sampler` — the ``SAMPLER_BUILDERS`` entry for study files.
 """
 
@@ -19,8 +20,15 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from hpo.bohb._builder import OPTION_NAMES, build_sampler
-from hpo.bohb._sampler import MODEL_PICK_ATTR, SLOT_ATTR, BOHBSampler, trial_budget
-from hpo.bohb._schedule import Bracket, HyperbandSchedule, budget_epochs
+from hpo.bohb._sampler import (
+    ADOPTED_BY_ATTR,
+    MODEL_PICK_ATTR,
+    SLOT_ATTR,
+    BOHBSampler,
+    SlotWaitError,
+    trial_budget,
+)
+from hpo.bohb._schedule import Bracket, HyperbandSchedule, budget_epochs, plan_for
 
 if TYPE_CHECKING:
     from hpo.bohb._configspace import ConfigSpaceCodec
@@ -36,6 +44,7 @@ def __getattr__(name: str) -> object:
 
 
 __all__ = [
+    "ADOPTED_BY_ATTR",
     "MODEL_PICK_ATTR",
     "OPTION_NAMES",
     "SLOT_ATTR",
@@ -43,7 +52,9 @@ __all__ = [
     "Bracket",
     "ConfigSpaceCodec",
     "HyperbandSchedule",
+    "SlotWaitError",
     "budget_epochs",
     "build_sampler",
+    "plan_for",
     "trial_budget",
 ]

@@ -19,6 +19,7 @@ OPTION_NAMES = (
     "random_fraction",
     "bandwidth_factor",
     "min_bandwidth",
+    "wait_timeout",
 )
 
 
@@ -27,7 +28,9 @@ def build_sampler(options: dict[str, Any], seed: int | None, spec: StudySpec) ->
 
     ``min_budget`` defaults to ``budget.min_epochs`` and ``max_budget`` to ``budget.max_epochs``;
     ``max_budget`` may not exceed ``budget.max_epochs``, ``min_budget`` may not be below one epoch, and
-    ``n_trials`` must cover at least the first (largest) bracket.
+    ``n_trials`` must cover at least the first (largest) bracket. The plan is fitted to ``n_trials``
+    (no bracket is opened that the trials left cannot finish); ``wait_timeout`` is how long, in
+    seconds, a trial may wait for a slot.
     Raises ``TypeError`` for an unknown option and ``ValueError`` for a bad value (the study-file
     loader reports either as one line naming ``sampler.options``).
     """
@@ -49,7 +52,14 @@ def build_sampler(options: dict[str, Any], seed: int | None, spec: StudySpec) ->
             f"max_budget={max_budget} exceeds budget.max_epochs={spec.budget.max_epochs} "
             "(budgets are epochs: lower max_budget or raise budget.max_epochs)"
         )
-    sampler = BOHBSampler(spec.space, min_budget=min_budget, max_budget=max_budget, seed=seed, **settings)
+    sampler = BOHBSampler(
+        spec.space,
+        min_budget=min_budget,
+        max_budget=max_budget,
+        seed=seed,
+        n_trials=spec.n_trials,
+        **settings,
+    )
     first = sampler.bracket_plan(0)
     if spec.n_trials < first.evaluations:
         # Fewer trials than the first bracket: nothing would ever train for max_budget.

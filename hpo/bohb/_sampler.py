@@ -5,7 +5,9 @@ from __future__ import annotations
 import contextlib
 import math
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+import time
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -13,12 +15,14 @@ import optuna
 from optuna.distributions import BaseDistribution
 from optuna.samplers import BaseSampler, RandomSampler
 from optuna.search_space import IntersectionSearchSpace
-from optuna.storages import RDBStorage
+from optuna.storages import RDBStorage, fail_stale_trials
+from optuna.storages._heartbeat import BaseHeartbeat, is_heartbeat_enabled
 from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
 from hpo.bohb._kde import KdeModel, KdeOptions, Observation
 from hpo.bohb._schedule import (
+    Assignment,
     Bracket,
     ConfigId,
     HyperbandSchedule,
@@ -36,14 +40,22 @@ if TYPE_CHECKING:
     from hpo.bohb._configspace import ConfigSpaceCodec
 
 # Trial system attribute holding the trial's slot of the plan:
-# {"bracket", "stage", "slot", "config": [bracket, stage, index], "budget", "promoted"}.
+# {"bracket", "stage", "slot", "config": [bracket, stage, index], "budget", "promoted"}, and
+# "attempt" when the slot was handed on to a waiting trial (see _adopt_requeued).
 SLOT_ATTR = "hpo:bohb"
+# Trial system attribute of a re-queued trial whose slot a waiting trial took over: that trial's number.
+ADOPTED_BY_ATTR = "hpo:bohb:adopted_by"
 # Trial system attribute: whether the KDE chose the configuration (False: drawn at random).
 MODEL_PICK_ATTR = "hpo:bohb:model_based_pick"
 # Study system attributes "hpo:bohb:promoted:<bracket>:<stage>": the configurations promoted into a
 # stage, decided once, by the first worker that found the previous stage finished.
 _DECISION_PREFIX = "hpo:bohb:promoted:"
 _FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+# The fail-reason system attribute hpo's worker writes (the one `hpo status` shows).
+_FAIL_REASON_ATTR = "fail_reason"
+# A trial waiting for a slot polls the storage after these many seconds, doubling up to the maximum.
+_FIRST_POLL_S = 0.05
+_MAX_POLL_S = 1.0
 # Which search space a cached model is for: None for the sampler's own space, else the relative
 # search space of a define-by-run study.
 _SpaceKey = tuple[tuple[str, BaseDistribution], ...] | None
@@ -78,6 +90,21 @@ class BOHBSampler(BaseSampler):
     search space common to the finished trials, all at one budget (no brackets), and parameters
     outside it are drawn at random.
 
+    ``n_trials`` is the study's trial budget (hpo passes the study file's ``n_trials``). With it, a
+    bracket is opened only when the trials left can fill all its slots, so every bracket's last stage
+    is reached; trials left over when no whole bracket fits evaluate new configurations at
+    ``max_budget`` (see :func:`hpo.bohb._schedule.next_assignment`). A new trial then sometimes has
+    to wait: when every open bracket waits for a running stage to finish and the budget allows no
+    new bracket, ``before_trial`` blocks, polling the storage, until a slot opens — at most
+    ``wait_timeout`` seconds (None: no limit), after which it raises :class:`SlotWaitError`. While it
+    waits, the trial keeps its heartbeat (if the storage has heartbeats), stale trials are failed as
+    hpo's workers fail them, a re-queued trial that holds a slot is run by the waiting trial
+    instead (so a rung never waits on a retry that no free worker is left to claim), and
+    :attr:`wait_check`, if set, is called between polls: an exception it raises ends the wait (a
+    worker's stop request; a caller that must not block, such as an event loop, can raise at once,
+    put its trial back and try later). Without ``n_trials`` (the default) the plan is hpbandster's
+    endless one and no trial ever waits.
+
     The KDE options keep hpbandster's names and defaults. ``seed`` makes proposals reproducible.
     """
 
@@ -95,6 +122,8 @@ class BOHBSampler(BaseSampler):
         bandwidth_factor: float = 3,
         min_bandwidth: float = 1e-3,
         seed: int | None = None,
+        n_trials: int | None = None,
+        wait_timeout: float | None = 24 * 3600.0,
     ) -> None:
         self._options = KdeOptions(
             min_points_in_model=min_points_in_model,
@@ -115,17 +144,32 @@ class BOHBSampler(BaseSampler):
             self._schedule = HyperbandSchedule(float(min_budget), float(max_budget), eta)
         elif min_budget is not None or max_budget is not None:
             raise ValueError("min_budget and max_budget need a search_space to run brackets")
+        if n_trials is not None and not _positive_int(n_trials):
+            raise ValueError(f"n_trials must be a positive whole number, got {n_trials!r}")
+        timeout_ok = isinstance(wait_timeout, int | float) and not isinstance(wait_timeout, bool)
+        if wait_timeout is not None and not (timeout_ok and wait_timeout > 0):
+            raise ValueError(f"wait_timeout must be a positive number of seconds or None, got {wait_timeout}")
+        self._n_trials = n_trials
+        self._wait_timeout = None if wait_timeout is None else float(wait_timeout)
         self._rng = np.random.RandomState(seed)
         self._random = RandomSampler(seed=seed)
         self._intersection = IntersectionSearchSpace(include_pruned=True)
         # Per-object caches of derived data; each is checked against the storage before use.
         self._lock = threading.Lock()
         self._models: dict[_SpaceKey, KdeModel] = {}
+        #: Called between polls while a trial waits for a slot; an exception it raises ends the wait
+        #: and leaves before_trial (a worker's stop request, a caller that must not block).
+        self.wait_check: Callable[[], None] | None = None
 
     @property
     def schedule(self) -> HyperbandSchedule | None:
         """The Hyperband plan (None without a search space)."""
         return self._schedule
+
+    @property
+    def n_trials(self) -> int | None:
+        """The trial budget the plan is fitted to (None: hpbandster's endless plan)."""
+        return self._n_trials
 
     def bracket_plan(self, index: int) -> Bracket:
         """Bracket ``index`` of the plan; ``ValueError`` without a search space."""
@@ -139,28 +183,70 @@ class BOHBSampler(BaseSampler):
 
     # ------------------------------------------------------------------ the plan
     def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        if self._schedule is None or SLOT_ATTR in trial.system_attrs:
+        if self._schedule is None or isinstance(trial.system_attrs.get(SLOT_ATTR), dict):
             return  # no plan, or a re-queued trial that keeps the slot of the one it replaces
         self._raise_error_if_multi_objective(study)
         storage = study._storage
-        with self._lock, _plan_lock(study):
-            trials = storage.get_all_trials(study._study_id, deepcopy=False)
-            decisions = _read_decisions(storage.get_study_system_attrs(study._study_id))
-            assignment, decided = next_assignment(self._schedule, _slot_runs(trials, _sign(study)), decisions)
-            for key, configs in decided.items():
-                storage.set_study_system_attr(
-                    study._study_id, f"{_DECISION_PREFIX}{key[0]}:{key[1]}", [list(c) for c in configs]
+        started = time.monotonic()
+        delay = _FIRST_POLL_S
+        heartbeat = storage if isinstance(storage, BaseHeartbeat) and is_heartbeat_enabled(storage) else None
+        interval = float(heartbeat.get_heartbeat_interval() or 0) if heartbeat is not None else 0.0
+        last_beat = last_stale_check = started
+        while True:
+            with self._lock, _plan_lock(study):
+                if self._assign(study, trial):
+                    return
+            # Every open bracket waits for a running stage and the budget allows no new one.
+            now = time.monotonic()
+            if self._wait_timeout is not None and now - started >= self._wait_timeout:
+                raise SlotWaitError(
+                    f"BOHB: trial {trial.number} waited {now - started:.0f}s for a slot of the bracket plan "
+                    "and got none: every open bracket is waiting for trials of a running stage to finish "
+                    f"and the study's n_trials={self._n_trials} leaves no trials for another bracket "
+                    "(fix: check that the workers running those trials are alive, or raise "
+                    "sampler.options.wait_timeout)"
                 )
-            slot: dict[str, Any] = {
-                "bracket": assignment.bracket,
-                "stage": assignment.stage,
-                "slot": assignment.slot,
-                "config": list(assignment.config),
-                "budget": assignment.budget,
-                "promoted": assignment.promoted,
-            }
-            storage.set_trial_system_attr(trial._trial_id, SLOT_ATTR, slot)
+            if heartbeat is not None and now - last_beat >= interval / 2:
+                # Keep this trial alive for the stale-trial check while it waits.
+                heartbeat.record_heartbeat(trial._trial_id)
+                last_beat = now
+            if heartbeat is not None and now - last_stale_check >= interval:
+                # A dead worker's trial would hold its stage for ever: fail (and re-queue) it, as
+                # hpo's workers do, since every worker may be waiting here.
+                _fail_stale(study)
+                last_stale_check = now
+            if self.wait_check is not None:
+                self.wait_check()
+            time.sleep(delay)
+            delay = min(2 * delay, _MAX_POLL_S)
+
+    def _assign(self, study: optuna.Study, trial: FrozenTrial) -> bool:
+        """Give ``trial`` its slot (under the plan lock); False when it has to wait for one."""
+        assert self._schedule is not None
+        storage = study._storage
+        # The trial handed to before_trial was read before the plan lock was taken: another call
+        # for the same trial may have given it a slot since. Only the storage knows.
+        if isinstance(storage.get_trial_system_attrs(trial._trial_id).get(SLOT_ATTR), dict):
+            return True
+        trials = storage.get_all_trials(study._study_id, deepcopy=False)
+        decisions = _read_decisions(storage.get_study_system_attrs(study._study_id))
+        runs = _slot_runs(trials, _sign(study))
+        assignment, decided = next_assignment(self._schedule, runs, decisions, self._n_trials)
+        for key, configs in decided.items():
+            storage.set_study_system_attr(
+                study._study_id, f"{_DECISION_PREFIX}{key[0]}:{key[1]}", [list(c) for c in configs]
+            )
+        if assignment is not None:
+            storage.set_trial_system_attr(trial._trial_id, SLOT_ATTR, _slot_attr(assignment))
             storage.set_trial_system_attr(trial._trial_id, BUDGET_ATTR, budget_epochs(assignment.budget))
+            return True
+        current = next((t for t in trials if t._trial_id == trial._trial_id), None)
+        if current is not None and current.state != TrialState.RUNNING:
+            raise SlotWaitError(
+                f"BOHB: trial {trial.number} became {current.state.name} while it waited for a slot "
+                "(failed as stale by another worker?); it gets no slot"
+            )
+        return _adopt_requeued(study, trial, trials, runs)
 
     # ------------------------------------------------------------------ sampling
     def infer_relative_search_space(
@@ -258,20 +344,105 @@ class BOHBSampler(BaseSampler):
         return model.codec.decode(values)
 
 
+def _positive_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+class SlotWaitError(RuntimeError):
+    """A trial waited longer than ``wait_timeout`` for a slot of BOHB's plan, or stopped running
+    (failed as stale by another worker) while it waited."""
+
+
 # ---------------------------------------------------------------------- the state in the storage
+
+
+def _slot_attr(assignment: Assignment) -> dict[str, Any]:
+    return {
+        "bracket": assignment.bracket,
+        "stage": assignment.stage,
+        "slot": assignment.slot,
+        "config": list(assignment.config),
+        "budget": assignment.budget,
+        "promoted": assignment.promoted,
+    }
+
+
+def _adopt_requeued(
+    study: optuna.Study, trial: FrozenTrial, trials: Sequence[FrozenTrial], runs: Sequence[SlotRun]
+) -> bool:
+    """Let the waiting ``trial`` run a re-queued trial's slot instead; whether it took one over.
+
+    A trial waits only while an open bracket waits for a stage to finish. If a trial of that stage
+    was re-queued (its worker died or was stopped) and every worker is waiting here, nobody would
+    claim the retry: the stage, and so every waiting worker, would wait for ever. So the waiting
+    trial claims the retry itself, takes over its slot, configuration and system attributes (a
+    resumable checkpoint's link included), with a higher ``attempt`` so that it is the slot's
+    current attempt; the retry is failed (``hpo:bohb:adopted_by``), and a new queued trial takes the
+    waiting trial's place, so the study keeps its ``n_trials`` fresh trials.
+    """
+    storage = study._storage
+    by_number = {t.number: t for t in trials}
+    requeued = sorted(
+        (by_number[run.number] for run in latest_runs(runs).values()),
+        key=lambda t: t.number,
+    )
+    for retry in requeued:
+        if retry.state != TrialState.WAITING or retry._trial_id == trial._trial_id:
+            continue
+        try:
+            if not storage.set_trial_state_values(retry._trial_id, TrialState.RUNNING):
+                continue  # a worker claimed it meanwhile: it runs
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue
+        attrs = storage.get_trial_system_attrs(retry._trial_id)
+        slot = dict(attrs[SLOT_ATTR])
+        slot["attempt"] = int(slot.get("attempt", 0)) + 1
+        reason = f"BOHB: its slot was taken over by trial {trial.number}, which was waiting for one"
+        storage.set_trial_system_attr(retry._trial_id, SLOT_ATTR, None)
+        storage.set_trial_system_attr(retry._trial_id, ADOPTED_BY_ATTR, trial.number)
+        storage.set_trial_system_attr(retry._trial_id, _FAIL_REASON_ATTR, reason)
+        storage.set_trial_state_values(retry._trial_id, TrialState.FAIL)
+        for key, value in attrs.items():
+            if key not in (SLOT_ATTR, ADOPTED_BY_ATTR, _FAIL_REASON_ATTR, "fixed_params"):
+                storage.set_trial_system_attr(trial._trial_id, key, value)
+        storage.set_trial_system_attr(trial._trial_id, SLOT_ATTR, slot)
+        study.enqueue_trial({}, skip_if_exists=False)
+        return True
+    return False
 
 
 @contextlib.contextmanager
 def _plan_lock(study: optuna.Study) -> Iterator[None]:
     """Serialise handing out slots across processes and machines sharing an RDB storage."""
-    storage = study._storage
-    # Optuna wraps an RDBStorage in a private caching layer; the lock needs the database itself.
-    backend = getattr(storage, "_backend", storage)
-    if isinstance(backend, RDBStorage):
+    backend = _database(study._storage)
+    if backend is not None:
         with study_lock(backend, f"{study.study_name}#bohb-plan"):
             yield
     else:
         yield
+
+
+def _database(storage: object) -> RDBStorage | None:
+    """The RDBStorage under Optuna's private cache and hpo's retrying layer (``inner``), if any."""
+    for _ in range(5):
+        if isinstance(storage, RDBStorage):
+            return storage
+        storage = getattr(storage, "inner", None) or getattr(storage, "_backend", None)
+        if storage is None:
+            break
+    return None
+
+
+def _fail_stale(study: optuna.Study) -> None:
+    """Fail, and re-queue, the stale trials of dead workers the way hpo's workers do."""
+    try:
+        from hpo._rdb import fail_stale  # hpo's own: fails and queues the retry in one transaction
+    except ImportError:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            fail_stale_trials(study)  # Optuna's, with the storage's stale-trial callback
+    else:
+        fail_stale(study._storage, study._study_id)
 
 
 def _sign(study: optuna.Study) -> float:
@@ -305,6 +476,7 @@ def _slot_runs(trials: Sequence[FrozenTrial], sign: float) -> list[SlotRun]:
                 config=_config_id(slot["config"]),
                 finished=trial.state.is_finished(),
                 loss=_loss(trial, sign),
+                attempt=int(slot.get("attempt", 0)),
             )
         )
     return runs

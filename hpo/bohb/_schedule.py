@@ -7,6 +7,12 @@ bracket ``i`` runs successive halving with ``num_configs[r]`` configurations at 
 stage it was created in, index)`` — and keeps it when it is promoted. A *slot* is one position of one
 stage; each trial of a BOHB study fills exactly one slot.
 
+With a trial budget (``n_trials``), the plan is fitted to it: a bracket is opened only when the
+trials left can fill all of its slots; when none of the brackets of a cycle fits, the leftover trials
+(fewer than the cycle's last bracket) each evaluate a new configuration at ``max_budget``, in a
+partly filled copy of that last bracket (a single stage, so no rung is cut). While every open
+bracket waits for a rung to finish and no further bracket may be opened, a new trial has to wait.
+
 Everything here is a pure function of its arguments, so any worker on any machine computes the same
 plan from the same database rows.
 """
@@ -100,7 +106,9 @@ class SlotRun:
     """One trial's claim on a slot, as rebuilt from the storage.
 
     ``loss`` is the trial's value turned into a loss (negated when maximizing), or +inf when the trial
-    did not complete with a finite value (hpbandster's treatment of crashed runs).
+    did not complete with a finite value (hpbandster's treatment of crashed runs). ``attempt`` counts
+    the times the slot was handed on to a trial created before the attempt it replaces (see
+    :func:`latest_runs`); an ordinary retry is created after the attempt it replaces and keeps it.
     """
 
     number: int
@@ -110,6 +118,7 @@ class SlotRun:
     config: ConfigId
     finished: bool
     loss: float
+    attempt: int = 0
 
 
 @dataclass(frozen=True)
@@ -125,11 +134,15 @@ class Assignment:
 
 
 def latest_runs(runs: Iterable[SlotRun]) -> dict[tuple[int, int, int], SlotRun]:
-    """The current attempt of every slot: a re-queued (retried) trial supersedes the one it replaces."""
+    """The current attempt of every slot: a re-queued (retried) trial supersedes the one it replaces.
+
+    The current attempt is the one with the highest ``(attempt, number)``: a retry has a higher trial
+    number than the attempt it replaces, and a slot handed on to an older trial has a higher attempt.
+    """
     latest: dict[tuple[int, int, int], SlotRun] = {}
     for run in runs:
         key = (run.bracket, run.stage, run.slot)
-        if key not in latest or run.number > latest[key].number:
+        if key not in latest or (run.attempt, run.number) > (latest[key].attempt, latest[key].number):
             latest[key] = run
     return latest
 
@@ -150,8 +163,9 @@ def next_assignment(
     schedule: HyperbandSchedule,
     runs: Iterable[SlotRun],
     decisions: Mapping[RungKey, tuple[ConfigId, ...]],
-) -> tuple[Assignment, dict[RungKey, tuple[ConfigId, ...]]]:
-    """The slot for the next trial, and the promotion decisions taken to find it.
+    n_trials: int | None = None,
+) -> tuple[Assignment | None, dict[RungKey, tuple[ConfigId, ...]]]:
+    """The slot for the next trial (None: it must wait), and the promotion decisions taken to find it.
 
     Like hpbandster's master, the open brackets are asked in order: a bracket offers a free slot of
     its current stage; a stage whose slots are all taken but whose runs are not all finished makes the
@@ -159,15 +173,37 @@ def next_assignment(
     stage has finished, which configurations go on is decided once, returned in the second value,
     and must be stored by the caller, so that a result arriving later (a retried trial) cannot change
     a decision other workers have already acted on.
+
+    ``n_trials`` is the study's trial budget: the number of slots that may be filled, over all
+    brackets (a retry refills its slot and takes no new one). None is hpbandster's endless plan.
+    With a budget, every open bracket has a *quota*: its evaluations, as far as the budget still
+    covers them after the brackets opened before it (:func:`bracket_quotas`); a bracket offers slots
+    only within its quota, and a new bracket is opened only within the budget:
+
+    * the next bracket of the plan when the trials left fill all of its evaluations;
+    * else the first of the following brackets of the cycle that they fill (a smaller one);
+    * else, fewer trials being left than the cycle's last, single-stage bracket (``max_sh_iter``
+      configurations at ``max_budget``) has evaluations, the next such bracket, with a quota of the
+      trials left: each leftover trial evaluates a new configuration at ``max_budget``.
+
+    When the budget is spent, None is returned while an open bracket still has slots within its
+    quota (they open when a running stage finishes: the trial must wait). A trial beyond the budget
+    (more trials than ``n_trials``) is given a new configuration at ``max_budget``, as a leftover
+    trial is, rather than left waiting for ever.
     """
     latest = latest_runs(runs)
     by_rung: dict[RungKey, dict[int, SlotRun]] = {}
+    filled: dict[int, int] = {}
     for (bracket_index, stage, slot), run in latest.items():
         by_rung.setdefault((bracket_index, stage), {})[slot] = run
-    opened = 1 + max((bracket_index for bracket_index, _ in by_rung), default=-1)
+        filled[bracket_index] = filled.get(bracket_index, 0) + 1
+    # Every open bracket holds slot 0 of its stage 0; indices skipped for a smaller bracket hold none.
+    opened = sorted(filled)
+    quotas = bracket_quotas(schedule, opened, n_trials)
     known = dict(decisions)
     new: dict[RungKey, tuple[ConfigId, ...]] = {}
-    for index in range(opened):
+
+    def free_slot(index: int) -> Assignment | None:
         bracket = schedule.bracket(index)
         for stage, size in enumerate(bracket.num_configs):
             promoted: tuple[ConfigId, ...] = ()
@@ -177,7 +213,7 @@ def next_assignment(
                     previous = by_rung.get((index, stage - 1), {})
                     finished = all(run.finished for run in previous.values())
                     if len(previous) < bracket.num_configs[stage - 1] or not finished:
-                        break  # the previous stage is still running: this bracket waits
+                        return None  # the previous stage is still running: this bracket waits
                     known[key] = new[key] = promote(previous.values(), size)
                 promoted = known[key]
             taken = by_rung.get((index, stage), {})
@@ -186,7 +222,74 @@ def next_assignment(
                 slot = free[0]
                 is_promoted = slot < len(promoted)
                 config = promoted[slot] if is_promoted else (index, stage, slot)
-                budget = bracket.budgets[stage]
-                return Assignment(index, stage, slot, config, budget, is_promoted), new
-    first = schedule.bracket(opened)
-    return Assignment(opened, 0, 0, (opened, 0, 0), first.budgets[0], False), new
+                return Assignment(index, stage, slot, config, bracket.budgets[stage], is_promoted)
+        return None
+
+    for index in opened:
+        if filled[index] < quotas[index]:
+            assignment = free_slot(index)
+            if assignment is not None:
+                return assignment, new
+    following = 1 + max(opened, default=-1)
+    if n_trials is None:
+        return _first_slot(schedule, following), new
+    left = n_trials - sum(quotas.values())
+    if left > 0:
+        for index in range(following, following + schedule.max_sh_iter):
+            if schedule.bracket(index).evaluations <= left:
+                return _first_slot(schedule, index), new
+        return _first_slot(schedule, _next_full_budget_bracket(schedule, following)), new
+    if any(filled[index] < quotas[index] for index in opened):
+        return None, new  # the budget's slots left open only when running stages finish: wait
+    # Beyond the budget: more new configurations at max_budget, never a bracket that cannot finish.
+    for index in opened:
+        if len(schedule.bracket(index).num_configs) == 1:
+            assignment = free_slot(index)
+            if assignment is not None:
+                return assignment, new
+    return _first_slot(schedule, _next_full_budget_bracket(schedule, following)), new
+
+
+def bracket_quotas(
+    schedule: HyperbandSchedule, opened: Iterable[int], n_trials: int | None
+) -> dict[int, int]:
+    """How many slots of each open bracket the trial budget covers, the brackets taken in order."""
+    quotas: dict[int, int] = {}
+    left = math.inf if n_trials is None else n_trials
+    for index in sorted(opened):
+        evaluations = schedule.bracket(index).evaluations
+        quotas[index] = int(min(evaluations, max(left, 0)))
+        left -= quotas[index]
+    return quotas
+
+
+def plan_for(schedule: HyperbandSchedule, n_trials: int) -> tuple[tuple[Bracket, int], ...]:
+    """The brackets a study of ``n_trials`` trials runs, each with how many of its slots it fills.
+
+    This is the plan :func:`next_assignment` follows (whatever the order in which trials finish);
+    every bracket is filled entirely except, at most, a last single-stage one at ``max_budget``.
+    """
+    plan: list[tuple[Bracket, int]] = []
+    left, following = n_trials, 0
+    while left > 0:
+        candidates = range(following, following + schedule.max_sh_iter)
+        index = next(
+            (i for i in candidates if schedule.bracket(i).evaluations <= left),
+            _next_full_budget_bracket(schedule, following),
+        )
+        bracket = schedule.bracket(index)
+        plan.append((bracket, min(bracket.evaluations, left)))
+        left -= plan[-1][1]
+        following = index + 1
+    return tuple(plan)
+
+
+def _first_slot(schedule: HyperbandSchedule, index: int) -> Assignment:
+    bracket = schedule.bracket(index)
+    return Assignment(index, 0, 0, (index, 0, 0), bracket.budgets[0], False)
+
+
+def _next_full_budget_bracket(schedule: HyperbandSchedule, start: int) -> int:
+    """The first bracket from ``start`` on that is the cycle's last: one stage, at ``max_budget``."""
+    last = schedule.max_sh_iter - 1
+    return start + (last - start % schedule.max_sh_iter) % schedule.max_sh_iter

@@ -74,10 +74,12 @@ def _run_workers(
             show_progress=not quiet,
             max_consecutive_failures=spec.n_trials + 1 if plan.replay_table else 5,
         )
-        worker = Worker(study, spec, options, console=console)
-        worker.cache = cache  # datasets and replay tables are loaded once for all runs
+        # In this process, with one data cache: datasets and replay tables are loaded once for
+        # all the (many, short) runs of the comparison.
+        objective = resolve_objective(spec.objective, f"stored definition of study {run.study_name!r}")
+        worker = Worker(study, spec, options, objective=objective, console=console, cache=cache)
         summary = worker.run()
-        waiting = study._storage.get_all_trials(study._study_id, deepcopy=False, states=(TrialState.WAITING,))
+        waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
         if waiting:  # interrupted, or stopped after failures
             failed = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.FAIL]
             reason = failed[-1].system_attrs.get("fail_reason") if failed else None

@@ -240,6 +240,7 @@ def run_on_ray(study: optuna.Study, spec: StudySpec, storage_url: str, args: arg
             study_name=study.study_name,
             checkpoint_root=str(checkpoint_root),
             gpus_per_trial=gpus,
+            objective=spec.objective,
         )
         trainable = tune.with_resources(tune.with_parameters(run_trial, job=job), {"cpu": 1, "gpu": gpus})
         max_concurrent = _max_concurrent(resources, gpus, url, local)

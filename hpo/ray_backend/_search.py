@@ -29,14 +29,16 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import optuna
-from optuna.storages import BaseStorage, RetryHeartbeatStaleTrialCallback, fail_stale_trials
+from optuna.storages import BaseStorage
 from optuna.trial import FrozenTrial, TrialState
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
+from hpo import _optuna
+from hpo._rdb import fail_stale
 from hpo.ray_backend._schedulers import EPOCH_KEY
 from hpo.ray_backend._trainable import (
     FINAL_KEY,
@@ -48,7 +50,8 @@ from hpo.ray_backend._trainable import (
 from hpo.samplers import make_sampler
 from hpo.space import SearchSpace, suggest
 from hpo.spec import StudySpec
-from hpo.worker import WORKER_ATTR, claim_trial, heartbeat_interval, worker_identity
+from hpo.storage import HeartbeatSettings
+from hpo.worker import WORKER_ATTR, claim_trial, fail_and_requeue, worker_identity
 
 
 class _DefineByRun:
@@ -60,7 +63,7 @@ class _DefineByRun:
     def __call__(self, trial: Any) -> dict[str, Any]:
         # ``trial`` is OptunaSearch's wrapper around the claimed optuna.Trial.
         params = suggest(trial, self.space)
-        return {**params, TRIAL_ID_KEY: trial._trial_id}
+        return {**params, TRIAL_ID_KEY: _optuna.trial_id(_optuna.define_by_run_trial(trial))}
 
 
 class _Heartbeats:
@@ -68,7 +71,7 @@ class _Heartbeats:
 
     def __init__(self, storage: BaseStorage) -> None:
         self._storage = storage
-        self.interval = heartbeat_interval(storage)
+        self.interval = _optuna.heartbeat_interval(storage)
         self._ids: set[int] = set()
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -77,7 +80,7 @@ class _Heartbeats:
     def add(self, trial_id: int) -> None:
         if self.interval is None:
             return
-        self._storage.record_heartbeat(trial_id)  # type: ignore[attr-defined]
+        _optuna.record_heartbeat(self._storage, trial_id)
         with self._lock:
             self._ids.add(trial_id)
         if self._thread is None:
@@ -95,7 +98,7 @@ class _Heartbeats:
                 ids = list(self._ids)
             for trial_id in ids:
                 with contextlib.suppress(Exception):  # a missed beat is retried next interval
-                    self._storage.record_heartbeat(trial_id)  # type: ignore[attr-defined]
+                    _optuna.record_heartbeat(self._storage, trial_id)
 
     def stop(self) -> None:
         self._stop.set()
@@ -126,6 +129,14 @@ class SearchReport:
         return sum(self.finished.values())
 
 
+class _NoSlotYet(Exception):
+    """The sampler would have to wait for this trial's slot (BOHB); the trial goes back."""
+
+
+def _no_waiting() -> None:
+    raise _NoSlotYet
+
+
 class StudySearch(OptunaSearch):
     """``OptunaSearch`` over an existing hpo study (see the module docstring)."""
 
@@ -143,15 +154,15 @@ class StudySearch(OptunaSearch):
             mode="min" if spec.direction == "minimize" else "max",
             sampler=make_sampler(spec),  # re-seeded per trial in suggest()
             study_name=study.study_name,
-            storage=study._storage,
+            storage=_optuna.study_storage(study),
         )
-        # OptunaSearch loaded the study into ``_ot_study``; keep a typed handle on it.
-        self._study = cast(optuna.Study, self._ot_study)
+        # OptunaSearch loaded the study (its own Study object on the same storage).
+        self._study = _optuna.ray_search_study(self)
         self._spec = spec
         self._limits = limits
         self._checkpoint_root = checkpoint_root
         self._say = say
-        self._heartbeats = _Heartbeats(study._storage)
+        self._heartbeats = _Heartbeats(_optuna.study_storage(study))
         self._identity = worker_identity("ray-driver")
         self._started = time.monotonic()
         self._last_empty_poll = -float("inf")
@@ -172,7 +183,8 @@ class StudySearch(OptunaSearch):
             return None  # nothing was claimable a moment ago; don't hammer the database
         study = self._study
         if self._heartbeats.interval is not None:
-            fail_stale_trials(study)  # re-queues trials of dead workers, as plain workers do
+            # fails and re-queues trials of dead workers, as plain workers do
+            fail_stale(_optuna.study_storage(study), _optuna.study_id(study))
         claimed = claim_trial(study)
         if claimed is None:
             self._last_empty_poll = now
@@ -183,12 +195,23 @@ class StudySearch(OptunaSearch):
         self._claimed += 1
         optuna_id, number = claimed
         self._heartbeats.add(optuna_id)
-        study._storage.set_trial_system_attr(optuna_id, WORKER_ATTR, self._identity)
+        _optuna.study_storage(study).set_trial_system_attr(optuna_id, WORKER_ATTR, self._identity)
         # A sampler per trial seeded by the trial number, exactly as plain workers do: a later
         # run (or another worker) never replays the same random draws, and a run is reproducible.
         study.sampler = make_sampler(self._spec, seed=self._spec.sampler_seed + number)
+        if hasattr(study.sampler, "wait_check"):
+            # BOHB may have to wait for a rung to finish before this trial has a slot; Ray's event
+            # loop must not block on it (the results that end the wait arrive through it).
+            study.sampler.wait_check = _no_waiting
         # The sampler's before_trial hook runs here, in the driver, as with a plain worker.
-        self._ot_trials[trial_id] = optuna.Trial(study, optuna_id)
+        try:
+            _optuna.ray_search_trials(self)[trial_id] = _optuna.trial_for(study, optuna_id)
+        except _NoSlotYet:
+            self._heartbeats.discard(optuna_id)
+            self._release(_optuna.study_storage(study).get_trial(optuna_id))
+            self._claimed -= 1
+            self._last_empty_poll = now
+            return None  # asked again in a moment
         return super().suggest(trial_id)
 
     def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
@@ -197,33 +220,34 @@ class StudySearch(OptunaSearch):
     def on_trial_complete(
         self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False
     ) -> None:
-        ot_trial = self._ot_trials.get(trial_id)
-        if ot_trial is None or trial_id in self._completed_trials:
+        ot_trial = _optuna.ray_search_trials(self).get(trial_id)
+        completed = _optuna.ray_search_completed(self)
+        if ot_trial is None or trial_id in completed:
             return
-        storage = self._study._storage
-        optuna_id = ot_trial._trial_id
+        storage = _optuna.study_storage(self._study)
+        optuna_id = _optuna.trial_id(ot_trial)
         self._heartbeats.discard(optuna_id)
         frozen = storage.get_trial(optuna_id)
         note = ""
         if frozen.state.is_finished():
-            self._completed_trials.add(trial_id)  # the trainable recorded FAIL or PRUNED itself
+            completed.add(trial_id)  # the trainable recorded FAIL or PRUNED itself
         elif error:
             note = f"its process or node died {self._limits.max_failures + 1} time(s); Ray gave up"
             record_failure(storage, optuna_id, f"RayTrialError: {note}; see the Ray logs of trial {trial_id}")
-            self._completed_trials.add(trial_id)
+            completed.add(trial_id)
         elif result is not None and result.get(FINAL_KEY):
             # OptunaSearch tells COMPLETE with result[metric]: give it the objective's value.
             super().on_trial_complete(trial_id, result={**result, self._spec.metric: result[VALUE_KEY]})
         elif result is None or self._spec.metric not in result:
             self._release(frozen)  # Ray never ran it: back to the queue, same parameters
-            self._completed_trials.add(trial_id)
+            completed.add(trial_id)
             self._say(f"trial {frozen.number} returned to the queue (not started by Ray)")
             return
         else:
             note = f"stopped by the Ray scheduler at epoch {result.get(EPOCH_KEY)}"
             with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
                 self._study.tell(ot_trial, state=TrialState.PRUNED)
-            self._completed_trials.add(trial_id)
+            completed.add(trial_id)
         self._finished(storage.get_trial(optuna_id), note)
 
     def save(self, checkpoint_path: str) -> None:
@@ -256,12 +280,9 @@ class StudySearch(OptunaSearch):
         return ""
 
     def _study_done(self) -> bool:
-        storage = self._study._storage
-        trials = storage.get_all_trials(
-            self._study._study_id, deepcopy=False, states=(TrialState.WAITING, TrialState.RUNNING)
-        )
-        mine = {t._trial_id for t in self._ot_trials.values()}
-        others = [t for t in trials if t._trial_id not in mine]
+        trials = self._study.get_trials(deepcopy=False, states=(TrialState.WAITING, TrialState.RUNNING))
+        mine = {_optuna.trial_id(t) for t in _optuna.ray_search_trials(self).values()}
+        others = [t for t in trials if _optuna.trial_id(t) not in mine]
         if not others:
             return True
         # Wait on other workers' RUNNING trials only if a dead worker's trial is detected
@@ -271,7 +292,9 @@ class StudySearch(OptunaSearch):
     def _release(self, frozen: FrozenTrial) -> None:
         """Give an unstarted trial back to the queue; its parameters stay with it."""
         with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
-            self._study._storage.set_trial_state_values(frozen._trial_id, state=TrialState.WAITING)
+            _optuna.study_storage(self._study).set_trial_state_values(
+                _optuna.trial_id(frozen), state=TrialState.WAITING
+            )
 
     def release_unfinished(self) -> int:
         """After the run: re-queue every trial this driver still holds (interrupted run).
@@ -280,17 +303,22 @@ class StudySearch(OptunaSearch):
         as a plain worker does when interrupted (its checkpoint is kept for the retry); a trial
         that never trained simply goes back to WAITING. Returns how many were handed back.
         """
-        storage = self._study._storage
+        storage = _optuna.study_storage(self._study)
         count = 0
-        for ot_trial in self._ot_trials.values():
-            frozen = storage.get_trial(ot_trial._trial_id)
-            self._heartbeats.discard(frozen._trial_id)
+        for ot_trial in _optuna.ray_search_trials(self).values():
+            frozen = storage.get_trial(_optuna.trial_id(ot_trial))
+            self._heartbeats.discard(_optuna.trial_id(frozen))
             if frozen.state != TrialState.RUNNING:
                 continue
             count += 1
             if frozen.intermediate_values:
-                record_failure(storage, frozen._trial_id, "worker interrupted (Ray run ended early)")
-                RetryHeartbeatStaleTrialCallback()(self._study, storage.get_trial(frozen._trial_id))
+                fail_and_requeue(
+                    self._study,
+                    _optuna.trial_id(frozen),
+                    "worker interrupted (Ray run ended early)",
+                    retry=True,
+                    max_retry=HeartbeatSettings.max_retry,
+                )
             else:
                 self._release(frozen)
         self._heartbeats.stop()

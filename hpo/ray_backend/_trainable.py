@@ -32,10 +32,12 @@ from typing import Any
 
 import optuna
 import ray
-from optuna.storages import BaseStorage, RDBStorage
+from optuna.storages import BaseStorage
 from optuna.trial import FrozenTrial, TrialState
 from ray import tune
 
+from hpo import _optuna
+from hpo.errors import HpoError
 from hpo.objective import BUDGET_ATTR, TrialRun, resolve_objective
 from hpo.ray_backend._schedulers import EPOCH_KEY
 from hpo.storage import open_storage
@@ -59,6 +61,9 @@ class RayJob:
     study_name: str
     checkpoint_root: str  # absolute local path; objective checkpoints live below it per trial
     gpus_per_trial: float
+    # The objective the driver checked against its side's allow-list (hpo.policy); a trial whose
+    # stored definition names another one (changed in the database since) is refused.
+    objective: str = ""
 
 
 def checkpoint_dir_of(root: Path, study: optuna.Study, trial: FrozenTrial) -> Path:
@@ -131,8 +136,9 @@ def _opened(url: str) -> Iterator[BaseStorage]:
     try:
         yield storage
     finally:
-        if isinstance(storage, RDBStorage):
-            storage.engine.dispose()  # actors are reused across trials: don't pile up connections
+        engine = _optuna.rdb_engine(storage)
+        if engine is not None:
+            engine.dispose()  # actors are reused across trials: don't pile up connections
 
 
 def run_trial(config: dict[str, Any], job: RayJob) -> None:
@@ -153,8 +159,14 @@ def _run_trial(trial_id: int, job: RayJob) -> None:
         # Ray's scheduler, not an Optuna pruner, decides pruning.
         study.sampler = optuna.samplers.RandomSampler()
         study.pruner = optuna.pruners.NopPruner()
+        if job.objective and spec.objective != job.objective:
+            raise HpoError(
+                f"study {job.study_name!r}: the stored definition now names objective {spec.objective!r}, "
+                f"not the {job.objective!r} this Ray run was started with; refusing to import it "
+                "(fix: restart hpo worker --backend ray so the objective is checked again)"
+            )
         objective = resolve_objective(spec.objective, "stored definition")
-        trial = optuna.Trial(study, trial_id)
+        trial = _optuna.trial_for(study, trial_id)
         frozen = storage.get_trial(trial_id)
         storage.set_trial_system_attr(trial_id, WORKER_ATTR, worker_identity("ray"))
         checkpoint_dir = checkpoint_dir_of(Path(job.checkpoint_root), study, frozen)

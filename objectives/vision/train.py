@@ -31,7 +31,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from hpo.errors import HpoError
 from hpo.objective import Objective, TrialRun
-from hpo.training import build_optimizer, build_scheduler, load_checkpoint, save_checkpoint, seed_everything
+from hpo.training import (
+    build_optimizer,
+    build_scheduler,
+    epoch_seed,
+    load_checkpoint,
+    save_checkpoint,
+    seed_everything,
+)
 from objectives.vision.augment import Augmentation, AugmentPreset, prepare_batch
 from objectives.vision.data import DataConfig, ImageData, load_image_data
 from objectives.vision.losses import Criterion
@@ -194,11 +201,6 @@ class Device:
         return generator
 
 
-def epoch_seed(seed: int, epoch: int) -> int:
-    """The seed of one epoch's shuffling, augmentation and dropout (independent of resumption)."""
-    return (seed * 1_000_003 + epoch) % 2**63
-
-
 def _batches(n: int, batch_size: int, drop_single: bool) -> Iterator[tuple[int, int]]:
     # A final batch of one sample is skipped in training: batch norm cannot normalise it.
     stop = n - 1 if drop_single and n % batch_size == 1 and n > 1 else n
@@ -334,8 +336,11 @@ def train(run: TrialRun) -> float:
         cfg.scheduler, optimizer, step_size=cfg.step_size, gamma=cfg.gamma, epochs=run.max_epochs
     )
 
-    # A checkpoint is resumed only by the same configuration, data and seed.
-    identity = {"config": cfg.model_dump(), "data": data_cfg.model_dump(), "seed": run.seed}
+    # A checkpoint is resumed only by the same configuration, data and seed (and epoch budget,
+    # where the schedule depends on it: cosine's T_max is restored with the scheduler's state).
+    identity: dict[str, Any] = {"config": cfg.model_dump(), "data": data_cfg.model_dump(), "seed": run.seed}
+    if cfg.scheduler == "cosine":
+        identity["max_epochs"] = run.max_epochs
     start_epoch = 1
     restored = load_checkpoint(
         run.checkpoint_dir, model=model, optimizer=optimizer, scheduler=scheduler, config=identity

@@ -39,11 +39,45 @@ def always_nan(run: TrialRun) -> float:
 
 
 def marker_then_sleep(run: TrialRun) -> float:
-    """Writes ``<marker_dir>/trial-<number>.started`` then trains slowly (for kill tests)."""
+    """Writes ``<marker_dir>/trial-<number>.started`` then trains slowly (for kill tests).
+
+    The marker holds the pid of the worker: the parent of the trainer process running this.
+    """
     marker_dir = Path(os.environ["HPO_TEST_MARKERS"])
     marker_dir.mkdir(parents=True, exist_ok=True)
-    (marker_dir / f"trial-{run.number}.started").write_text(str(os.getpid()))
+    (marker_dir / f"trial-{run.number}.started").write_text(str(os.getppid()))
     return quadratic(run)
 
 
 QUADRATIC = Objective(train=quadratic, description="test objective")
+
+
+def counted(run: TrialRun) -> float:
+    """:func:`quadratic` that first leaves one file per training in ``$HPO_TEST_COUNTS``, so a test
+    counts the trainings the objective itself ran (not what the database says)."""
+    counts = Path(os.environ["HPO_TEST_COUNTS"])
+    counts.mkdir(parents=True, exist_ok=True)
+    config = run.config
+    (counts / f"{config['x']}_{config['y']}_{os.getpid()}_{time.monotonic_ns()}").write_text(str(run.number))
+    return quadratic(run)
+
+
+def poison(run: TrialRun) -> float:
+    """Training code that takes its process down, by the trial's x: -5 os._exit, -4 SystemExit,
+    -3 KeyboardInterrupt, -2 hangs for an hour, -1 SIGKILLs itself (as the OOM killer would);
+    anything else trains like :func:`quadratic`."""
+    import signal as signal_module
+
+    x = float(run.config["x"])
+    run.report(1, {"loss": 100.0})  # the curve of a failing trial is kept
+    if x == -5:
+        os._exit(3)
+    if x == -4:
+        raise SystemExit(2)
+    if x == -3:
+        raise KeyboardInterrupt
+    if x == -2:
+        time.sleep(3600)
+    if x == -1:
+        os.kill(os.getpid(), signal_module.SIGKILL)
+    return quadratic(run)

@@ -1,0 +1,260 @@
+"""The trainer: a long-lived child process of ``hpo worker`` that runs the objective's training code.
+
+The worker (the *supervisor*, :mod:`hpo.worker`) owns everything that must survive a crash: the
+claim of the trial, its heartbeats and its record in the database. The trainer owns nothing but
+the training, so whatever the training code does to its process (``os._exit``, a segfault in an
+extension, the OOM killer, a CUDA fatal error, ``SystemExit``) ends the trainer, not the worker,
+which records the trial FAIL with the cause and starts a new trainer. The trainer lives from one
+trial to the next, so its data cache (decoded datasets, see ``TrialRun.cache``) is kept.
+
+The trainer never opens the database. It talks to the supervisor over a pipe, in messages that
+are plain tuples of built-in types (no pickled objects come back from training code):
+
+    supervisor -> trainer   ("trial", TrialJob fields as a dict)  |  ("exit",)
+    trainer -> supervisor   ("ready", pid)
+                            ("report", value, step)          intermediate value of the study metric
+                            ("should_prune",)                answered ("prune", bool) or ("abort",)
+                            ("user_attr", key, value)        e.g. the metric history
+                            ("artifact", path)               answered ("artifact_id", id) or ("error", text)
+                            ("done", value)  |  ("pruned", message)  |  ("aborted",)
+                            ("failed", exception type, message, traceback)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import math
+import os
+import signal
+import sys
+import traceback
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from hpo.objective import Objective
+
+# Environment variable for the number of intra-op threads of a trainer (set by the worker).
+THREADS_ENV = "HPO_TRAINER_THREADS"
+
+
+class TrialAborted(BaseException):
+    """Raised in the trainer when the supervisor has given up the trial (its lease was lost).
+
+    A BaseException, so that training code catching ``Exception`` does not swallow it.
+    """
+
+
+@dataclass(frozen=True)
+class TrialJob:
+    """What the trainer needs to run one trial; plain data."""
+
+    number: int
+    definition: dict[str, Any]  # the study's stored definition (space inline)
+    objective: str  # the resolved, allowed 'module:attribute' (or registry name)
+    params: dict[str, Any]
+    max_epochs: int
+    device: str
+    checkpoint_dir: str
+    # False when the study's pruner never prunes: the trainer then answers should_prune itself,
+    # saving a round trip to the worker per epoch.
+    prunes: bool = True
+
+    def to_message(self) -> tuple[str, dict[str, Any]]:
+        return ("trial", asdict(self))
+
+
+class RemoteTrial:
+    """The part of ``optuna.Trial`` a :class:`hpo.objective.TrialRun` uses, sent to the supervisor."""
+
+    def __init__(self, conn: Connection, number: int, prunes: bool = True) -> None:
+        self._conn = conn
+        self.number = number
+        self._prunes = prunes
+
+    def report(self, value: float, step: int) -> None:
+        self._conn.send(("report", float(value), int(step)))
+
+    def should_prune(self) -> bool:
+        if not self._prunes:
+            return False
+        self._conn.send(("should_prune",))
+        answer = self._conn.recv()
+        if answer[0] == "abort":
+            raise TrialAborted("the worker gave this trial up (its lease was lost)")
+        return bool(answer[1])
+
+    def set_user_attr(self, key: str, value: Any) -> None:
+        # Round-trip through JSON here, so a value the storage could not take fails in the
+        # training code that set it, with its own traceback.
+        self._conn.send(("user_attr", str(key), json.loads(json.dumps(value))))
+
+    def upload_artifact(self, path: str | Path) -> str:
+        self._conn.send(("artifact", str(Path(path).resolve())))
+        answer = self._conn.recv()
+        if answer[0] == "error":
+            raise RuntimeError(answer[1])
+        return str(answer[1])
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to SIGKILL this process when the worker dies, even by SIGKILL."""
+    if not sys.platform.startswith("linux"):
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
+
+
+def _set_threads() -> None:
+    threads = os.environ.get(THREADS_ENV)
+    if threads:
+        import torch
+
+        torch.set_num_threads(max(1, int(threads)))
+
+
+def _quiet_warnings() -> None:
+    # As the hpo CLI does: Optuna flags features hpo relies on as experimental.
+    import warnings
+
+    import optuna
+
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning, module="optuna")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def trainer_main(conn: Connection, parent_pid: int) -> None:
+    """Entry point of the trainer process (``multiprocessing`` spawn target)."""
+    _die_with_parent()
+    if os.getppid() != parent_pid:  # the worker died before prctl took effect
+        os._exit(1)
+    # Ctrl-C reaches the whole process group; the supervisor decides how the trial ends.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    _set_threads()
+    _quiet_warnings()
+    cache: dict[str, Any] = {}
+    specs: dict[str, Any] = {}
+    conn.send(("ready", os.getpid()))
+    while True:
+        try:
+            message = conn.recv()
+        except (EOFError, OSError):
+            return  # the worker is gone
+        if message[0] == "exit":
+            return
+        if message[0] == "trial":
+            job = TrialJob(**message[1])
+            conn.send(_run(conn, job, cache, specs))
+
+
+def inline_main(conn: Connection, objective: Objective, cache: dict[str, Any]) -> None:
+    """The trainer loop in a thread of the worker's own process (``hpo compare``, tests).
+
+    No isolation: what the training code does to the process it does to the worker. Used where
+    the objective is an object rather than an importable name, and the caller shares a data cache
+    between many short-lived workers.
+    """
+    specs: dict[str, Any] = {}
+    with contextlib.suppress(EOFError, OSError):  # the worker closed the pipe: stop quietly
+        conn.send(("ready", os.getpid()))
+        while True:
+            message = conn.recv()
+            if message[0] == "exit":
+                return
+            if message[0] == "trial":
+                job = TrialJob(**message[1])
+                conn.send(_run(conn, job, cache, specs, objective))
+
+
+def _run(
+    conn: Connection,
+    job: TrialJob,
+    cache: dict[str, Any],
+    specs: dict[str, Any],
+    objective: Objective | None = None,
+) -> tuple[Any, ...]:
+    """Run one trial; the final message for the supervisor."""
+    import optuna
+
+    from hpo.objective import TrialRun, resolve_objective
+    from hpo.spec import canonical, spec_from_definition
+
+    run = None
+    try:
+        key = canonical(job.definition)
+        if key not in specs:
+            specs.clear()
+            specs[key] = spec_from_definition(job.definition, "stored definition")
+        spec = specs[key]
+        if objective is None:
+            objective = resolve_objective(job.objective, "stored definition")
+        run = TrialRun(
+            trial=RemoteTrial(conn, job.number, job.prunes),  # type: ignore[arg-type]
+            spec=spec,
+            params=dict(job.params),
+            max_epochs=job.max_epochs,
+            device=job.device,
+            checkpoint_dir=Path(job.checkpoint_dir),
+            cache=cache,
+        )
+        value = float(objective.train(run))
+        if not math.isfinite(value):
+            raise FloatingPointError(f"objective returned {value}")
+        run.flush()
+        return ("done", value)
+    except optuna.TrialPruned as pruned:
+        _flush_quietly(run)
+        return ("pruned", str(pruned))
+    except TrialAborted:
+        return ("aborted",)
+    except BaseException as exc:  # SystemExit, KeyboardInterrupt from training code included
+        _flush_quietly(run)
+        return ("failed", type(exc).__name__, _describe(exc), traceback.format_exc())
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc)
+    if isinstance(exc, SystemExit):
+        text = f"training code called sys.exit({exc.code!r})"
+    elif isinstance(exc, KeyboardInterrupt):
+        text = "training code raised KeyboardInterrupt"
+    return text
+
+
+def _flush_quietly(run: Any) -> None:
+    # Keep the learning curve of a failing trial.
+    if run is not None:
+        with contextlib.suppress(Exception):
+            run.flush()
+
+
+def describe_exit(exitcode: int | None) -> str:
+    """Why a trainer process ended, in words for a trial's fail reason."""
+    if exitcode is None:
+        return "trainer stopped answering"
+    if exitcode < 0:
+        try:
+            name = signal.Signals(-exitcode).name
+        except ValueError:
+            name = f"signal {-exitcode}"
+        if name == "SIGKILL":
+            return "trainer killed by SIGKILL, probably out of memory (see dmesg)"
+        if name == "SIGSEGV":
+            return "trainer crashed with SIGSEGV (a segmentation fault in native code)"
+        if name == "SIGABRT":
+            return "trainer aborted (SIGABRT), e.g. a CUDA or C++ assertion"
+        return f"trainer killed by {name}"
+    return f"trainer exited with code {exitcode} (the training code ended its process)"
+
+
+def jsonable(mapping: Mapping[str, Any]) -> dict[str, Any]:
+    return dict(json.loads(json.dumps(dict(mapping))))
