@@ -39,6 +39,7 @@ from rich.console import Console
 from hpo import _optuna
 from hpo.errors import HpoError
 from hpo.objective import Objective, TrialRun, resolve_objective
+from hpo.policy import ObjectivePolicy
 from hpo.spec import BudgetSpec, EarlyStoppingSpec, PrunerSpec, SamplerSpec, StudySpec
 from hpo.storage import add_storage_argument, open_storage, resolve_storage_url
 from hpo.studies import DEFINITION_ATTR, UID_ATTR, load_study_spec
@@ -155,6 +156,7 @@ def retrain(
     output: Path | None = None,
     device: str = "cpu",
     console: Console | None = None,
+    policy: ObjectivePolicy | None = None,
 ) -> list[RetrainResult]:
     """Retrain the ``top`` best trials of ``study_name`` for ``epochs`` epochs (see module docstring)."""
     if epochs < 1:
@@ -166,7 +168,7 @@ def retrain(
     sources = best_trials(study, top)
     if len(sources) < top:
         console.print(f"study {study_name!r} has only {len(sources)} completed trial(s); retraining those")
-    objective = resolve_objective(spec.objective, f"stored definition of study {study_name!r}")
+    objective = resolve_objective(spec.objective, f"stored definition of study {study_name!r}", policy)
     output = output or DEFAULT_OUTPUT_ROOT / study_name.replace("/", "_")
 
     target = _retrain_study(storage, study_name, spec)
@@ -281,6 +283,8 @@ def cmd_retrain(args: argparse.Namespace) -> int:
         top=args.top,
         output=Path(args.output) if args.output else None,
         device=args.device or _default_device(),
+        # Like a worker: the database does not choose the code that runs here (hpo.policy).
+        policy=ObjectivePolicy.from_sources(cli_patterns=args.allow_objective),
     )
     failed = [r for r in results if r.error is not None]
     print(
@@ -308,4 +312,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help=f"folder for topR/model.pt and curves (default {DEFAULT_OUTPUT_ROOT}/STUDY_NAME)",
     )
     p.add_argument("--device", default=None, help="cpu or cuda:N (default: cuda:0 when available, else cpu)")
+    p.add_argument(
+        "--allow-objective",
+        action="append",
+        default=[],
+        metavar="PATTERN",
+        help="also run objectives from modules matching PATTERN (as hpo worker; see $HPO_ALLOW_OBJECTIVES)",
+    )
     p.set_defaults(func=cmd_retrain)

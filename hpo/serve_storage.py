@@ -11,8 +11,8 @@ both sides. The client (:class:`ProxyStorage`) beats by setting the trial system
 ``hpo:heartbeat``; the server records a heartbeat in the database instead of storing it (with the
 database's clock, so workers' clocks don't matter). The server is the only process that looks
 for stale trials: every heartbeat interval it fails trials whose heartbeat is older than the
-grace period and re-queues them with their parameters (Optuna's
-``RetryHeartbeatStaleTrialCallback``), so thousands of workers don't each run that query.
+grace period and re-queues them with their parameters (one transaction each, see
+:func:`hpo._rdb.fail_stale`), so thousands of workers don't each run that query.
 """
 
 from __future__ import annotations

@@ -4,8 +4,9 @@ A study's definition (the resolved study file) lives in the study's user attribu
 ``hpo:definition``. Its trial budget is materialised when the study is created: ``n_trials``
 WAITING trials are queued (the grid's points, with their parameters fixed, for grid search; empty
 slots for every other sampler, whose parameters the sampler picks when a worker claims the slot).
-Workers only ever claim queued trials, and Optuna claims a WAITING trial with a row-locked state
-change, so the study gets exactly ``n_trials`` trials however many workers run, on any machine.
+Workers only ever claim queued trials, with one conditional update (:mod:`hpo._rdb`), so the
+study gets exactly ``n_trials`` trials however many workers run, on any machine. Queueing is
+idempotent: a creation interrupted half-way is completed by the next ``create-study`` or worker.
 """
 
 from __future__ import annotations
@@ -195,7 +196,7 @@ def checkpoint_folder(root: Path, study: optuna.Study) -> Path:
 
 def trial_checkpoint_dir(study_folder: Path, number: int, system_attrs: Mapping[str, Any]) -> Path:
     """Where trial ``number`` checkpoints. A retried trial shares the folder of the attempt it
-    replaces, so it resumes ("failed_trial" is RetryHeartbeatStaleTrialCallback's record of it)."""
+    replaces, so it resumes ("failed_trial", Optuna's name for the first attempt of a retry chain)."""
     origin = system_attrs.get("failed_trial")
     return study_folder / f"trial-{number if origin is None else int(origin)}"
 

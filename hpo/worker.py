@@ -703,6 +703,11 @@ class Worker:
                             trial_id, f"exceeded budget.trial_timeout of {limit:g}s; the trainer was stopped"
                         )
                     recorder.retry_due()
+                    if recorder.lost:
+                        # Another worker runs this trial's retry now, from the same checkpoint
+                        # folder: stop training at once rather than write into it alongside.
+                        self.trainer.stop()
+                        return self._lost(job.number)
                     message = self.trainer.poll(POLL_S)
                     if message is None:
                         continue

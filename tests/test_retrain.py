@@ -88,8 +88,9 @@ def test_retrain_digits_quickstart_top2(backend: str, tmp_path: Path, request: p
         metrics = trial.user_attrs["metrics"]
         assert len(metrics["val_loss"]) == 4 and sorted(trial.intermediate_values) == [1, 2, 3, 4]
         assert trial.value == metrics["val_loss"][-1]  # no early stopping: the last epoch
-        # Seeded like the search: the first 3 epochs repeat the searched trial's curve exactly.
-        assert metrics["val_loss"][:3] == source.user_attrs["metrics"]["val_loss"]
+        # Seeded like the search: the first 3 epochs repeat the searched trial's curve (to float32
+        # rounding: MKL picks its thread count per call on a loaded machine, which reorders sums).
+        assert metrics["val_loss"][:3] == pytest.approx(source.user_attrs["metrics"]["val_loss"], rel=1e-5)
 
         folder = output / f"top{rank}"
         saved = torch.load(folder / "model.pt", weights_only=True)

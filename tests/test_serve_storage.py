@@ -182,3 +182,37 @@ def test_a_worker_given_a_bad_proxy_address_says_so_in_one_line(url: str, expect
     result = run_cli(["worker", "--study-name", "any", "--storage", url.format(port=port)], timeout=90)
     line = one_error_line(result)
     assert expected.format(port=port) in line and "fix:" in line
+
+
+@pytest.mark.slow
+@pytest.mark.postgres
+def test_workers_wait_out_a_restart_of_the_proxy(
+    postgres_url: str, tmp_path: Path, procs: list[subprocess.Popen[str]]
+) -> None:
+    n_trials = 10
+    port = free_port()
+    args = ["serve-storage", "--storage", postgres_url, "--port", str(port)]
+    proxy = start_cli(args)
+    procs.append(proxy)
+    Output(proxy).wait_for(r"on grpc://127\.0\.0\.1:\d+;")
+    url = f"grpc://127.0.0.1:{port}"
+    study_file = quadratic_study(tmp_path, name="fleet", n_trials=n_trials, epochs=4, sleep=0.4)
+    assert run_cli(["create-study", str(study_file), "--storage", postgres_url]).returncode == 0
+    worker_args = ["worker", "--study-name", "fleet", "--storage", url, "--no-progress"]
+    workers = [start_cli([*worker_args, "--storage-patience", "120"]) for _ in range(2)]
+    procs.extend(workers)
+    outputs = [Output(w) for w in workers]
+    outputs[0].wait_for(r"trial \d+ COMPLETE", timeout=180)
+    proxy.kill()  # the proxy dies mid-study ...
+    proxy.wait(timeout=30)
+    time.sleep(5)
+    again = start_cli(args)  # ... and comes back on the same port
+    procs.append(again)
+    Output(again).wait_for(r"on grpc://127\.0\.0\.1:\d+;", timeout=60)
+    codes = [out.finish(timeout=300) for out in outputs]
+    assert codes == [0, 0], "\n----\n".join(out.text for out in outputs)
+    text = "\n".join(out.text for out in outputs)
+    assert "unreachable" in text and "reachable again" in text, text
+    trials = optuna.load_study(study_name="fleet", storage=postgres_url).get_trials()
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert len(complete) == n_trials and not [t for t in trials if t.state == TrialState.RUNNING]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import os
 import random
 import signal
 import subprocess
@@ -28,7 +29,9 @@ from studyfiles import quadratic_study
 from hpo._rdb import RETRY_OF_ATTR
 
 pytestmark = pytest.mark.slow
-FAST_BEAT = ["--heartbeat-interval", "1", "--grace-period", "3", "--no-progress"]
+# Dead workers are found after 8 s: quick, yet a live worker on a loaded 2-core machine (SQLite
+# lock waits, CPU starvation) never goes that long without a heartbeat.
+FAST_BEAT = ["--heartbeat-interval", "1", "--grace-period", "8", "--no-progress"]
 GRID_6x10 = dict(grid_x=[-3, -1, 0, 1, 2, 4], grid_y=[-4, -3, -2, -1, 0, 1, 2, 3, 4, 4.5])
 
 
@@ -71,7 +74,8 @@ def test_four_sqlite_workers_train_each_of_60_grid_points_exactly_once(
 
 
 def test_five_workers_started_together_on_sqlite_one_is_refused(tmp_path: Path, sqlite_url: str) -> None:
-    path = quadratic_study(tmp_path, n_trials=12, epochs=2, sleep=0.2)
+    # long enough (80 s of training) that no worker is done before the last one has started
+    path = quadratic_study(tmp_path, n_trials=8, epochs=20, sleep=0.5)
     assert run_cli(["create-study", str(path), "--storage", sqlite_url]).returncode == 0
     workers = [
         start_cli(["worker", "--study-name", "quad", "--storage", sqlite_url, *FAST_BEAT]) for _ in range(5)
@@ -82,7 +86,7 @@ def test_five_workers_started_together_on_sqlite_one_is_refused(tmp_path: Path, 
     (refused,) = [out for w, out in zip(workers, outputs, strict=True) if w.returncode == 2]
     assert "exceed its safe limit of 4" in refused and "PostgreSQL" in refused
     trials = optuna.load_study(study_name="quad", storage=sqlite_url).get_trials()
-    assert Counter(t.state for t in trials) == {TrialState.COMPLETE: 12}
+    assert Counter(t.state for t in trials) == {TrialState.COMPLETE: 8}
 
 
 def test_a_trial_left_running_without_heartbeat_is_retried(tmp_path: Path, sqlite_url: str) -> None:
@@ -315,3 +319,65 @@ def test_workers_outlive_a_postgresql_restart_and_a_20s_outage(tmp_path: Path) -
     assert states == {TrialState.COMPLETE: 24}, states
     assert all(len(t.intermediate_values) == 5 for t in trials)  # no epoch's record lost
     assert sum(trainings(counts).values()) == 24  # nothing trained twice
+
+
+def _process_tree(pid: int) -> list[int]:
+    """``pid`` and its descendants (the worker and its trainer)."""
+    pids = [pid]
+    for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+        pids += _process_tree(int(child))
+    return pids
+
+
+def test_a_worker_paused_past_its_lease_neither_writes_twice_nor_deletes_the_retrys_checkpoint(
+    tmp_path: Path, sqlite_url: str
+) -> None:
+    path = quadratic_study(
+        tmp_path,
+        n_trials=1,
+        epochs=30,
+        sleep=0.3,
+        objective="hpo_test_objectives:checkpointed",
+        sampler="random",
+    )
+    checkpoints = ["--checkpoint-dir", str(tmp_path / "ck")]
+    paused = start_cli(["worker", str(path), "--storage", sqlite_url, *FAST_BEAT, *checkpoints])
+    paused_out = Output(paused)
+    other = None
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert time.monotonic() < deadline, paused_out.text
+            time.sleep(0.1)
+            with contextlib.suppress(KeyError):
+                trials = optuna.load_study(study_name="quad", storage=sqlite_url).get_trials()
+                if trials and len(trials[0].intermediate_values) >= 4:
+                    break
+        tree = _process_tree(paused.pid)
+        assert len(tree) >= 2, "the worker should have a trainer process"
+        for pid in tree:  # the whole worker freezes (a laptop lid, a VM paused, SIGSTOP)
+            os.kill(pid, signal.SIGSTOP)
+        before = len(
+            optuna.load_study(study_name="quad", storage=sqlite_url).get_trials()[0].intermediate_values
+        )
+        other = start_cli(
+            ["worker", "--study-name", "quad", "--storage", sqlite_url, *FAST_BEAT, *checkpoints]
+        )
+        other_out = Output(other)
+        other_out.wait_for(r"failed a stale trial", timeout=120)
+        time.sleep(2.0)  # the retry is resuming from the checkpoint ...
+        for pid in tree:  # ... when the paused worker wakes up
+            os.kill(pid, signal.SIGCONT)
+        assert other_out.finish(timeout=300) == 0, other_out.text
+        assert paused_out.finish(timeout=300) == 0, paused_out.text
+    finally:
+        for proc in (paused, other):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+    assert "given up" in paused_out.text, paused_out.text
+    first, retry = optuna.load_study(study_name="quad", storage=sqlite_url).get_trials()
+    assert first.state == TrialState.FAIL and "heartbeat" in first.system_attrs["fail_reason"]
+    assert len(first.intermediate_values) <= before + 1  # nothing recorded after its lease expired
+    assert retry.state == TrialState.COMPLETE and retry.system_attrs[RETRY_OF_ATTR] == first.number
+    assert retry.user_attrs["resumed_from_epoch"] >= before - 1  # resumed: the checkpoint survived
+    assert sorted(retry.intermediate_values) == list(range(1, 31))

@@ -15,11 +15,11 @@ import optuna
 from optuna.distributions import BaseDistribution
 from optuna.samplers import BaseSampler, RandomSampler
 from optuna.search_space import IntersectionSearchSpace
-from optuna.storages import RDBStorage, fail_stale_trials
-from optuna.storages._heartbeat import BaseHeartbeat, is_heartbeat_enabled
+from optuna.storages import fail_stale_trials
 from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
+from hpo import _optuna
 from hpo.bohb._kde import KdeModel, KdeOptions, Observation
 from hpo.bohb._schedule import (
     Assignment,
@@ -66,7 +66,7 @@ def trial_budget(trial: optuna.Trial | FrozenTrial) -> float | None:
     if isinstance(trial, FrozenTrial):
         attrs = trial.system_attrs
     else:
-        attrs = trial.storage.get_trial_system_attrs(trial._trial_id)
+        attrs = trial.storage.get_trial_system_attrs(_optuna.trial_id(trial))
     slot = attrs.get(SLOT_ATTR)
     return float(slot["budget"]) if isinstance(slot, dict) else None
 
@@ -185,12 +185,13 @@ class BOHBSampler(BaseSampler):
     def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
         if self._schedule is None or isinstance(trial.system_attrs.get(SLOT_ATTR), dict):
             return  # no plan, or a re-queued trial that keeps the slot of the one it replaces
-        self._raise_error_if_multi_objective(study)
-        storage = study._storage
+        _optuna.raise_if_multi_objective(self, study)
+        storage = _optuna.study_storage(study)
         started = time.monotonic()
         delay = _FIRST_POLL_S
-        heartbeat = storage if isinstance(storage, BaseHeartbeat) and is_heartbeat_enabled(storage) else None
-        interval = float(heartbeat.get_heartbeat_interval() or 0) if heartbeat is not None else 0.0
+        heartbeat_s = _optuna.heartbeat_interval(storage)  # None: no heartbeats (off, or none at all)
+        heartbeat = heartbeat_s is not None
+        interval = float(heartbeat_s or 0)
         last_beat = last_stale_check = started
         while True:
             with self._lock, _plan_lock(study):
@@ -206,11 +207,11 @@ class BOHBSampler(BaseSampler):
                     "(fix: check that the workers running those trials are alive, or raise "
                     "sampler.options.wait_timeout)"
                 )
-            if heartbeat is not None and now - last_beat >= interval / 2:
+            if heartbeat and now - last_beat >= interval / 2:
                 # Keep this trial alive for the stale-trial check while it waits.
-                heartbeat.record_heartbeat(trial._trial_id)
+                _optuna.record_heartbeat(storage, _optuna.trial_id(trial))
                 last_beat = now
-            if heartbeat is not None and now - last_stale_check >= interval:
+            if heartbeat and now - last_stale_check >= interval:
                 # A dead worker's trial would hold its stage for ever: fail (and re-queue) it, as
                 # hpo's workers do, since every worker may be waiting here.
                 _fail_stale(study)
@@ -223,24 +224,25 @@ class BOHBSampler(BaseSampler):
     def _assign(self, study: optuna.Study, trial: FrozenTrial) -> bool:
         """Give ``trial`` its slot (under the plan lock); False when it has to wait for one."""
         assert self._schedule is not None
-        storage = study._storage
+        storage = _optuna.study_storage(study)
+        sid, tid = _optuna.study_id(study), _optuna.trial_id(trial)
         # The trial handed to before_trial was read before the plan lock was taken: another call
         # for the same trial may have given it a slot since. Only the storage knows.
-        if isinstance(storage.get_trial_system_attrs(trial._trial_id).get(SLOT_ATTR), dict):
+        if isinstance(storage.get_trial_system_attrs(tid).get(SLOT_ATTR), dict):
             return True
-        trials = storage.get_all_trials(study._study_id, deepcopy=False)
-        decisions = _read_decisions(storage.get_study_system_attrs(study._study_id))
+        trials = storage.get_all_trials(sid, deepcopy=False)
+        decisions = _read_decisions(storage.get_study_system_attrs(sid))
         runs = _slot_runs(trials, _sign(study))
         assignment, decided = next_assignment(self._schedule, runs, decisions, self._n_trials)
         for key, configs in decided.items():
             storage.set_study_system_attr(
-                study._study_id, f"{_DECISION_PREFIX}{key[0]}:{key[1]}", [list(c) for c in configs]
+                sid, f"{_DECISION_PREFIX}{key[0]}:{key[1]}", [list(c) for c in configs]
             )
         if assignment is not None:
-            storage.set_trial_system_attr(trial._trial_id, SLOT_ATTR, _slot_attr(assignment))
-            storage.set_trial_system_attr(trial._trial_id, BUDGET_ATTR, budget_epochs(assignment.budget))
+            storage.set_trial_system_attr(tid, SLOT_ATTR, _slot_attr(assignment))
+            storage.set_trial_system_attr(tid, BUDGET_ATTR, budget_epochs(assignment.budget))
             return True
-        current = next((t for t in trials if t._trial_id == trial._trial_id), None)
+        current = next((t for t in trials if _optuna.trial_id(t) == tid), None)
         if current is not None and current.state != TrialState.RUNNING:
             raise SlotWaitError(
                 f"BOHB: trial {trial.number} became {current.state.name} while it waited for a slot "
@@ -260,7 +262,7 @@ class BOHBSampler(BaseSampler):
     def sample_relative(
         self, study: optuna.Study, trial: FrozenTrial, search_space: dict[str, BaseDistribution]
     ) -> dict[str, Any]:
-        self._raise_error_if_multi_objective(study)
+        _optuna.raise_if_multi_objective(self, study)
         if not search_space:
             return {}
         with self._lock:
@@ -277,15 +279,15 @@ class BOHBSampler(BaseSampler):
         param_name: str,
         param_distribution: BaseDistribution,
     ) -> Any:
-        self._raise_error_if_multi_objective(study)
+        _optuna.raise_if_multi_objective(self, study)
         return self._random.sample_independent(study, trial, param_name, param_distribution)
 
     def _sample_planned(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, Any]:
         assert self._space is not None and self._schedule is not None
-        storage = study._storage
+        storage = _optuna.study_storage(study)
         # The trial object Optuna hands us predates before_trial: read the slot from the storage.
-        slot = storage.get_trial_system_attrs(trial._trial_id).get(SLOT_ATTR)
-        trials = storage.get_all_trials(study._study_id, deepcopy=False)
+        slot = storage.get_trial_system_attrs(_optuna.trial_id(trial)).get(SLOT_ATTR)
+        trials = storage.get_all_trials(_optuna.study_id(study), deepcopy=False)
         budget = self._schedule.max_budget
         if isinstance(slot, dict):
             known = _config_params(trials, tuple(slot["config"]), self._space, trial.number)
@@ -303,7 +305,9 @@ class BOHBSampler(BaseSampler):
         model = self._model(items, from_optuna_distributions(dict(items)))
         sign = _sign(study)
         observations = []
-        finished = study._storage.get_all_trials(study._study_id, deepcopy=False, states=_FINISHED)
+        finished = _optuna.study_storage(study).get_all_trials(
+            _optuna.study_id(study), deepcopy=False, states=_FINISHED
+        )
         for past in sorted(finished, key=_completion_order):
             params = _params_within(past, search_space)
             if params is None:
@@ -340,7 +344,9 @@ class BOHBSampler(BaseSampler):
             model = self._models[key] = KdeModel(model.codec, self._options)
         model.feed(observations)
         values, model_based = model.propose(budget, int(self._rng.randint(2**31)))
-        study._storage.set_trial_system_attr(trial._trial_id, MODEL_PICK_ATTR, model_based)
+        _optuna.study_storage(study).set_trial_system_attr(
+            _optuna.trial_id(trial), MODEL_PICK_ATTR, model_based
+        )
         return model.codec.decode(values)
 
 
@@ -380,32 +386,34 @@ def _adopt_requeued(
     current attempt; the retry is failed (``hpo:bohb:adopted_by``), and a new queued trial takes the
     waiting trial's place, so the study keeps its ``n_trials`` fresh trials.
     """
-    storage = study._storage
+    storage = _optuna.study_storage(study)
+    tid = _optuna.trial_id(trial)
     by_number = {t.number: t for t in trials}
     requeued = sorted(
         (by_number[run.number] for run in latest_runs(runs).values()),
         key=lambda t: t.number,
     )
     for retry in requeued:
-        if retry.state != TrialState.WAITING or retry._trial_id == trial._trial_id:
+        retry_id = _optuna.trial_id(retry)
+        if retry.state != TrialState.WAITING or retry_id == tid:
             continue
         try:
-            if not storage.set_trial_state_values(retry._trial_id, TrialState.RUNNING):
+            if not storage.set_trial_state_values(retry_id, TrialState.RUNNING):
                 continue  # a worker claimed it meanwhile: it runs
         except optuna.exceptions.UpdateFinishedTrialError:
             continue
-        attrs = storage.get_trial_system_attrs(retry._trial_id)
+        attrs = storage.get_trial_system_attrs(retry_id)
         slot = dict(attrs[SLOT_ATTR])
         slot["attempt"] = int(slot.get("attempt", 0)) + 1
         reason = f"BOHB: its slot was taken over by trial {trial.number}, which was waiting for one"
-        storage.set_trial_system_attr(retry._trial_id, SLOT_ATTR, None)
-        storage.set_trial_system_attr(retry._trial_id, ADOPTED_BY_ATTR, trial.number)
-        storage.set_trial_system_attr(retry._trial_id, _FAIL_REASON_ATTR, reason)
-        storage.set_trial_state_values(retry._trial_id, TrialState.FAIL)
+        storage.set_trial_system_attr(retry_id, SLOT_ATTR, None)
+        storage.set_trial_system_attr(retry_id, ADOPTED_BY_ATTR, trial.number)
+        storage.set_trial_system_attr(retry_id, _FAIL_REASON_ATTR, reason)
+        storage.set_trial_state_values(retry_id, TrialState.FAIL)
         for key, value in attrs.items():
             if key not in (SLOT_ATTR, ADOPTED_BY_ATTR, _FAIL_REASON_ATTR, "fixed_params"):
-                storage.set_trial_system_attr(trial._trial_id, key, value)
-        storage.set_trial_system_attr(trial._trial_id, SLOT_ATTR, slot)
+                storage.set_trial_system_attr(tid, key, value)
+        storage.set_trial_system_attr(tid, SLOT_ATTR, slot)
         study.enqueue_trial({}, skip_if_exists=False)
         return True
     return False
@@ -414,23 +422,12 @@ def _adopt_requeued(
 @contextlib.contextmanager
 def _plan_lock(study: optuna.Study) -> Iterator[None]:
     """Serialise handing out slots across processes and machines sharing an RDB storage."""
-    backend = _database(study._storage)
+    backend = _optuna.rdb_backend(_optuna.study_storage(study))
     if backend is not None:
         with study_lock(backend, f"{study.study_name}#bohb-plan"):
             yield
     else:
         yield
-
-
-def _database(storage: object) -> RDBStorage | None:
-    """The RDBStorage under Optuna's private cache and hpo's retrying layer (``inner``), if any."""
-    for _ in range(5):
-        if isinstance(storage, RDBStorage):
-            return storage
-        storage = getattr(storage, "inner", None) or getattr(storage, "_backend", None)
-        if storage is None:
-            break
-    return None
 
 
 def _fail_stale(study: optuna.Study) -> None:
@@ -442,7 +439,7 @@ def _fail_stale(study: optuna.Study) -> None:
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             fail_stale_trials(study)  # Optuna's, with the storage's stale-trial callback
     else:
-        fail_stale(study._storage, study._study_id)
+        fail_stale(_optuna.study_storage(study), _optuna.study_id(study))
 
 
 def _sign(study: optuna.Study) -> float:
@@ -542,7 +539,7 @@ def _params_within(trial: FrozenTrial, search_space: Mapping[str, BaseDistributi
             return None
         value = trial.params[name]
         try:
-            if not dist._contains(dist.to_internal_repr(value)):
+            if not _optuna.distribution_contains(dist, value):
                 return None
         except (ValueError, TypeError):
             return None

@@ -81,3 +81,30 @@ def poison(run: TrialRun) -> float:
     if x == -1:
         os.kill(os.getpid(), signal_module.SIGKILL)
     return quadratic(run)
+
+
+def checkpointed(run: TrialRun) -> float:
+    """:func:`quadratic` that checkpoints every epoch into ``run.checkpoint_dir`` (JSON) and resumes
+    from it, as a real training loop does (for tests of retries and paused workers)."""
+    import json
+
+    config = run.config
+    target = (float(config.get("x", 0.0)) - 2.0) ** 2 + (float(config.get("y", 0.0)) + 1.0) ** 2
+    sleep = float(config.get("sleep", 0.0))
+    state_file = run.checkpoint_dir / "state.json"
+    done = 0
+    if state_file.is_file():
+        done = run.resume(json.loads(state_file.read_text())["history"])
+    for epoch in range(done + 1, run.max_epochs + 1):
+        if sleep:
+            time.sleep(sleep)
+        value = target + 1.0 / epoch
+        history = run.history
+        history.setdefault("loss", []).append(value)
+        run.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        tmp = state_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"history": history}))
+        os.replace(tmp, state_file)
+        if run.report(epoch, {"loss": value}):
+            break
+    return run.final_value()
