@@ -46,8 +46,9 @@ RETRY_OF_ATTR = "hpo:retry_of"
 FAILED_TRIAL_ATTR = "failed_trial"
 RETRY_HISTORY_ATTR = "retry_history"
 FAIL_REASON_ATTR = "fail_reason"
+WORKER_ATTR = "hpo:worker"  # which worker holds (held) the trial: host:pid[:slot]
 # System attributes that describe one attempt, not the configuration: a retry starts without them.
-ATTEMPT_ATTRS = frozenset({FAIL_REASON_ATTR, "hpo:worker", "hpo:traceback", "hpo:heartbeat"})
+ATTEMPT_ATTRS = frozenset({FAIL_REASON_ATTR, WORKER_ATTR, "hpo:traceback", "hpo:heartbeat"})
 
 _FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 
@@ -139,8 +140,9 @@ class HpoRDBStorage(RDBStorage):
                 _write_values(session, trial_id, values)
         return True
 
-    def claim(self, trial_id: int) -> bool:
-        """Move a WAITING trial to RUNNING and record its first heartbeat, in one transaction.
+    def claim(self, trial_id: int, worker: str | None = None) -> bool:
+        """Move a WAITING trial to RUNNING and record its first heartbeat (and, given ``worker``,
+        the claimer in the ``hpo:worker`` system attribute), in one transaction.
 
         True when this call won the trial; False when another worker holds it; raises
         ``UpdateFinishedTrialError`` when it is finished.
@@ -164,9 +166,11 @@ class HpoRDBStorage(RDBStorage):
             if self.heartbeat_interval is not None:
                 session.execute(sqlalchemy.delete(beats).where(beats.c.trial_id == trial_id))
                 session.execute(sqlalchemy.insert(beats).values(trial_id=trial_id))
+            if worker is not None:
+                _set_attr(session, models.TrialSystemAttributeModel, trial_id, WORKER_ATTR, worker)
         return True
 
-    def claim_next(self, study_id: int, limit: int = 16) -> tuple[int, int] | None:
+    def claim_next(self, study_id: int, limit: int = 16, worker: str | None = None) -> tuple[int, int] | None:
         """Claim one WAITING trial of the study: retries first, then the oldest; (id, number)."""
         trials = models.TrialModel.__table__
         attrs = models.TrialSystemAttributeModel.__table__
@@ -190,11 +194,75 @@ class HpoRDBStorage(RDBStorage):
                 return None
             for trial_id, number in candidates:
                 with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
-                    if self.claim(trial_id):
+                    if self.claim(trial_id, worker):
                         return trial_id, number
             # every candidate was taken by other workers meanwhile: look again
 
-    def _get_stale_trial_ids(self, study_id: int) -> list[int]:
+    def fill_empty_slot(self, study_id: int, params: dict[str, Any]) -> int | None:
+        """Fix ``params`` (Optuna's ``fixed_params`` system attribute) on the oldest empty WAITING
+        slot of the study; its trial number, or None when no empty slot is left.
+
+        A slot is empty when it is WAITING, not a retry and has neither parameters nor non-empty
+        ``fixed_params``. Each attempt is one transaction that first locks the trial row with a
+        conditional no-op ``UPDATE ... WHERE state = WAITING`` (a claim racing it waits, then
+        reads the fixed parameters), then re-checks emptiness before writing.
+        """
+        trials = models.TrialModel.__table__
+        attrs = models.TrialSystemAttributeModel.__table__
+        values = models.TrialParamModel.__table__
+        marked = (
+            sqlalchemy.select(attrs.c.trial_id)
+            .where(
+                attrs.c.trial_id == trials.c.trial_id,
+                sqlalchemy.or_(
+                    attrs.c.key == FAILED_TRIAL_ATTR,
+                    # Optuna's enqueue_trial({}) (an empty slot) stores fixed_params {}.
+                    sqlalchemy.and_(attrs.c.key == "fixed_params", attrs.c.value_json != "{}"),
+                ),
+            )
+            .exists()
+        )
+        has_params = (
+            sqlalchemy.select(values.c.trial_id).where(values.c.trial_id == trials.c.trial_id).exists()
+        )
+        query = (
+            sqlalchemy.select(trials.c.trial_id, trials.c.number)
+            .where(
+                trials.c.study_id == study_id,
+                trials.c.state == TrialState.WAITING,
+                ~marked,
+                ~has_params,
+            )
+            .order_by(trials.c.trial_id)
+            .limit(16)
+        )
+        while True:
+            with self._engine().connect() as conn:
+                candidates = [(int(row[0]), int(row[1])) for row in conn.execute(query)]
+            if not candidates:
+                return None
+            for trial_id, number in candidates:
+                with self._transaction() as session:
+                    locked = _rowcount(
+                        session.execute(
+                            sqlalchemy.update(trials)
+                            .where(trials.c.trial_id == trial_id, trials.c.state == TrialState.WAITING)
+                            .values(state=TrialState.WAITING)
+                        )
+                    )
+                    still_empty = (
+                        locked == 1
+                        and not session.execute(
+                            sqlalchemy.select(trials.c.trial_id).where(
+                                trials.c.trial_id == trial_id, sqlalchemy.or_(marked, has_params)
+                            )
+                        ).first()
+                    )
+                    if still_empty:
+                        _set_attr(session, models.TrialSystemAttributeModel, trial_id, "fixed_params", params)
+                        return number
+            # every candidate was claimed or filled meanwhile: look again
+
         stale = set(super()._get_stale_trial_ids(study_id))
         grace = self.grace_period if self.grace_period is not None else 2 * (self.heartbeat_interval or 0)
         trials = models.TrialModel.__table__

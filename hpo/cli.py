@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import difflib
 import importlib
 import json
 import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NoReturn
 
 import optuna
 
@@ -44,6 +46,14 @@ def cmd_create_study(args: argparse.Namespace) -> int:
     spec = load_study_file(args.study_file)
     url = resolve_storage_url(args.storage)
     storage = open_storage(url)
+    if args.replace:
+        from hpo.lifecycle import replace_study
+
+        study, diff = replace_study(storage, spec, args.study_name)
+        if diff:
+            print(diff)
+        print(f"study {study.study_name!r} replaced in {redact(url)} ({spec.n_trials} trials queued)")
+        return 0
     study, created = create_study(storage, spec, args.study_name, args.skip_if_exists)
     verb = "created" if created else "exists, definition unchanged:"
     print(f"study {study.study_name!r} {verb} in {redact(url)} ({spec.n_trials} trials queued by design)")
@@ -161,7 +171,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    storage = open_storage(resolve_storage_url(args.storage))
+    storage = open_storage(resolve_storage_url(args.storage), must_exist=True)
     if args.study_name:
         study, spec = load_study_spec(storage, args.study_name)
         inspect_.print_status(study, spec.n_trials)
@@ -171,7 +181,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_best(args: argparse.Namespace) -> int:
-    storage = open_storage(resolve_storage_url(args.storage))
+    storage = open_storage(resolve_storage_url(args.storage), must_exist=True)
     study = inspect_.load(storage, args.study_name)
     best = inspect_.best_trial(study)
     if args.json:
@@ -184,7 +194,7 @@ def cmd_best(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    storage = open_storage(resolve_storage_url(args.storage))
+    storage = open_storage(resolve_storage_url(args.storage), must_exist=True)
     study = inspect_.load(storage, args.study_name)
     text = inspect_.export(study, args.format)
     if args.output:
@@ -195,13 +205,41 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse without prefix abbreviations (``--n-trial`` is not ``--n-trials``) and with a
+    "did you mean" for mistyped flags and commands."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+
+    def error(self, message: str) -> NoReturn:
+        hint = self._suggestion(message)
+        super().error(f"{message}{hint}")
+
+    def _suggestion(self, message: str) -> str:
+        known = [option for action in self._actions for option in action.option_strings]
+        words: list[str] = []
+        if message.startswith("unrecognized arguments: "):
+            words = [w.split("=")[0] for w in message.removeprefix("unrecognized arguments: ").split()]
+            words = [w for w in words if w.startswith("-")]
+        elif "invalid choice: " in message:
+            words = [message.split("invalid choice: ")[1].split("'")[1]]
+            known = [c for action in self._actions for c in (getattr(action, "choices", None) or ())]
+        for word in words:
+            close = difflib.get_close_matches(word, known, n=1, cutoff=0.6)
+            if close:
+                return f" (did you mean {close[0]}?)"
+        return ""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="hpo",
         description="Hyperparameter optimisation for PyTorch: "
         "studies in files, trials in a database, workers anywhere.",
     )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_Parser)
 
     p = sub.add_parser(
         "create-study", help="create a study from a study file (definition stored, trials queued)"
@@ -209,8 +247,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("study_file", help="path to a study file, e.g. studies/digits_quickstart.yaml")
     add_storage_argument(p)
     p.add_argument("--study-name", default=None, help="name in the storage (default: the file's name:)")
-    p.add_argument(
+    how = p.add_mutually_exclusive_group()
+    how.add_argument(
         "--skip-if-exists", action="store_true", help="reuse an existing study with the same definition"
+    )
+    how.add_argument(
+        "--replace",
+        action="store_true",
+        help="delete the existing study (its trials, checkpoints and artifacts) and create it anew from "
+        "the file; the difference is printed",
     )
     p.set_defaults(func=cmd_create_study)
 
@@ -290,10 +335,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_best)
 
-    p = sub.add_parser("export", help="every trial as CSV or JSON")
+    p = sub.add_parser("export", help="every trial as CSV or JSON, learning curves included")
     p.add_argument("study_name")
     add_storage_argument(p)
-    p.add_argument("--format", choices=["csv", "json"], default="csv")
+    p.add_argument(
+        "--format",
+        choices=["csv", "csv-long", "json"],
+        default="csv",
+        help="csv: one row per trial, each metric's curve as a JSON list in curve_METRIC; "
+        "csv-long: one row per trial and epoch, one column per metric (for pandas); json: everything",
+    )
     p.add_argument("--output", "-o", default=None, help="file to write (default: standard output)")
     p.set_defaults(func=cmd_export)
 
@@ -303,7 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Modules that contribute sub-commands: each has ``register(subparsers) -> None``.
-COMMAND_MODULES = ("hpo.dashboard", "hpo.serve_storage", "hpo.retrain", "hpo.compare")
+COMMAND_MODULES = ("hpo.dashboard", "hpo.serve_storage", "hpo.retrain", "hpo.compare", "hpo.lifecycle")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -311,7 +362,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     warnings.filterwarnings("ignore", category=FutureWarning, module="optuna")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extras = parser.parse_known_args(argv)
+    if extras:  # reported by the command's own parser, which knows its flags for a suggestion
+        commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        commands.choices[args.command].error(f"unrecognized arguments: {' '.join(extras)}")
     try:
         return int(args.func(args))
     except HpoError as exc:

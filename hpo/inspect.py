@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from hpo.errors import HpoError
-from hpo.studies import trial_counts
+from hpo.studies import stored_definition, trial_counts
 from hpo.worker import WORKER_ATTR
 
 
@@ -64,12 +64,90 @@ def trial_record(trial: FrozenTrial) -> dict[str, Any]:
     }
 
 
+EXPORT_FORMATS = ("csv", "csv-long", "json")
+_LONG_FIXED = ("number", "state", "epoch")
+
+
+def _study_metric(study: optuna.Study) -> str:
+    """The name of the metric in the trials' intermediate values: the study file's ``metric:``, or
+    Optuna's own ``intermediate_value`` for a study without a stored definition."""
+    definition = stored_definition(study) or {}
+    metric = definition.get("metric")
+    return metric if isinstance(metric, str) and metric else "intermediate_value"
+
+
+def trial_curves(trial: FrozenTrial, study_metric: str) -> dict[str, dict[int, float]]:
+    """Every learning curve of a trial, metric -> {epoch: value} (epochs 1-based).
+
+    The user attr ``metrics`` holds each metric's values from epoch 1 on; the study metric comes
+    from the trial's intermediate values (what the pruner saw, keyed by epoch), which the worker
+    writes every epoch even when ``metrics`` was last flushed earlier.
+    """
+    history = trial.user_attrs.get("metrics")
+    curves: dict[str, dict[int, float]] = {}
+    if isinstance(history, dict):
+        for name, values in history.items():
+            if isinstance(values, list):
+                curves[str(name)] = {epoch: value for epoch, value in enumerate(values, start=1)}
+    if trial.intermediate_values:
+        curve = curves.setdefault(study_metric, {})
+        curve.update({int(step): value for step, value in trial.intermediate_values.items()})
+    return curves
+
+
+def _metric_names(curves: list[dict[str, dict[int, float]]], study_metric: str) -> list[str]:
+    names = sorted({name for c in curves for name in c} - {study_metric})
+    if any(study_metric in c for c in curves):
+        names.insert(0, study_metric)  # the study's metric first, then the others by name
+    return names
+
+
+def _cell(value: Any) -> Any:
+    return "" if value is None else value
+
+
 def export(study: optuna.Study, fmt: str) -> str:
+    """The study's trials as ``json``, ``csv`` or ``csv-long``.
+
+    ``csv`` is one row per trial (number, state, value, times, ``params_NAME`` as in Optuna's
+    ``trials_dataframe``, fail_reason, worker) plus ``curve_METRIC`` per metric: that trial's
+    values by epoch from epoch 1, as a JSON list (``json.loads`` it). ``csv-long`` is tidy: one
+    row per trial and epoch (number, state, ``params_NAME``..., epoch, then one column per metric,
+    the study's metric first, empty where a metric has no value that epoch); a trial with no epoch
+    yet (waiting, or failed before its first report) is one row with epoch empty.
+    """
+    if fmt not in EXPORT_FORMATS:
+        raise HpoError(f"unknown export format {fmt!r} (fix: use one of {', '.join(EXPORT_FORMATS)})")
     trials = study.get_trials(deepcopy=False)
-    records = [trial_record(t) for t in trials]
     if fmt == "json":
+        records = [trial_record(t) for t in trials]
         return json.dumps({"study": study.study_name, "trials": records}, indent=2, default=str) + "\n"
+    study_metric = _study_metric(study)
+    curves = [trial_curves(t, study_metric) for t in trials]
+    metric_names = _metric_names(curves, study_metric)
     param_names = sorted({name for t in trials for name in t.params})
+    param_columns = [f"params_{n}" for n in param_names]
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    if fmt == "csv-long":
+        # A metric named like a fixed column gets a prefix, so every header is unique.
+        taken = {*_LONG_FIXED, *param_columns}
+        writer.writerow(
+            [
+                *_LONG_FIXED[:2],
+                *param_columns,
+                "epoch",
+                *[f"metric_{m}" if m in taken else m for m in metric_names],
+            ]
+        )
+        for trial, curve in zip(trials, curves, strict=True):
+            head = [trial.number, trial.state.name, *[_cell(trial.params.get(n)) for n in param_names]]
+            epochs = sorted({epoch for values in curve.values() for epoch in values})
+            if not epochs:
+                writer.writerow([*head, "", *["" for _ in metric_names]])
+            for epoch in epochs:
+                writer.writerow([*head, epoch, *[_cell(curve.get(m, {}).get(epoch)) for m in metric_names]])
+        return out.getvalue()
     columns = [
         "number",
         "state",
@@ -77,14 +155,14 @@ def export(study: optuna.Study, fmt: str) -> str:
         "duration_s",
         "datetime_start",
         "datetime_complete",
-        *[f"params_{n}" for n in param_names],
+        *param_columns,
         "fail_reason",
         "worker",
+        *[f"curve_{m}" for m in metric_names],
     ]
-    out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\n")
     writer.writerow(columns)
-    for record in records:
+    for trial, curve in zip(trials, curves, strict=True):
+        record = trial_record(trial)
         params = record["params"]
         writer.writerow(
             [
@@ -97,6 +175,10 @@ def export(study: optuna.Study, fmt: str) -> str:
                 *[params.get(n, "") for n in param_names],
                 record["fail_reason"] or "",
                 record["worker"] or "",
+                *[
+                    json.dumps([v for _, v in sorted(curve[m].items())]) if m in curve else ""
+                    for m in metric_names
+                ],
             ]
         )
     return out.getvalue()

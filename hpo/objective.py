@@ -22,6 +22,7 @@ early-stopping rule says training should stop.
 from __future__ import annotations
 
 import contextlib
+import difflib
 import importlib
 import math
 import time
@@ -55,14 +56,18 @@ class Objective:
     """Training code plus the options it accepts.
 
     ``config`` validates ``settings`` merged with a configuration of the search space; ``data``
-    validates the study file's ``data:`` section. Both are checked when the study file is loaded,
-    before any training starts.
+    validates the study file's ``data:`` section. ``metrics`` names every metric the objective can
+    report to ``run.report`` (the union over its options); the study's ``metric:`` must be one of
+    them. All three are checked when the study file is loaded, before any training starts; an
+    empty ``metrics`` (the default) declares nothing and leaves ``metric:`` unchecked, and the
+    runtime KeyError in :meth:`TrialRun.report` stays the backstop either way.
     """
 
     train: Callable[[TrialRun], float]
     config: type[BaseModel] | None = None
     data: type[BaseModel] | None = None
     description: str = ""
+    metrics: tuple[str, ...] = ()
 
 
 class EarlyStopping:
@@ -287,8 +292,17 @@ def _check_model(model: type[BaseModel], values: Mapping[str, Any], source: str,
 
 def check_objective(spec: StudySpec, source: str, policy: ObjectivePolicy | None = None) -> Objective:
     """Resolve the objective (under ``policy`` when given, see :func:`resolve_objective`) and check
-    the study's settings and space against its options."""
+    the study's metric, settings and space against what it declares."""
     objective = resolve_objective(spec.objective, source, policy)
+    if objective.metrics and spec.metric not in objective.metrics:
+        close = difflib.get_close_matches(spec.metric, objective.metrics, n=1)
+        hint = f"did you mean {close[0]}? " if close else ""
+        raise SpecError(
+            source,
+            "metric",
+            f"{spec.metric!r} is not a metric this objective reports",
+            f"{hint}declared metrics: {', '.join(objective.metrics)}",
+        )
     if objective.config is not None:
         known = set(objective.config.model_fields)
         for name in spec.space.names:

@@ -113,8 +113,13 @@ def redact(url: str) -> str:
         return url
 
 
-def open_storage(url: str, heartbeat: HeartbeatSettings | None = None) -> BaseStorage:
+def open_storage(
+    url: str, heartbeat: HeartbeatSettings | None = None, must_exist: bool = False
+) -> BaseStorage:
     """Open (and on first use create) the storage behind ``url``.
+
+    ``must_exist``: for commands that only read (status, best, export): an SQLite file that does
+    not exist is an error naming the path, not a new empty database.
 
     Raises :class:`StorageError` with a one-line reason when the URL is malformed, the driver is
     missing or the server cannot be reached.
@@ -125,6 +130,11 @@ def open_storage(url: str, heartbeat: HeartbeatSettings | None = None) -> BaseSt
     engine_kwargs: dict[str, object] = {}
     if parsed.get_backend_name() == "sqlite":
         path = sqlite_path(url)
+        if path is not None and must_exist and not path.is_file():
+            raise StorageError(
+                f"storage URL {url!r}: there is no database file {str(path)!r} (fix: check the path, "
+                "relative to the current directory; or pass --storage / set $OPTUNA_STORAGE)"
+            )
         if path is not None:
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)

@@ -32,6 +32,9 @@ DEFINITION_ATTR = "hpo:definition"
 # A random id given to each study when hpo defines it: names repeat across storages and after a
 # study is deleted and re-created, and files kept per study (checkpoints) must never be mixed up.
 UID_ATTR = "hpo:uid"
+# What was done to the study after its creation (hpo.lifecycle): a list of records such as
+# {"action": "extend", "n_trials": 10, "at": "..."}; extensions raise the stored n_trials.
+HISTORY_ATTR = "hpo:history"
 
 
 def _load(storage: BaseStorage, study_name: str) -> optuna.Study | None:
@@ -82,17 +85,39 @@ def complete_queue(storage: BaseStorage, study: optuna.Study, spec: StudySpec) -
         return _queue_budget(study, spec)
 
 
-def _check_same(study_name: str, study: optuna.Study, spec: StudySpec) -> None:
+def history(study: optuna.Study) -> list[dict[str, Any]]:
+    """The study's lifecycle records (``hpo:history``), oldest first."""
+    records = study.user_attrs.get(HISTORY_ATTR)
+    return [r for r in records if isinstance(r, dict)] if isinstance(records, list) else []
+
+
+def extended_trials(study: optuna.Study) -> int:
+    """How many trials ``hpo extend`` added to the study's budget, over all its extensions."""
+    return sum(int(r.get("n_trials", 0)) for r in history(study) if r.get("action") == "extend")
+
+
+def _check_same(study_name: str, study: optuna.Study, spec: StudySpec) -> StudySpec:
+    """Refuse a ``spec`` whose definition differs from the stored one; the spec to queue with.
+
+    A stored ``n_trials`` larger than the file's by exactly the trials ``hpo extend`` recorded
+    is the same study (the original file stays usable); the returned spec then has that budget.
+    """
     stored = stored_definition(study)
     if stored is None:
-        return
-    diff = definition_diff(stored, spec.definition())
+        return spec
+    given = spec.definition()
+    extra = extended_trials(study)
+    if extra and stored.get("n_trials") == spec.n_trials + extra:
+        given["n_trials"] = stored["n_trials"]
+        spec = spec.model_copy(update={"n_trials": spec.n_trials + extra})
+    diff = definition_diff(stored, given)
     if diff:
         raise StudyDefinitionMismatch(
             f"study {study_name!r} exists with a different definition; refusing to resume it silently.\n"
             f"{diff}\n"
             "(fix: restore the study file, or create a new study with --study-name NEW_NAME)"
         )
+    return spec
 
 
 def _check_direction(study_name: str, study: optuna.Study, spec: StudySpec) -> None:
@@ -116,14 +141,14 @@ def create_study(
     with study_lock(storage, name):
         study = _load(storage, name)
         if study is not None:
-            _check_same(name, study, spec)
+            effective = _check_same(name, study, spec)
             if stored_definition(study) is None:
                 # No definition: made by `optuna create-study`, or an hpo creation killed before
                 # it stored one (then the study has no trials yet, and is simply completed).
                 if not skip_if_exists and study.get_trials(deepcopy=False):
                     raise HpoError(f"study {name!r} already exists (fix: pass --skip-if-exists to reuse it)")
                 _adopt_locked(name, study, spec)
-            elif _queue_budget(study, spec) == 0 and not skip_if_exists:
+            elif _queue_budget(study, effective) == 0 and not skip_if_exists:
                 # (A creation interrupted before its queue was complete is completed above.)
                 raise HpoError(f"study {name!r} already exists (fix: pass --skip-if-exists to reuse it)")
             return study, False
@@ -159,8 +184,7 @@ def adopt_study(storage: BaseStorage, study_name: str, spec: StudySpec) -> optun
                 "(fix: create it with hpo create-study or optuna create-study, or check --storage)"
             )
         if stored_definition(study) is not None:
-            _check_same(study_name, study, spec)
-            _queue_budget(study, spec)
+            _queue_budget(study, _check_same(study_name, study, spec))
         else:
             _adopt_locked(study_name, study, spec)
         return study

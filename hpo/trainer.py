@@ -196,7 +196,11 @@ def _run(
             specs[key] = spec_from_definition(job.definition, "stored definition")
         spec = specs[key]
         if objective is None:
-            objective = resolve_objective(job.objective, "stored definition")
+            # Resolved once per trainer: looking names up (entry points) costs milliseconds.
+            key = f"objective:{job.objective}"
+            if key not in specs:
+                specs[key] = resolve_objective(job.objective, "stored definition")
+            objective = specs[key]
         run = TrialRun(
             trial=RemoteTrial(conn, job.number, job.prunes),  # type: ignore[arg-type]
             spec=spec,

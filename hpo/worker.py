@@ -45,7 +45,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from hpo import _optuna
-from hpo._rdb import RETRY_HISTORY_ATTR, FailOutcome, fail_stale, rdb_of
+from hpo._rdb import RETRY_HISTORY_ATTR, WORKER_ATTR, FailOutcome, fail_stale, rdb_of
 from hpo.errors import HpoError
 from hpo.objective import BUDGET_ATTR, Objective
 from hpo.resilient import StorageUnavailable, is_transient
@@ -56,7 +56,6 @@ from hpo.studies import checkpoint_folder, trial_checkpoint_dir
 from hpo.trainer import THREADS_ENV, TrialJob, describe_exit, inline_main, trainer_main
 
 T = TypeVar("T")
-WORKER_ATTR = "hpo:worker"
 TRACEBACK_ATTR = "hpo:traceback"
 # A traceback is stored with its failed trial up to this many characters (its last ones).
 TRACEBACK_LIMIT = 8000
@@ -113,15 +112,15 @@ def _retrying(storage: BaseStorage, fn: Callable[[], T]) -> T:
     return call(fn) if callable(call) and hasattr(storage, "inner") else fn()
 
 
-def claim_trial(study: optuna.Study) -> tuple[int, int] | None:
-    """Atomically move one WAITING trial of ``study`` to RUNNING; its (id, number), or None if
-    none is left. Retries of dead attempts are claimed first."""
+def claim_trial(study: optuna.Study, worker: str | None = None) -> tuple[int, int] | None:
+    """Atomically move one WAITING trial of ``study`` to RUNNING (recording ``worker`` as its
+    holder); its (id, number), or None if none is left. Retries of dead attempts come first."""
     storage = _optuna.study_storage(study)
     rdb = rdb_of(storage)
     if rdb is not None:
         # Repeated after a lost answer, a claim may have won a trial nobody then runs: it never
         # beats, turns stale and is retried, so nothing is lost.
-        return _retrying(storage, lambda: rdb.claim_next(_optuna.study_id(study)))
+        return _retrying(storage, lambda: rdb.claim_next(_optuna.study_id(study), worker=worker))
     # The gRPC proxy: its server's storage makes the state change conditional.
     while True:
         waiting = storage.get_all_trials(
@@ -133,6 +132,8 @@ def claim_trial(study: optuna.Study) -> tuple[int, int] | None:
         for trial in waiting[:16]:
             with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
                 if storage.set_trial_state_values(_optuna.trial_id(trial), state=TrialState.RUNNING):
+                    if worker is not None:
+                        storage.set_trial_system_attr(_optuna.trial_id(trial), WORKER_ATTR, worker)
                     return _optuna.trial_id(trial), trial.number
 
 
@@ -601,7 +602,7 @@ class Worker:
                     self._say(f"failed a stale trial of a dead worker: {outcome.reason[:120]}")
                 stale_checked = time.monotonic()
             self.trainer.ensure_started(self.interrupts)  # warm before the first claim
-            claimed = claim_trial(self.study)
+            claimed = claim_trial(self.study, self.identity)
             if claimed is None:
                 stale_checked = -math.inf  # before concluding the study is done, look again
                 if self._study_done(interval is not None):
@@ -663,7 +664,6 @@ class Worker:
             trial = _optuna.trial_for(self.study, trial_id)
             # Read after Trial(): the sampler's before_trial may have set this trial's budget.
             system_attrs = storage.get_trial_system_attrs(trial_id)
-            storage.set_trial_system_attr(trial_id, WORKER_ATTR, self.identity)
             params = suggest(trial, self.spec.space)
         except (WorkerInterrupted, StorageUnavailable):
             raise

@@ -171,4 +171,5 @@ DIGITS_MLP = Objective(
     config=DigitsConfig,
     data=DigitsData,
     description="MLP on scikit-learn's handwritten digits (no download)",
+    metrics=("val_loss", "val_acc", "train_loss"),
 )

@@ -188,3 +188,32 @@ def test_storage_urls(monkeypatch: pytest.MonkeyPatch) -> None:
     assert sqlite_path("sqlite:///:memory:") is None
     with pytest.raises(StorageError, match="not a database URL"):
         parse_url("::")
+
+
+def test_gpu_children_get_every_flag_but_never_the_storage_url() -> None:
+    from hpo.cli import _child_args, build_parser
+    from hpo.policy import ObjectivePolicy
+
+    url = "postgresql+psycopg://hpo:secret@db:5432/hpo"
+    flags = [
+        "--storage-patience",
+        "42",
+        "--threads",
+        "3",
+        "--max-retry",
+        "5",
+        "--allow-objective",
+        "myproj.*",
+    ]
+    args = build_parser().parse_args(
+        ["worker", "study.yaml", "--storage", url, "--checkpoint-dir", "/ck", "--no-progress", *flags]
+    )
+    policy = ObjectivePolicy.from_sources(cli_patterns=args.allow_objective, trusted=["mine.models:OBJ"])
+    child = _child_args(args, "quad", policy)
+    assert "secret" not in " ".join(child) and "--storage" not in child
+    pairs = {child[i]: child[i + 1] for i in range(len(child) - 1) if child[i].startswith("--")}
+    assert pairs["--checkpoint-dir"] == "/ck" and pairs["--storage-patience"] == "42.0"
+    assert pairs["--threads"] == "3" and pairs["--max-retry"] == "5" and pairs["--study-name"] == "quad"
+    assert "--no-progress" in child
+    allowed = [child[i + 1] for i, flag in enumerate(child) if flag == "--allow-objective"]
+    assert "myproj.*" in allowed and any("mine.models" in a for a in allowed)  # the study file's module

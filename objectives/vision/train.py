@@ -384,4 +384,6 @@ IMAGE_CLASSIFIER = Objective(
     config=ImageClassifierConfig,
     data=DataConfig,
     description="image classification with torchvision models or report 000's MLP (reports 000-004)",
+    # The union over tasks: val_top5 is reported for single-label data, val_map for multi-label.
+    metrics=("val_loss", "val_acc", "val_top5", "val_map", "train_loss", "train_acc", "lr"),
 )
