@@ -175,6 +175,7 @@ __all__ = [
     "rdb_models",
     "rdb_scoped_session",
     "rdb_session",
+    "rdb_stale_trial_ids",
     "record_heartbeat",
     "refresh_cache",
     "servicer_storage",
@@ -406,6 +407,14 @@ def record_heartbeat(storage: BaseStorage, trial_id: int) -> None:
     if not isinstance(storage, BaseHeartbeat):
         raise TypeError(f"{type(storage).__name__} records no heartbeats")
     storage.record_heartbeat(trial_id)
+
+
+def rdb_stale_trial_ids(storage: RDBStorage, study_id: int) -> list[int]:
+    """Optuna's own stale check of an RDB storage (``RDBStorage._get_stale_trial_ids``: RUNNING
+    trials whose heartbeat row is older than the grace period), also from a subclass that
+    overrides it to add to it (hpo._rdb.HpoRDBStorage)."""
+    ids = _reach(RDBStorage, "_get_stale_trial_ids", "RDBStorage")(storage, study_id)
+    return [int(i) for i in ids]
 
 
 def stale_trial_ids(storage: BaseStorage, study_id: int) -> list[int]:

@@ -36,7 +36,7 @@ from optuna.storages import RDBStorage
 from optuna.trial import TrialState
 from sqlalchemy import orm
 
-from hpo._optuna import rdb_backend, rdb_engine, rdb_scoped_session, stale_trial_ids
+from hpo._optuna import rdb_backend, rdb_engine, rdb_scoped_session, rdb_stale_trial_ids, stale_trial_ids
 from hpo._optuna import rdb_models as models  # Optuna's ORM models of its own schema
 
 # Trial system attributes of a retry: the trial it directly replaces (hpo's link), plus Optuna's
@@ -263,7 +263,8 @@ class HpoRDBStorage(RDBStorage):
                         return number
             # every candidate was claimed or filled meanwhile: look again
 
-        stale = set(super()._get_stale_trial_ids(study_id))
+    def _get_stale_trial_ids(self, study_id: int) -> list[int]:
+        stale = set(rdb_stale_trial_ids(self, study_id))  # Optuna's: heartbeats older than grace
         grace = self.grace_period if self.grace_period is not None else 2 * (self.heartbeat_interval or 0)
         trials = models.TrialModel.__table__
         beats = models.TrialHeartbeatModel.__table__

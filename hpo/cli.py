@@ -9,7 +9,7 @@ import importlib
 import json
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import NoReturn
 
@@ -212,6 +212,7 @@ class _Parser(argparse.ArgumentParser):
     def __init__(self, *args: object, **kwargs: object) -> None:
         kwargs.setdefault("allow_abbrev", False)
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.commands: Mapping[str, argparse.ArgumentParser] = {}  # the sub-commands' parsers, by name
 
     def error(self, message: str) -> NoReturn:
         hint = self._suggestion(message)
@@ -233,13 +234,14 @@ class _Parser(argparse.ArgumentParser):
         return ""
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> _Parser:
     parser = _Parser(
         prog="hpo",
         description="Hyperparameter optimisation for PyTorch: "
         "studies in files, trials in a database, workers anywhere.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_Parser)
+    parser.commands = sub.choices  # filled in as the commands are added below
 
     p = sub.add_parser(
         "create-study", help="create a study from a study file (definition stored, trials queued)"
@@ -364,8 +366,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, extras = parser.parse_known_args(argv)
     if extras:  # reported by the command's own parser, which knows its flags for a suggestion
-        commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-        commands.choices[args.command].error(f"unrecognized arguments: {' '.join(extras)}")
+        parser.commands[args.command].error(f"unrecognized arguments: {' '.join(extras)}")
     try:
         return int(args.func(args))
     except HpoError as exc:

@@ -442,6 +442,7 @@ def test_heartbeats_and_stale_trials(rdb_url: str, opened: list[RDBStorage]) -> 
         )
     # Only a trial whose heartbeat is older than the grace period is stale; one that never beat is not.
     assert _optuna.stale_trial_ids(rdb, sid) == [silent], changed("BaseHeartbeat._get_stale_trial_ids")
+    assert _optuna.rdb_stale_trial_ids(rdb, sid) == [silent], changed("RDBStorage._get_stale_trial_ids")
     assert _optuna.stale_trial_ids(cached, sid) == [silent], changed("_CachedStorage._get_stale_trial_ids")
     _optuna.record_heartbeat(rdb, silent)  # beats again: alive
     assert _optuna.stale_trial_ids(cached, sid) == []
