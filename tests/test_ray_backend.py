@@ -283,6 +283,8 @@ def test_sigterm_hands_the_trials_back_to_the_queue(tmp_path: Path, sqlite_url: 
             except KeyError:
                 continue
             trained = [t for t in study.get_trials() if t.intermediate_values]
+        if not trained and worker.poll() is not None:  # say why the worker ended
+            raise AssertionError(f"the worker exited {worker.returncode}: {worker.communicate()[0]}")
         assert trained, "no trial reported an epoch"
         worker.send_signal(signal.SIGTERM)
         output, _ = worker.communicate(timeout=180)
