@@ -112,6 +112,11 @@ class HpoRDBStorage(RDBStorage):
         assert engine is not None  # an RDBStorage always has one
         return engine
 
+    def _trials_of(self, query: Any) -> list[tuple[int, int]]:
+        """(trial_id, number) rows of a SELECT of those two columns."""
+        with self._engine().connect() as conn:
+            return [(int(row[0]), int(row[1])) for row in conn.execute(query)]
+
     # ------------------------------------------------------------------ state changes
     def set_trial_state_values(
         self, trial_id: int, state: TrialState, values: Sequence[float] | None = None
@@ -188,8 +193,7 @@ class HpoRDBStorage(RDBStorage):
             .limit(limit)
         )
         while True:
-            with self._engine().connect() as conn:
-                candidates = [(int(row[0]), int(row[1])) for row in conn.execute(query)]
+            candidates = self._trials_of(query)
             if not candidates:
                 return None
             for trial_id, number in candidates:
@@ -237,8 +241,7 @@ class HpoRDBStorage(RDBStorage):
             .limit(16)
         )
         while True:
-            with self._engine().connect() as conn:
-                candidates = [(int(row[0]), int(row[1])) for row in conn.execute(query)]
+            candidates = self._trials_of(query)
             if not candidates:
                 return None
             for trial_id, number in candidates:

@@ -42,17 +42,16 @@ from hpo._optuna import rdb_models as models
 from hpo._rdb import rdb_of
 from hpo.artifacts import ENV_ARTIFACT_DIR, resolve_artifact_dir
 from hpo.errors import HpoError
-from hpo.samplers import make_pruner, make_sampler
 from hpo.space import SearchSpace
 from hpo.spec import StudySpec, definition_diff
 from hpo.storage import add_storage_argument, open_storage, redact, resolve_storage_url, study_lock
 from hpo.studies import (
     DEFINITION_ATTR,
     HISTORY_ATTR,
-    _install,
     _load,
     _queue_budget,
     checkpoint_folder,
+    create_locked,
     history,
     load_study_spec,
     stored_definition,
@@ -337,15 +336,7 @@ def replace_study(
                 _refuse_running(old, "replace it")
             diff = definition_diff(stored_definition(old) or {}, spec.definition())
             _delete_locked(storage, old, checkpoint_root, artifact_dir or resolve_artifact_dir())
-        study = optuna.create_study(
-            storage=storage,
-            study_name=name,
-            direction=spec.direction,
-            sampler=make_sampler(spec),
-            pruner=make_pruner(spec.pruner, spec.budget.max_epochs),
-        )
-        _install(study, spec)
-        return study, diff
+        return create_locked(storage, name, spec), diff
 
 
 # --------------------------------------------------------------------------- CLI

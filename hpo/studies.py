@@ -152,15 +152,20 @@ def create_study(
                 # (A creation interrupted before its queue was complete is completed above.)
                 raise HpoError(f"study {name!r} already exists (fix: pass --skip-if-exists to reuse it)")
             return study, False
-        study = optuna.create_study(
-            storage=storage,
-            study_name=name,
-            direction=spec.direction,
-            sampler=make_sampler(spec),
-            pruner=make_pruner(spec.pruner, spec.budget.max_epochs),
-        )
-        _install(study, spec)
-        return study, True
+        return create_locked(storage, name, spec), True
+
+
+def create_locked(storage: BaseStorage, name: str, spec: StudySpec) -> optuna.Study:
+    """Create the study with its definition and queue; the caller holds :func:`study_lock`."""
+    study = optuna.create_study(
+        storage=storage,
+        study_name=name,
+        direction=spec.direction,
+        sampler=make_sampler(spec),
+        pruner=make_pruner(spec.pruner, spec.budget.max_epochs),
+    )
+    _install(study, spec)
+    return study
 
 
 def _install(study: optuna.Study, spec: StudySpec) -> None:
