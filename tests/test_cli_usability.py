@@ -31,3 +31,34 @@ def test_read_only_commands_never_create_a_database(tmp_path: Path, command: lis
     (line,) = result.stderr.strip().splitlines()
     assert "no database file" in line and str(missing) in line
     assert not missing.exists() and not missing.parent.exists()
+
+
+@pytest.mark.parametrize(
+    ("flags", "fragment"),
+    [
+        (["--storage-patience", "0"], "--storage-patience must be a positive number"),
+        (["--threads", "0"], "--threads must be at least 1"),
+        (["--allow-objective", "evil.mod:obj"], "contains ':'"),
+    ],
+)
+def test_bad_worker_flags_are_one_clear_line(tmp_path: Path, flags: list[str], fragment: str) -> None:
+    from studyfiles import quadratic_study
+
+    path = quadratic_study(tmp_path)
+    result = run_cli(["worker", str(path), "--storage", f"sqlite:///{tmp_path / 'hpo.db'}", *flags])
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert fragment in line, line
+
+
+def test_a_non_positive_trial_timeout_is_refused_at_load(tmp_path: Path) -> None:
+    from studyfiles import quadratic_study
+
+    path = quadratic_study(tmp_path)
+    path.write_text(
+        path.read_text().replace("budget: {max_epochs: 3}", "budget: {max_epochs: 3, trial_timeout: -5}")
+    )
+    result = run_cli(["create-study", str(path), "--storage", f"sqlite:///{tmp_path / 'hpo.db'}"])
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert "budget.trial_timeout" in line, line
