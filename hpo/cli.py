@@ -8,41 +8,29 @@ import difflib
 import importlib
 import json
 import sys
-import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
-import optuna
-
-from hpo import inspect as inspect_
-from hpo._optuna import cached_storage
+# Only light modules at the top: `hpo --help` and `hpo COMMAND --help` must not import Optuna,
+# SQLAlchemy or pydantic. Each command imports what it runs in its own function.
+from hpo._objective_path import add_objective_path_argument, objective_path
+from hpo._objective_path import cli_args as objective_path_args
+from hpo._storage_url import add_storage_argument, resolve_storage_url
 from hpo.errors import HpoError
-from hpo.launcher import (
-    check_sqlite_limit,
-    cuda_device_count,
-    parse_gpus,
-    plan_slots,
-    run_children,
-    sqlite_worker_slot,
-)
-from hpo.objective import resolve_objective
-from hpo.policy import ObjectivePolicy
-from hpo.resilient import RetryingStorage
-from hpo.spec import StudySpec, load_study_file
-from hpo.storage import (
-    HeartbeatSettings,
-    add_storage_argument,
-    open_storage,
-    redact,
-    resolve_storage_url,
-    sqlite_path,
-)
-from hpo.studies import adopt_study, complete_queue, create_study, load_study_spec
-from hpo.worker import Worker, WorkerOptions
+
+if TYPE_CHECKING:
+    import optuna
+
+    from hpo.policy import ObjectivePolicy
+    from hpo.spec import StudySpec
 
 
 def cmd_create_study(args: argparse.Namespace) -> int:
+    from hpo.spec import load_study_file
+    from hpo.storage import open_storage, redact
+    from hpo.studies import create_study
+
     spec = load_study_file(args.study_file)
     url = resolve_storage_url(args.storage)
     storage = open_storage(url)
@@ -61,13 +49,17 @@ def cmd_create_study(args: argparse.Namespace) -> int:
 
 
 def _worker_study(
-    args: argparse.Namespace, storage: optuna.storages.BaseStorage
+    args: argparse.Namespace, storage: optuna.storages.BaseStorage, search_path: Sequence[str] = ()
 ) -> tuple[optuna.Study, StudySpec, list[str]]:
-    """The study, its definition, and the objectives trusted because a study file named them."""
+    """The study, its definition, and the objectives trusted because a study file named them
+    (looked for in ``search_path`` too, see :mod:`hpo._objective_path`)."""
+    from hpo.spec import load_study_file
+    from hpo.studies import adopt_study, complete_queue, create_study, load_study_spec
+
     if args.study_file and args.spec:
         raise HpoError("give the study file either as STUDY_FILE or as --spec, not both")
     if args.study_file:
-        spec = load_study_file(args.study_file)
+        spec = load_study_file(args.study_file, search_path)
         create_study(storage, spec, args.study_name, skip_if_exists=True)
         study, stored = load_study_spec(storage, args.study_name or spec.name)
         return study, stored, [spec.objective]
@@ -78,7 +70,7 @@ def _worker_study(
         )
     trusted = []
     if args.spec:
-        spec = load_study_file(args.spec)
+        spec = load_study_file(args.spec, search_path)
         adopt_study(storage, args.study_name, spec)
         trusted.append(spec.objective)
     study, stored = load_study_spec(storage, args.study_name)
@@ -86,7 +78,9 @@ def _worker_study(
     return study, stored, trusted
 
 
-def _child_args(args: argparse.Namespace, study_name: str, policy: ObjectivePolicy) -> list[str]:
+def _child_args(
+    args: argparse.Namespace, study_name: str, policy: ObjectivePolicy, search_path: Sequence[str] = ()
+) -> list[str]:
     """The flags each ``--gpus``/``--trials-per-gpu`` child worker gets (never the storage URL)."""
     child = [
         "--study-name",
@@ -107,6 +101,7 @@ def _child_args(args: argparse.Namespace, study_name: str, policy: ObjectivePoli
         str(args.storage_patience),
     ]
     child += policy.cli_args()  # the children get no study file: pass what it trusted
+    child += objective_path_args(search_path)  # and where its objective was looked for
     if args.n_trials is not None:
         child += ["--n-trials", str(args.n_trials)]
     if args.timeout is not None:
@@ -119,6 +114,21 @@ def _child_args(args: argparse.Namespace, study_name: str, policy: ObjectivePoli
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
+    from hpo._optuna import cached_storage
+    from hpo.launcher import (
+        check_sqlite_limit,
+        cuda_device_count,
+        parse_gpus,
+        plan_slots,
+        run_children,
+        sqlite_worker_slot,
+    )
+    from hpo.objective import resolve_objective
+    from hpo.policy import ObjectivePolicy
+    from hpo.resilient import RetryingStorage
+    from hpo.storage import HeartbeatSettings, open_storage, redact, sqlite_path
+    from hpo.worker import Worker, WorkerOptions
+
     url = resolve_storage_url(args.storage)
     heartbeat = HeartbeatSettings(args.heartbeat_interval, args.grace_period, args.max_retry)
     if heartbeat.interval < 1 or heartbeat.grace_period <= heartbeat.interval:
@@ -134,15 +144,19 @@ def cmd_worker(args: argparse.Namespace) -> int:
         patience=args.storage_patience,
         describe=redact(url),
     )
-    study, spec, trusted = _worker_study(args, storage)
+    # Folders of the user's side only (the study file's, the current one, --objective-path);
+    # the stored definition never names a folder (hpo._objective_path).
+    search_path = objective_path(args.study_file or args.spec, args.objective_path)
+    study, spec, trusted = _worker_study(args, storage, search_path)
     policy = ObjectivePolicy.from_sources(cli_patterns=args.allow_objective, trusted=trusted)
     source = f"stored definition of study {study.study_name!r}"
     target = policy.check(spec.objective, source)
-    resolve_objective(spec.objective, source, policy)  # importable here, before any trial starts
+    # Importable here, before any trial starts.
+    resolve_objective(spec.objective, source, policy, search_path)
     if args.backend == "ray":
         from hpo.ray_backend import run_on_ray
 
-        return run_on_ray(study, spec, url, args)
+        return run_on_ray(study, spec, url, args, objective_path=search_path)
     gpus = parse_gpus(args.gpus, cuda_device_count())
     slots = plan_slots(gpus, args.trials_per_gpu)
     database = sqlite_path(url)
@@ -150,7 +164,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         if database is not None:
             check_sqlite_limit(database, len(slots))
         print(f"starting {len(slots)} worker processes: {', '.join(s.label for s in slots)}")
-        return run_children(slots, _child_args(args, study.study_name, policy), url)
+        return run_children(slots, _child_args(args, study.study_name, policy, search_path), url)
     slot = slots[0]
     options = WorkerOptions(
         n_trials=args.n_trials,
@@ -166,12 +180,23 @@ def cmd_worker(args: argparse.Namespace) -> int:
     with contextlib.ExitStack() as stack:
         if database is not None:
             stack.enter_context(sqlite_worker_slot(database))
-        worker = Worker(study, spec, options, objective=target, storage_patience=args.storage_patience)
+        worker = Worker(
+            study,
+            spec,
+            options,
+            objective=target,
+            storage_patience=args.storage_patience,
+            objective_path=search_path,
+        )
         return worker.run().exit_code
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    storage = open_storage(resolve_storage_url(args.storage), must_exist=True)
+    from hpo import inspect as inspect_
+    from hpo.storage import open_storage
+    from hpo.studies import load_study_spec
+
+    storage = open_storage(resolve_storage_url(args.storage), read_only=True)
     if args.study_name:
         study, spec = load_study_spec(storage, args.study_name)
         inspect_.print_status(study, spec.n_trials)
@@ -181,7 +206,10 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_best(args: argparse.Namespace) -> int:
-    storage = open_storage(resolve_storage_url(args.storage), must_exist=True)
+    from hpo import inspect as inspect_
+    from hpo.storage import open_storage
+
+    storage = open_storage(resolve_storage_url(args.storage), read_only=True)
     study = inspect_.load(storage, args.study_name)
     best = inspect_.best_trial(study)
     if args.json:
@@ -194,7 +222,10 @@ def cmd_best(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    storage = open_storage(resolve_storage_url(args.storage), must_exist=True)
+    from hpo import inspect as inspect_
+    from hpo.storage import open_storage
+
+    storage = open_storage(resolve_storage_url(args.storage), read_only=True)
     study = inspect_.load(storage, args.study_name)
     text = inspect_.export(study, args.format)
     if args.output:
@@ -234,7 +265,10 @@ class _Parser(argparse.ArgumentParser):
         return ""
 
 
-def build_parser() -> _Parser:
+def build_parser(command: str | None = None, *, lazy: bool = False) -> _Parser:
+    """The ``hpo`` parser, every command in full; with ``lazy``, of the commands defined in other
+    modules (:data:`COMMAND_MODULES`) only ``command``'s is imported and built, the others are
+    listed by name and help alone (what ``main`` needs: it runs one command at most)."""
     parser = _Parser(
         prog="hpo",
         description="Hyperparameter optimisation for PyTorch: "
@@ -323,6 +357,7 @@ def build_parser() -> _Parser:
     p.add_argument(
         "--threads", type=int, default=None, help="PyTorch intra-op threads of the trainer (default: all)"
     )
+    add_objective_path_argument(p)
     p.add_argument("--slot-label", default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_worker)
 
@@ -350,23 +385,62 @@ def build_parser() -> _Parser:
     p.add_argument("--output", "-o", default=None, help="file to write (default: standard output)")
     p.set_defaults(func=cmd_export)
 
-    for module_name in COMMAND_MODULES:
-        importlib.import_module(module_name).register(sub)
+    for module_name, helps in COMMAND_MODULES.items():
+        if not lazy or command in helps:
+            importlib.import_module(module_name).register(sub)
+        else:  # listed in `hpo --help` without importing the module (Optuna, SciPy, gRPC, ...)
+            for name, help_ in helps.items():
+                sub.add_parser(name, help=help_)
     return parser
 
 
-# Modules that contribute sub-commands: each has ``register(subparsers) -> None``.
-COMMAND_MODULES = ("hpo.dashboard", "hpo.serve_storage", "hpo.retrain", "hpo.compare", "hpo.lifecycle")
+# Modules that contribute sub-commands, each with ``register(subparsers) -> None``, and the one-line
+# help of each command they add, as `hpo --help` lists it without importing them (a test checks
+# these lines match what the modules register).
+COMMAND_MODULES: Mapping[str, Mapping[str, str]] = {
+    "hpo.dashboard": {
+        "dashboard": "watch studies live in optuna-dashboard (trials, learning curves, stored definitions)",
+    },
+    "hpo.serve_storage": {
+        "serve-storage": "serve the study database to many workers through Optuna's gRPC storage proxy",
+    },
+    "hpo.retrain": {
+        "retrain": "train the best configuration(s) of a study for longer, record full curves, "
+        "save the models",
+    },
+    "hpo.compare": {
+        "compare": "compare samplers: one study per (sampler, seed), equal budgets, report with statistics",
+        "report": "write the report of a comparison (HTML, PNG, Markdown)",
+        "tabulate": "train a grid once with full learning curves into a replay table",
+    },
+    "hpo.lifecycle": {
+        "extend": "queue N more trials of a study (its stored n_trials grows by N)",
+        "enqueue": "run known configurations next (they take the oldest empty queued slots)",
+        "delete-study": "delete a study, its checkpoints and its artifacts",
+    },
+}
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _quiet_optuna() -> None:
+    """Optuna's experimental-feature and deprecation warnings are about hpo's code, not the user's."""
+    import warnings
+
+    import optuna
+
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     warnings.filterwarnings("ignore", category=FutureWarning, module="optuna")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    parser = build_parser()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # The first word that is not a flag is the command (`hpo` itself has no flags but --help).
+    command = next((word for word in argv if not word.startswith("-")), None)
+    parser = build_parser(command, lazy=True)
     args, extras = parser.parse_known_args(argv)
     if extras:  # reported by the command's own parser, which knows its flags for a suggestion
         parser.commands[args.command].error(f"unrecognized arguments: {' '.join(extras)}")
+    _quiet_optuna()
     try:
         return int(args.func(args))
     except HpoError as exc:

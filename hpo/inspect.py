@@ -13,8 +13,9 @@ from optuna.trial import FrozenTrial, TrialState
 from rich.console import Console
 from rich.table import Table
 
+from hpo._progress import count_trials, report_console
 from hpo.errors import HpoError
-from hpo.studies import stored_definition, trial_counts
+from hpo.studies import stored_definition
 from hpo.worker import WORKER_ATTR
 
 
@@ -185,26 +186,32 @@ def export(study: optuna.Study, fmt: str) -> str:
 
 
 def print_studies(storage: BaseStorage, console: Console | None = None) -> None:
-    console = console or Console()
+    console = console or report_console()
     summaries = optuna.get_all_study_summaries(storage, include_best_trial=True)
     if not summaries:
         console.print("no studies in this storage (create one with `hpo create-study STUDY_FILE`)")
         return
     table = Table(title="studies")
-    for column in ("study", "direction", "trials", "best value"):
-        table.add_column(column)
+    for column in ("study", "direction", "done/planned", "best value"):
+        table.add_column(column, no_wrap=column != "study")
     for s in summaries:
         best = f"{s.best_trial.value:.6g}" if s.best_trial and s.best_trial.value is not None else "-"
-        table.add_row(s.study_name, s.direction.name.lower(), str(s.n_trials), best)
+        definition = s.user_attrs.get("hpo:definition")
+        planned = definition.get("n_trials") if isinstance(definition, dict) else None
+        trials = storage.get_all_trials(storage.get_study_id_from_name(s.study_name), deepcopy=False)
+        counts = count_trials(trials, planned if isinstance(planned, int) else 0, None)
+        table.add_row(s.study_name, s.direction.name.lower(), f"{counts.done}/{counts.planned}", best)
     console.print(table)
 
 
 def print_status(study: optuna.Study, n_trials: int, console: Console | None = None) -> None:
-    console = console or Console()
-    counts = trial_counts(study)
-    finished = counts["COMPLETE"] + counts["PRUNED"] + counts["FAIL"]
-    console.print(f"study [bold]{study.study_name}[/bold]: {n_trials} trials planned, {finished} finished")
-    console.print("  " + "  ".join(f"{state.lower()}={n}" for state, n in counts.items()))
+    """``n_trials``: the stored definition's. Counts per planned configuration (a retried
+    attempt is ``retried``, not a trial: see :mod:`hpo._progress`); when stdout is not a terminal
+    nothing is wrapped, so values are never split across lines."""
+    console = console or report_console()
+    counts = count_trials(study.get_trials(deepcopy=False), n_trials, None)
+    console.print(f"study [bold]{study.study_name}[/bold]: {counts.done_text()}")
+    console.print("  " + counts.states_text())
     try:
         best = study.best_trial
         console.print(f"  best: trial {best.number} value={best.value:.6g} params={best.params}")
@@ -215,13 +222,13 @@ def print_status(study: optuna.Study, n_trials: int, console: Console | None = N
     if running:
         table = Table(title="running trials")
         for column in ("trial", "worker", "epochs done", "params"):
-            table.add_column(column)
+            table.add_column(column, no_wrap=column != "params")  # params wrap between parameters only
         for t in running:
             table.add_row(
                 str(t.number),
                 str(t.system_attrs.get(WORKER_ATTR, "?")),
                 str(len(t.intermediate_values)),
-                str(t.params),
+                "  ".join(f"{k}={v}" for k, v in t.params.items()),
             )
         console.print(table)
     failed = [t for t in trials if t.state == TrialState.FAIL]

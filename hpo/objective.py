@@ -23,10 +23,9 @@ from __future__ import annotations
 
 import contextlib
 import difflib
-import importlib
 import math
 import time
-from collections.abc import Callable, Mapping, MutableMapping
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 import optuna
 from pydantic import BaseModel, ValidationError
 
+from hpo._objective_path import import_objective_module
 from hpo.errors import SpecError
 from hpo.policy import ObjectivePolicy, known_objectives, lookup_target
 
@@ -242,7 +242,10 @@ def _known_objectives() -> Mapping[str, str]:
 
 
 def resolve_objective(
-    name: str, source: str = "study file", policy: ObjectivePolicy | None = None
+    name: str,
+    source: str = "study file",
+    policy: ObjectivePolicy | None = None,
+    search_path: Sequence[str] = (),
 ) -> Objective:
     """An objective from the registry in ``objectives/``, an ``hpo.objectives`` entry point, or a
     ``package.module:attribute`` path.
@@ -250,18 +253,12 @@ def resolve_objective(
     With a ``policy`` (a worker running a definition from the storage), the objective must be
     allowed by it (:meth:`hpo.policy.ObjectivePolicy.check`), decided before anything is imported.
     Without one, the objective is trusted: it comes from a study file the user gave.
+    ``search_path``: folders chosen on the user's side (never by the storage) where a module the
+    installed packages lack is looked for (see :mod:`hpo._objective_path`).
     """
     target = policy.check(name, source) if policy is not None else lookup_target(name, source)
     module_name, _, attribute = target.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        raise SpecError(
-            source,
-            "objective",
-            f"cannot import module {module_name!r} ({exc})",
-            "check the module path and that it is installed",
-        ) from None
+    module = import_objective_module(module_name, search_path, source)
     obj = getattr(module, attribute, None)
     if obj is None:
         raise SpecError(source, "objective", f"module {module_name!r} has no attribute {attribute!r}")
@@ -290,10 +287,13 @@ def _check_model(model: type[BaseModel], values: Mapping[str, Any], source: str,
         raise SpecError(source, f"{section}.{loc}" if loc else section, first["msg"]) from None
 
 
-def check_objective(spec: StudySpec, source: str, policy: ObjectivePolicy | None = None) -> Objective:
-    """Resolve the objective (under ``policy`` when given, see :func:`resolve_objective`) and check
-    the study's metric, settings and space against what it declares."""
-    objective = resolve_objective(spec.objective, source, policy)
+def check_objective(
+    spec: StudySpec, source: str, policy: ObjectivePolicy | None = None, search_path: Sequence[str] = ()
+) -> Objective:
+    """Resolve the objective (under ``policy`` when given, looking in ``search_path`` too, see
+    :func:`resolve_objective`) and check the study's metric, settings and space against what it
+    declares."""
+    objective = resolve_objective(spec.objective, source, policy, search_path)
     if objective.metrics and spec.metric not in objective.metrics:
         close = difflib.get_close_matches(spec.metric, objective.metrics, n=1)
         hint = f"did you mean {close[0]}? " if close else ""

@@ -26,7 +26,7 @@ import csv
 import json
 import shutil
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +37,7 @@ from optuna.trial import FrozenTrial, TrialState
 from rich.console import Console
 
 from hpo import _optuna
+from hpo._objective_path import add_objective_path_argument, objective_path
 from hpo.errors import HpoError
 from hpo.objective import Objective, TrialRun, resolve_objective
 from hpo.policy import ObjectivePolicy
@@ -157,8 +158,12 @@ def retrain(
     device: str = "cpu",
     console: Console | None = None,
     policy: ObjectivePolicy | None = None,
+    search_path: Sequence[str] = (),
 ) -> list[RetrainResult]:
-    """Retrain the ``top`` best trials of ``study_name`` for ``epochs`` epochs (see module docstring)."""
+    """Retrain the ``top`` best trials of ``study_name`` for ``epochs`` epochs (see module docstring).
+
+    The objective must pass ``policy``; its module is looked for in ``search_path`` too (folders
+    chosen on the command line, see :mod:`hpo._objective_path`)."""
     if epochs < 1:
         raise HpoError(f"--epochs must be at least 1, got {epochs}")
     if top < 1:
@@ -168,7 +173,9 @@ def retrain(
     sources = best_trials(study, top)
     if len(sources) < top:
         console.print(f"study {study_name!r} has only {len(sources)} completed trial(s); retraining those")
-    objective = resolve_objective(spec.objective, f"stored definition of study {study_name!r}", policy)
+    objective = resolve_objective(
+        spec.objective, f"stored definition of study {study_name!r}", policy, search_path
+    )
     output = output or DEFAULT_OUTPUT_ROOT / study_name.replace("/", "_")
 
     target = _retrain_study(storage, study_name, spec)
@@ -285,6 +292,8 @@ def cmd_retrain(args: argparse.Namespace) -> int:
         device=args.device or _default_device(),
         # Like a worker: the database does not choose the code that runs here (hpo.policy).
         policy=ObjectivePolicy.from_sources(cli_patterns=args.allow_objective),
+        # The current directory and --objective-path folders: never a folder from the storage.
+        search_path=objective_path(None, args.objective_path),
     )
     failed = [r for r in results if r.error is not None]
     print(
@@ -319,4 +328,5 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         metavar="PATTERN",
         help="also run objectives from modules matching PATTERN (as hpo worker; see $HPO_ALLOW_OBJECTIVES)",
     )
+    add_objective_path_argument(p)
     p.set_defaults(func=cmd_retrain)

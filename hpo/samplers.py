@@ -12,6 +12,7 @@ from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import optuna
 from optuna.pruners import BasePruner
 from optuna.samplers import BaseSampler
@@ -66,8 +67,26 @@ SAMPLER_BUILDERS: Mapping[str, SamplerBuilder] = MappingProxyType(
 )
 
 
+def trial_seed(seed: int, number: int) -> int:
+    """The sampler seed of trial ``number`` of a study seeded ``seed``: one 32-bit draw of
+    ``numpy.random.SeedSequence([seed, number])``.
+
+    Workers build a sampler per trial with this seed, so a run is reproducible (same study seed,
+    same trials) and parallel workers never draw from equal RNG states. It is a hash of the pair,
+    not ``seed + number``: studies seeded ``s`` and ``s + 1`` share no random stream (with the sum,
+    seed 1's trial 0 was seed 0's trial 1). A retried trial keeps its parameters (it is queued with
+    them), so a retry's seed never matters. ``seed`` may be negative (taken modulo 2**64);
+    ``number`` is a trial number (>= 0).
+    """
+    if number < 0:
+        raise ValueError(f"a trial number is >= 0, got {number}")
+    state = np.random.SeedSequence([seed % 2**64, number]).generate_state(1, dtype=np.uint32)
+    return int(state[0])
+
+
 def make_sampler(spec: StudySpec, seed: int | None = None) -> BaseSampler:
-    """Build the study's sampler; ``seed`` overrides the file's seed (workers derive per-trial seeds)."""
+    """Build the study's sampler; ``seed`` overrides the file's seed (workers pass each trial's
+    :func:`trial_seed`)."""
     builder = SAMPLER_BUILDERS[spec.sampler.name]
     return builder(dict(spec.sampler.options), spec.sampler_seed if seed is None else seed, spec)
 

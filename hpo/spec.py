@@ -14,7 +14,7 @@ from __future__ import annotations
 import difflib
 import json
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -193,6 +193,15 @@ def parse_study(raw: Any, source: str, base_dir: Path | None = None) -> StudySpe
         if not space_path.is_absolute() and base_dir is not None:
             space_path = base_dir / space_path
         space_source, prefix = str(space_path), ""
+        if base_dir is not None and not space_path.is_file():
+            # Resolved against the study file's folder, not the current directory: say so.
+            raise SpecError(
+                source,
+                "search_space",
+                f"search-space file not found: {space_ref} (looked for {space_path})",
+                "the path is relative to the study file's folder, "
+                "e.g. search_space: ../search_spaces/NAME.yaml",
+            )
         space = load_space_file(space_path)
     else:
         # Errors in an inline space name the study file and the field under search_space.
@@ -249,13 +258,19 @@ def _check_factories(spec: StudySpec, source: str) -> None:
         ) from None
 
 
-def load_study_file(path: str | Path) -> StudySpec:
-    """Load and validate a study file; also checks the objective and its options."""
+def load_study_file(path: str | Path, search_path: Sequence[str] | None = None) -> StudySpec:
+    """Load and validate a study file; also checks the objective and its options.
+
+    A ``module:attribute`` objective the installed packages lack is looked for in ``search_path``
+    (default: the study file's folder, the folder above it and the current directory; see
+    :mod:`hpo._objective_path`).
+    """
     path = Path(path)
     spec = parse_study(_read_yaml(path, "study file"), str(path), base_dir=path.parent)
+    from hpo._objective_path import objective_path
     from hpo.objective import check_objective  # local import: objectives import torch
 
-    check_objective(spec, str(path))
+    check_objective(spec, str(path), search_path=objective_path(path) if search_path is None else search_path)
     return spec
 
 

@@ -8,12 +8,14 @@ does (``--storage``, then ``OPTUNA_STORAGE``), with hpo's default of an SQLite f
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import fcntl
+import functools
 import hashlib
 import os
+import sqlite3
 import time
+import urllib.parse
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,10 +29,11 @@ from sqlalchemy.engine import URL, make_url
 
 from hpo._optuna import rdb_backend, rdb_engine
 from hpo._rdb import HpoRDBStorage
+
+# Re-exported: the --storage flag and its resolution live in an import-light module (hpo --help).
+from hpo._storage_url import DEFAULT_STORAGE, ENV_STORAGE, add_storage_argument, resolve_storage_url  # noqa: F401
 from hpo.errors import StorageError
 
-DEFAULT_STORAGE = "sqlite:///storage/hpo.db"
-ENV_STORAGE = "OPTUNA_STORAGE"
 # SQLite serialises writers on one file lock; a generous busy timeout makes writers wait for it
 # instead of failing with "database is locked" while another worker commits.
 SQLITE_BUSY_TIMEOUT_S = 60
@@ -48,23 +51,6 @@ class HeartbeatSettings:
     interval: int = 10
     grace_period: int = 30
     max_retry: int = 3
-
-
-def resolve_storage_url(cli_value: str | None) -> str:
-    """``--storage`` wins, then ``$OPTUNA_STORAGE``, then the SQLite default under ``storage/``."""
-    if cli_value:
-        return cli_value
-    return os.environ.get(ENV_STORAGE) or DEFAULT_STORAGE
-
-
-def add_storage_argument(parser: argparse.ArgumentParser, *, grpc: bool = True, note: str = "") -> None:
-    """The ``--storage`` flag every command shares; resolve it with :func:`resolve_storage_url`."""
-    what = "SQLAlchemy URL of the study database"
-    if grpc:
-        what += " (or grpc://HOST:PORT for hpo serve-storage)"
-    parser.add_argument(
-        "--storage", default=None, help=f"{what}. Defaults to ${ENV_STORAGE}, then {DEFAULT_STORAGE}{note}"
-    )
 
 
 def is_grpc(url: str) -> bool:
@@ -114,15 +100,17 @@ def redact(url: str) -> str:
 
 
 def open_storage(
-    url: str, heartbeat: HeartbeatSettings | None = None, must_exist: bool = False
+    url: str, heartbeat: HeartbeatSettings | None = None, must_exist: bool = False, read_only: bool = False
 ) -> BaseStorage:
     """Open (and on first use create) the storage behind ``url``.
 
-    ``must_exist``: for commands that only read (status, best, export): an SQLite file that does
-    not exist is an error naming the path, not a new empty database.
+    ``must_exist``: an SQLite file that does not exist is an error naming the path, not a new empty
+    database. ``read_only`` (implies ``must_exist``), for commands that only read (status, best,
+    export, report): SQLite is opened read-only and nothing is created, so a database this user may
+    only read (a 0444 file, a read-only folder) can be read; other databases open as usual.
 
     Raises :class:`StorageError` with a one-line reason when the URL is malformed, the driver is
-    missing or the server cannot be reached.
+    missing, the server cannot be reached or the SQLite file cannot be created or written.
     """
     if is_grpc(url):
         return _open_grpc(url, heartbeat)
@@ -130,18 +118,29 @@ def open_storage(
     engine_kwargs: dict[str, object] = {}
     if parsed.get_backend_name() == "sqlite":
         path = sqlite_path(url)
-        if path is not None and must_exist and not path.is_file():
+        if path is not None and (must_exist or read_only) and not path.is_file():
             raise StorageError(
                 f"storage URL {url!r}: there is no database file {str(path)!r} (fix: check the path, "
                 "relative to the current directory; or pass --storage / set $OPTUNA_STORAGE)"
             )
+        if path is not None and read_only:
+            return _open_sqlite_read_only(url, path)
         if path is not None:
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
                 raise StorageError(
-                    f"storage URL {url!r}: cannot create {path.parent}: {exc.strerror}"
+                    f"storage URL {url!r}: cannot create the folder {str(path.parent)!r}: {exc.strerror} "
+                    f"(fix: {_SQLITE_PATH_FIX})"
                 ) from None
+            # SQLite writes the file, its -wal/-shm files and hpo's lock files beside it; say so
+            # now rather than fail later on a lock file or mid-transaction.
+            unwritable = [p for p in (path, path.parent) if p.exists() and not os.access(p, os.W_OK)]
+            if unwritable:
+                raise StorageError(
+                    f"storage URL {url!r}: this user cannot write {str(unwritable[0])!r} (fix: make the "
+                    f"database file and its folder writable; or {_SQLITE_PATH_FIX})"
+                )
         engine_kwargs["connect_args"] = {"timeout": SQLITE_BUSY_TIMEOUT_S}
     else:
         engine_kwargs["pool_pre_ping"] = True
@@ -160,12 +159,60 @@ def open_storage(
         raise StorageError(f"storage URL {redact(url)!r}: database driver missing ({exc})") from None
     except sqlalchemy.exc.OperationalError as exc:
         reason = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc).splitlines()[0]
+        path = sqlite_path(url)
+        if path is not None:  # a file SQLite cannot create or write: about the path, not a server
+            raise StorageError(
+                f"cannot open SQLite database {str(path)!r}: {reason} (fix: this user must be able "
+                f"to write the file and its folder {str(path.absolute().parent)!r}, where SQLite keeps "
+                f"its -wal and -shm files; or {_SQLITE_PATH_FIX})"
+            ) from None
         raise StorageError(
             f"cannot open storage {redact(url)!r}: {reason} "
             "(fix: check host, port, database name and credentials, and that the server is running)"
         ) from None
     except sqlalchemy.exc.ArgumentError as exc:
         raise StorageError(f"storage URL {redact(url)!r}: {exc} (fix: use {_EXAMPLES})") from None
+
+
+_SQLITE_PATH_FIX = "pass another --storage, e.g. sqlite:///storage/hpo.db in a folder you can write"
+
+
+def _open_sqlite_read_only(url: str, path: Path) -> HpoRDBStorage:
+    """An existing SQLite database opened read-only (SQLite's ``mode=ro``): no tables, journal
+    mode or version rows are written. A database in write-ahead-log mode needs its ``-shm`` file,
+    which SQLite cannot create in a read-only folder; there the file is read as an immutable
+    snapshot (``immutable=1``): no one can be writing it there, though a ``-wal`` file a crashed
+    writer left behind is then not read.
+    """
+    location = f"file:{urllib.parse.quote(str(path.absolute()))}"
+    reason = ""
+    for mode in ("mode=ro", "immutable=1"):
+        uri = f"{location}?{mode}"
+        try:
+            with contextlib.closing(sqlite3.connect(uri, uri=True)) as probe:
+                probe.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        except sqlite3.OperationalError as exc:
+            reason = reason or str(exc)
+            continue
+        except sqlite3.DatabaseError as exc:
+            reason = str(exc)
+            break
+        # The URI goes to sqlite3 untouched (a creator), so no path character needs SQLAlchemy quoting.
+        engine_kwargs: dict[str, object] = {
+            "creator": functools.partial(
+                sqlite3.connect, uri, uri=True, timeout=SQLITE_BUSY_TIMEOUT_S, check_same_thread=False
+            )
+        }
+        try:
+            return _create_rdb_storage(url, engine_kwargs, None, read_only=True)
+        except (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError) as exc:
+            cause = exc.__cause__ or exc  # Optuna wraps the database's own error
+            reason = str(getattr(cause, "orig", None) or cause).strip().splitlines()[0]
+            break
+    raise StorageError(
+        f"storage URL {url!r}: cannot read the SQLite database {str(path)!r}: {reason} "
+        "(fix: check that the path names an hpo/Optuna database this user can read)"
+    )
 
 
 def _use_write_ahead_log(engine: sqlalchemy.Engine) -> None:
@@ -186,7 +233,7 @@ def _use_write_ahead_log(engine: sqlalchemy.Engine) -> None:
 
 
 def _create_rdb_storage(
-    url: str, engine_kwargs: dict[str, object], heartbeat: HeartbeatSettings | None
+    url: str, engine_kwargs: dict[str, object], heartbeat: HeartbeatSettings | None, read_only: bool = False
 ) -> HpoRDBStorage:
     attempts = 3
     for attempt in range(1, attempts + 1):
@@ -202,6 +249,7 @@ def _create_rdb_storage(
                     heartbeat_interval=heartbeat.interval if heartbeat else None,
                     grace_period=heartbeat.grace_period if heartbeat else None,
                     max_retry=heartbeat.max_retry if heartbeat else HeartbeatSettings.max_retry,
+                    skip_table_creation=read_only,
                 )
         except (sqlalchemy.exc.ProgrammingError, sqlalchemy.exc.IntegrityError):
             # Several workers opening a new database at once race to create Optuna's tables

@@ -64,6 +64,9 @@ class TrialJob:
     # False when the study's pruner never prunes: the trainer then answers should_prune itself,
     # saving a round trip to the worker per epoch.
     prunes: bool = True
+    # Folders where the objective's module is looked for when not installed (hpo._objective_path):
+    # chosen on the worker's command line, never read from the storage.
+    objective_path: tuple[str, ...] = ()
 
     def to_message(self) -> tuple[str, dict[str, Any]]:
         return ("trial", asdict(self))
@@ -197,9 +200,11 @@ def _run(
         spec = specs[key]
         if objective is None:
             # Resolved once per trainer: looking names up (entry points) costs milliseconds.
-            key = f"objective:{job.objective}"
+            key = f"objective:{job.objective}:{job.objective_path}"
             if key not in specs:
-                specs[key] = resolve_objective(job.objective, "stored definition")
+                specs[key] = resolve_objective(
+                    job.objective, "stored definition", search_path=job.objective_path
+                )
             objective = specs[key]
         run = TrialRun(
             trial=RemoteTrial(conn, job.number, job.prunes),  # type: ignore[arg-type]

@@ -31,7 +31,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -42,14 +42,15 @@ import optuna
 from optuna.storages import BaseStorage
 from optuna.trial import FrozenTrial, TrialState
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from hpo import _optuna
+from hpo._first_failures import BROKEN_NOTE, FirstFailures, TrialError
+from hpo._progress import EpochBar, StudyCounts, better, finish_note, read_counts
 from hpo._rdb import RETRY_HISTORY_ATTR, WORKER_ATTR, FailOutcome, fail_stale, rdb_of
 from hpo.errors import HpoError
 from hpo.objective import BUDGET_ATTR, Objective
 from hpo.resilient import StorageUnavailable, is_transient
-from hpo.samplers import make_pruner, make_sampler
+from hpo.samplers import make_pruner, make_sampler, trial_seed
 from hpo.space import suggest
 from hpo.spec import StudySpec
 from hpo.studies import checkpoint_folder, trial_checkpoint_dir
@@ -89,6 +90,7 @@ class WorkerSummary:
     finished: dict[str, int] = field(default_factory=lambda: {"COMPLETE": 0, "PRUNED": 0, "FAIL": 0})
     stopped_because: str = ""
     signal_name: str | None = None  # set when a signal stopped the worker
+    objective_broken: bool = False  # its first trials failed alike (hpo._first_failures)
 
     @property
     def total(self) -> int:
@@ -98,6 +100,8 @@ class WorkerSummary:
     def exit_code(self) -> int:
         if self.signal_name is not None:
             return 128 + int(signal.Signals[self.signal_name])
+        if self.objective_broken:
+            return 1
         return 1 if "consecutive trials failed" in self.stopped_because else 0
 
 
@@ -527,10 +531,16 @@ class Worker:
         console: Console | None = None,
         storage_patience: float = 300.0,
         cache: dict[str, Any] | None = None,
+        after_trial: Callable[[TrialState | None, bool], None] | None = None,
+        objective_path: Sequence[str] = (),
     ) -> None:
         """``objective``: the allowed ``module:attribute`` (checked by the caller, see
         :mod:`hpo.policy`), trained in a trainer process; or an :class:`Objective` object, trained
-        in a thread of this process with ``cache`` as its data cache (no crash isolation)."""
+        in a thread of this process with ``cache`` as its data cache (no crash isolation).
+        ``after_trial(state, requeued)`` is called after each trial's line (``hpo compare``'s
+        overall progress); state None: the trial was given up. ``objective_path``: folders the
+        trainer looks in for the objective's module (chosen on this worker's command line, never
+        by the storage; see :mod:`hpo._objective_path`)."""
         self.study = study
         self.spec = spec
         self.options = options
@@ -547,8 +557,12 @@ class Worker:
         self.storage_patience = storage_patience
         self._checkpoint_root = checkpoint_folder(options.checkpoint_root, study)
         self._definition = spec.definition()
+        self._objective_path = tuple(objective_path)
         self._printed_traceback = False
+        self._first_failures = FirstFailures()
         self._fast: optuna.Study | None = None
+        self._after_trial = after_trial
+        self._counts: StudyCounts | None = None  # the study when the current trial was claimed
         study.pruner = make_pruner(spec.pruner, spec.budget.max_epochs)
 
     # ------------------------------------------------------------------ output
@@ -556,17 +570,10 @@ class Worker:
         prefix = f"[{self.options.label}] " if self.options.label else ""
         self.console.print(f"{prefix}{message}", markup=False)
 
-    def _progress(self) -> Progress | None:
+    def _progress(self) -> EpochBar | None:
         if not (self.options.show_progress and self.console.is_terminal):
             return None
-        return Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            console=self.console,
-            transient=True,
-        )
+        return EpochBar(self.console, self.spec.metric)
 
     # ------------------------------------------------------------------ loop
     def run(self) -> WorkerSummary:
@@ -614,6 +621,10 @@ class Worker:
             if state is None:
                 continue  # given up (lease lost): not this worker's result
             summary.finished[state.name] += 1
+            if self._first_failures.ended(claimed[0]):
+                summary.stopped_because = self._first_failures.stop_message()
+                summary.objective_broken = True
+                return
             consecutive_failures = consecutive_failures + 1 if state == TrialState.FAIL else 0
             if consecutive_failures >= self.options.max_consecutive_failures:
                 summary.stopped_because = (
@@ -639,6 +650,9 @@ class Worker:
     # ------------------------------------------------------------------ one trial
     def _run_trial(self, trial_id: int, number: int) -> TrialState | None:
         t0 = time.monotonic()
+        storage = _inner(_optuna.study_storage(self.study))  # for show: never waits out an outage
+        study_id = _optuna.study_id(self.study)
+        self._counts = read_counts(storage, study_id, self.spec.n_trials, self.spec.direction)
         with Heartbeat(_optuna.study_storage(self.study), trial_id):
             try:
                 outcome = self._prepare_and_supervise(trial_id, number)
@@ -655,9 +669,10 @@ class Worker:
     def _prepare_and_supervise(self, trial_id: int, number: int) -> _Outcome:
         storage = _optuna.study_storage(self.study)
         try:
-            # A sampler per trial, seeded by the trial number: reproducible for one worker, and
-            # parallel workers never draw the same random configuration from equal RNG states.
-            self.study.sampler = make_sampler(self.spec, seed=self.spec.sampler_seed + number)
+            # A sampler per trial, seeded from (study seed, trial number): reproducible for one
+            # worker, parallel workers never draw the same random configuration from equal RNG
+            # states, and studies seeded s and s + 1 share no random stream (see trial_seed).
+            self.study.sampler = make_sampler(self.spec, seed=trial_seed(self.spec.sampler_seed, number))
             if hasattr(self.study.sampler, "wait_check"):  # BOHB waiting for a rung: stoppable
                 self.study.sampler.wait_check = self.interrupts.check
             _ensure_cached(self.study, trial_id)
@@ -678,6 +693,7 @@ class Worker:
             device=self.options.device,
             checkpoint_dir=str(self._checkpoint_dir(number, system_attrs)),
             prunes=not isinstance(self.study.pruner, optuna.pruners.NopPruner),
+            objective_path=self._objective_path,
         )
         return self._supervise(trial, job)
 
@@ -687,10 +703,8 @@ class Worker:
         limit = self.spec.budget.trial_timeout
         progress = self._progress()
         with contextlib.ExitStack() as stack:
-            task = None
             if progress is not None:
-                stack.enter_context(progress)
-                task = progress.add_task(f"trial {job.number}", total=job.max_epochs)
+                stack.enter_context(progress.shown(job.number, job.max_epochs, self._counts))
             try:
                 self.trainer.ensure_started(self.interrupts)
                 started = time.monotonic()
@@ -714,8 +728,8 @@ class Worker:
                     kind = message[0]
                     if kind == "report":
                         recorder.report(float(message[1]), int(message[2]))
-                        if progress is not None and task is not None:
-                            progress.update(task, completed=int(message[2]))
+                        if progress is not None:
+                            progress.epoch(int(message[2]), float(message[1]))
                     elif kind == "should_prune":
                         answer = ("abort",) if recorder.lost else ("prune", recorder.should_prune())
                         self.trainer.send(answer)
@@ -756,7 +770,13 @@ class Worker:
                 _optuna.study_storage(self.study).set_trial_system_attr(
                     trial_id, TRACEBACK_ATTR, details[-TRACEBACK_LIMIT:]
                 )
-            return self._record_failure(trial_id, f"{exc_type}: {text}")
+            reason = f"{exc_type}: {text}"
+            if self._first_failures.failed(trial_id, trial.number, TrialError(exc_type, text, details)):
+                # This worker's first trials all failed alike: re-queue them, don't spend the budget.
+                reason = f"{reason}; {BROKEN_NOTE}"
+                self._first_failures.requeue_earlier(self.study, reason, self.options.max_retry)
+                return self._record_failure(trial_id, reason, retry=True)
+            return self._record_failure(trial_id, reason)
         try:
             if kind == "done":
                 frozen = self.study.tell(trial, float(message[1]), skip_if_finished=True)
@@ -810,7 +830,14 @@ class Worker:
         value = f" value={frozen.value:.6g}" if frozen is not None and frozen.value is not None else ""
         params = f" [{_format_params(frozen.params)}]" if frozen is not None else ""
         suffix = f" ({outcome.note})" if outcome.note else ""
-        self._say(f"trial {number} {state}{value}{params} {seconds:.1f}s{suffix}")
+        best = self._counts.best if self._counts is not None else None
+        if outcome.state == TrialState.COMPLETE and frozen is not None and frozen.value is not None:
+            best = better(self.spec.direction, best, frozen.value)
+        place = finish_note(self._counts, best)
+        place = f"; {place}" if place else ""
+        self._say(f"trial {number} {state}{value}{params} {seconds:.1f}s{suffix}{place}")
+        if self._after_trial is not None:
+            self._after_trial(outcome.state, outcome.note.endswith("; re-queued"))
 
 
 def _ensure_cached(study: optuna.Study, trial_id: int) -> None:

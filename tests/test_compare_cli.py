@@ -5,6 +5,7 @@ PostgreSQL that ordinary workers share and that a rerun continues."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -111,6 +112,11 @@ def test_replayed_comparison_reports_curves_configurations_and_a_table(tmp_path:
     )
     assert result.returncode == 0, result.stderr
     assert "in an in-memory storage" in result.stdout
+    # overall progress over every study (quiet replay: one line per study), ending at all 9 x 12
+    overall = re.findall(
+        r"compare: (\d+)/108 trials done \(\d+%\), \S+ elapsed, about \S+ left", result.stdout
+    )
+    assert [int(n) for n in overall] == [12 * k for k in range(1, 10)], result.stdout
     assert study_names(url) == ["quad/table"], "an in-memory replay writes nothing to the database"
 
     results = load_results(out / "results.json")
@@ -205,6 +211,10 @@ def test_real_comparison_is_shared_by_workers_continued_by_a_rerun_and_guarded_a
     out = tmp_path / "report"
     finished = run_cli([*args, "-o", str(out), "--no-png"])
     assert finished.returncode == 0, finished.stderr
+    # overall progress after each trial: it starts from the 5 trials already done, ends at 48/48
+    overall = [int(n) for n in re.findall(r"compare: (\d+)/48 trials done", finished.stdout)]
+    assert overall == list(range(6, 49)), finished.stdout
+    assert "estimating time left" not in finished.stdout and "about 0s left" in finished.stdout
     for name in study_names(postgres_url):
         trials = optuna.load_study(study_name=name, storage=postgres_url).get_trials()
         assert len(trials) == 12 and all(t.state.is_finished() for t in trials), name

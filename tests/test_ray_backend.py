@@ -22,7 +22,7 @@ from conftest import cli_env, run_cli, start_cli, write_study
 from optuna.trial import FrozenTrial, TrialState
 
 from hpo.ray_backend._schedulers import make_scheduler
-from hpo.samplers import make_sampler
+from hpo.samplers import make_sampler, trial_seed
 from hpo.space import suggest
 from hpo.spec import parse_study
 
@@ -167,7 +167,7 @@ def test_ray_run_records_trials_learning_curves_and_pruning_in_postgres(
     }
     status = run_cli(["status", "ray_asha", "--storage", postgres_url])
     assert status.returncode == 0, status.stderr
-    assert "6 trials planned, 6 finished" in status.stdout
+    assert "study ray_asha: 6/6 done" in status.stdout
     assert f"complete={counts[TrialState.COMPLETE]}" in status.stdout
     assert f"pruned={counts[TrialState.PRUNED]}" in status.stdout
     assert f"best: trial {best.number} value=0.125" in status.stdout
@@ -192,7 +192,7 @@ sampler: {name: tpe, seed: 3, options: {n_startup_trials: 2}}
 def plain_worker_draw(study_text: str, number: int) -> dict[str, object]:
     """The parameters a plain worker samples for trial ``number`` of an empty study (TPE startup)."""
     spec = parse_study(yaml.safe_load(study_text), "test")
-    study = optuna.create_study(sampler=make_sampler(spec, seed=spec.sampler_seed + number))
+    study = optuna.create_study(sampler=make_sampler(spec, seed=trial_seed(spec.sampler_seed, number)))
     return dict(suggest(study.ask(), spec.space))
 
 

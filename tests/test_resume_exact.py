@@ -244,3 +244,11 @@ def test_vision_center_loss_resume_is_exact(tmp_path: Path) -> None:
     settings = {**MLP, "optimizer": "sgd", "loss": "center", "center_loss_lambda": 0.5, "dropout": 0.1}
     spec = make_spec("image_classifier", data, settings, epochs=3)
     check_resume_is_exact(train_vision, spec, tmp_path, epochs=3, crash_after=2)
+
+
+def test_vision_triplet_greyscale_resume_is_exact(tmp_path: Path) -> None:
+    root = make_tiny_imagenet(tmp_path / "tiny", classes=4, train_per_class=6, val_per_class=2, size=16)
+    data = {"format": "tiny_imagenet", "root": str(root), "image_size": 16, "channels": 1}
+    settings = {**MLP, "optimizer": "sgd", "loss": "triplet", "triplet_margin": 0.5, "dropout": 0.1}
+    spec = make_spec("image_classifier", data, settings, epochs=3)
+    check_resume_is_exact(train_vision, spec, tmp_path, epochs=3, crash_after=2)

@@ -68,7 +68,8 @@ def test_epoch_meter_means() -> None:
 @torch.no_grad()
 def test_center_loss_is_half_mean_squared_distance_to_class_centre() -> None:
     torch.manual_seed(0)
-    centers = CenterLoss(num_classes=3, feature_dim=4)
+    centers = CenterLoss(num_classes=3, feature_dim=4).eval()  # eval: no centre initialisation/update
+    centers.centers.copy_(torch.randn(3, 4))
     features = torch.randn(5, 4)
     targets = torch.tensor([0, 2, 1, 2, 0])
     expected = (

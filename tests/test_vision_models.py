@@ -53,16 +53,121 @@ def test_alexnet_transfer_modes_freeze_the_reported_parts() -> None:
     assert _trainable_names(everything) == {n for n, _ in everything.named_parameters()}
 
 
-def test_frozen_parts_stay_in_eval_mode() -> None:
-    model = build_model(ModelOptions(name="resnet18", num_outputs=3, transfer="features"))
-    assert _trainable_names(model) == {"head.1.weight", "head.1.bias"}
-    model.train()
-    assert not model.backbone.training and model.head.training
-    resnet: Any = model.backbone
-    bn = resnet.bn1
+# Trainable parameters per transfer mode with Caltech101's 101 classes. AlexNet: convolutions
+# 2,469,696; hidden FC layers 9216*4096+4096 + 4096*4096+4096 = 54,534,144; new last layer
+# 4096*101+101 = 413,797. ResNet-18: everything but fc 11,176,512; new fc 512*101+101 = 51,813.
+@pytest.mark.parametrize(
+    ("name", "transfer", "trainable"),
+    [
+        ("alexnet", "scratch", 57_417_637),
+        ("alexnet", "finetune", 57_417_637),
+        ("alexnet", "features", 54_534_144 + 413_797),
+        ("alexnet", "classifier", 2_469_696 + 413_797),
+        ("resnet18", "scratch", 11_228_325),
+        ("resnet18", "finetune", 11_228_325),
+        ("resnet18", "features", 51_813),
+    ],
+)
+def test_trainable_parameter_counts_per_transfer_mode(name: str, transfer: str, trainable: int) -> None:
+    model = build_model(ModelOptions(name=name, num_outputs=101, transfer=transfer))  # type: ignore[arg-type]
+    assert sum(p.numel() for p in model.trainable_parameters()) == trainable
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == trainable
+
+
+def _dropout_and_bn_modes(model: nn.Module, prefix: str) -> set[bool]:
+    return {
+        m.training
+        for n, m in model.named_modules()
+        if n.startswith(prefix) and isinstance(m, (nn.Dropout, nn.BatchNorm2d))
+    }
+
+
+def test_frozen_mode_train_is_the_reports_requires_grad_only() -> None:
+    # Default frozen_mode: train. Frozen FC layers keep their dropout on (AlexNet, transfer classifier) ...
+    alexnet = build_model(ModelOptions(name="alexnet", num_outputs=5, transfer="classifier")).train()
+    assert _dropout_and_bn_modes(alexnet, "backbone.classifier") == {True}
+    torch.manual_seed(0)
+    hidden = alexnet.backbone.classifier  # type: ignore[union-attr]
+    x = torch.randn(2, 9216)
+    assert not torch.equal(hidden(x), hidden(x))  # two different dropout masks
+    # ... and frozen ResNet batch-norm layers keep adapting their statistics (transfer features).
+    resnet = build_model(ModelOptions(name="resnet18", num_outputs=3, transfer="features")).train()
+    assert _trainable_names(resnet) == {"head.1.weight", "head.1.bias"}
+    assert _dropout_and_bn_modes(resnet, "backbone") == {True}
+    bn: Any = resnet.backbone.bn1  # type: ignore[union-attr]
     before = bn.running_mean.clone()
-    model(torch.randn(4, 3, 32, 32))
+    resnet(torch.randn(4, 3, 32, 32))
+    assert not torch.equal(bn.running_mean, before)
+    assert all(p.grad is None for p in resnet.backbone.parameters())
+
+
+def test_frozen_mode_eval_keeps_frozen_parts_in_eval_mode() -> None:
+    alexnet = build_model(
+        ModelOptions(name="alexnet", num_outputs=5, transfer="classifier", frozen_mode="eval")
+    ).train()
+    assert _dropout_and_bn_modes(alexnet, "backbone.classifier") == {False}
+    assert alexnet.head.training  # the new last layer (and its dropout) trains
+    hidden = alexnet.backbone.classifier  # type: ignore[union-attr]
+    x = torch.randn(2, 9216)
+    assert torch.equal(hidden(x), hidden(x))  # no dropout
+    resnet = build_model(
+        ModelOptions(name="resnet18", num_outputs=3, transfer="features", frozen_mode="eval")
+    ).train()
+    assert not resnet.backbone.training and resnet.head.training
+    assert _dropout_and_bn_modes(resnet, "backbone") == {False}
+    bn: Any = resnet.backbone.bn1  # type: ignore[union-attr]
+    before = bn.running_mean.clone()
+    resnet(torch.randn(4, 3, 32, 32))
     assert torch.equal(bn.running_mean, before)  # frozen batch-norm statistics do not move
+    # Unfrozen models are unaffected by the option: everything trains in training mode.
+    whole = build_model(ModelOptions(name="resnet18", num_outputs=3, transfer="finetune", frozen_mode="eval"))
+    assert _dropout_and_bn_modes(whole.train(), "backbone") == {True}
+
+
+@pytest.mark.parametrize(
+    ("name", "first_conv"),
+    [
+        ("resnet18", "backbone.conv1"),
+        ("alexnet", "backbone.features.0"),
+        ("efficientnet_b0", "backbone.features.0.0"),
+    ],
+)
+def test_greyscale_input_adapts_the_first_layer(name: str, first_conv: str) -> None:
+    torch.manual_seed(0)
+    grey = build_model(ModelOptions(name=name, num_outputs=7, in_channels=1))  # type: ignore[arg-type]
+    conv = dict(grey.named_modules())[first_conv]
+    assert isinstance(conv, nn.Conv2d) and conv.in_channels == 1
+    with torch.no_grad():
+        assert grey.eval()(torch.randn(2, 1, 64, 64)).shape == (2, 7)
+
+
+def test_greyscale_resnet18_has_the_reports_parameter_counts() -> None:
+    # Report 003's summary: Conv2d-1 has 3,136 parameters, 11,272,840 in all (200 classes).
+    model = build_model(ModelOptions(name="resnet18", num_outputs=200, in_channels=1))
+    resnet: Any = model.backbone
+    assert resnet.conv1.weight.shape == (64, 1, 7, 7) and resnet.conv1.weight.numel() == 3_136
+    assert sum(p.numel() for p in model.parameters()) == 11_272_840
+
+
+def test_greyscale_pretrained_kernel_is_the_sum_of_the_colour_kernels(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A stand-in for ImageNet weights in a local torch cache: a seeded random ResNet-18's state.
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    torch.manual_seed(3)
+    reference = torchvision.models.resnet18()
+    path = pretrained_weights_file("resnet18")
+    path.parent.mkdir(parents=True)
+    torch.save(reference.state_dict(), path)
+    model = build_model(
+        ModelOptions(name="resnet18", num_outputs=4, transfer="finetune", pretrained=True, in_channels=1)
+    )
+    resnet: Any = model.backbone
+    assert torch.allclose(resnet.conv1.weight, reference.conv1.weight.sum(dim=1, keepdim=True))
+    # So a grey image gives the colour model's response to the same grey in all three channels.
+    x = torch.rand(1, 1, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(resnet.conv1(x), reference.conv1(x.expand(-1, 3, -1, -1)), atol=1e-5)
 
 
 def test_classifier_mode_needs_hidden_fc_layers() -> None:

@@ -101,3 +101,23 @@ def test_one_short_trial_of_the_study_through_hpo_worker(
     assert {"train_loss", "train_acc", "val_loss", "val_acc", spec.metric} <= set(metrics)
     assert trial.value == metrics[spec.metric][0]
     assert trial.intermediate_values == {1: trial.value}
+
+
+@pytest.mark.slow
+def test_report_003_grid_is_the_reports_four_runs_on_greyscale_input(
+    tmp_path: Path, sqlite_url: str, datasets: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = ROOT / "studies" / "r003_tiny_imagenet_losses.yaml"
+    spec = load_study_file(path)
+    assert spec.data["channels"] == 1 and spec.metric == "val_top5"
+    assert spec.settings["triplet_margin"] == 0.2
+    # Every one of the report's runs through hpo worker: the whole grid, one epoch each.
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    copy = short_copy(path, tmp_path, datasets)
+    args = ["worker", str(copy), "--storage", sqlite_url, "--n-trials", "4", "--no-progress"]
+    assert main([*args, "--checkpoint-dir", str(tmp_path / "checkpoints")]) == 0
+    trials = optuna.load_study(study_name=spec.name, storage=sqlite_url).get_trials()
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
+    runs = sorted((t.params["loss"], t.params.get("center_loss_lambda", 0.0)) for t in trials)
+    assert runs == [("center", 0.1), ("center", 1.0), ("cross_entropy", 0.0), ("triplet", 0.0)]
+    assert all(0.0 <= t.value <= 1.0 for t in trials if t.value is not None)

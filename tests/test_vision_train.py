@@ -188,21 +188,74 @@ def test_multilabel_voc_reports_map_equal_to_scikit_learn(tmp_path: Path) -> Non
     assert run.history["val_map"][-1] == pytest.approx(expected, abs=1e-6)
 
 
-def test_center_loss_learns_class_centres(tmp_path: Path) -> None:
+def test_center_loss_centres_are_checkpointed_buffers_moved_by_their_own_rule(tmp_path: Path) -> None:
     root = make_tiny_imagenet(tmp_path / "tiny", classes=4, train_per_class=6, val_per_class=2, size=16)
     data = {"format": "tiny_imagenet", "root": str(root), "image_size": 16}
-    settings = {**MLP, "loss": "center", "center_loss_lambda": 0.5}
+    settings = {
+        "model": "resnet18",
+        "batch_size": 8,
+        "optimizer": "sgd",
+        "loss": "center",
+        "center_loss_lambda": 1.0,
+        "center_alpha": 0.5,
+    }
     run = make_run(tmp_path / "ck", data=data, settings=settings, epochs=2)
     train(run)
     state = torch.load(tmp_path / "ck" / CHECKPOINT_FILE, weights_only=True)
     centres = state["model"]["center_loss.centers"]
-    assert centres.shape == (4, 32)
-    torch.manual_seed(11)  # the objective seeds before building: rebuild to get the initial centres
-    initial = build_model(
-        ModelOptions(name="mlp", num_outputs=4, in_features=768, mlp_width=32, mlp_layers=2, center_loss=True)
+    assert centres.shape == (4, 512)
+    assert state["model"]["center_loss.initialized"].tolist() == [True] * 4
+    # Initialised from the classes' features and moved towards them by convex steps, so, like the
+    # post-ReLU features, never negative (randn centres were half negative).
+    assert bool((centres >= 0).all()) and float(centres.abs().sum()) > 0
+    # The optimizer has only the network's parameters (no centres): one entry per parameter.
+    n_params = sum(1 for _ in build_model(ModelOptions(name="resnet18", num_outputs=4)).parameters())
+    assert len(state["optimizer"]["param_groups"][0]["params"]) == n_params
+    assert len(state["optimizer"]["state"]) == n_params
+
+
+def test_triplet_loss_trains_the_embedding_and_a_detached_read_out(tmp_path: Path) -> None:
+    root = make_tiny_imagenet(tmp_path / "tiny", classes=4, train_per_class=8, val_per_class=2, size=16)
+    data = {"format": "tiny_imagenet", "root": str(root), "image_size": 16}
+    settings = {**MLP, "loss": "triplet", "triplet_margin": 0.2}
+    run = make_run(tmp_path / "ck", data=data, settings=settings, epochs=2)
+    train(run)
+    assert {"val_loss", "val_acc", "val_top5", "train_loss"} <= set(run.history)
+    assert all(v == v and v < float("inf") for v in run.history["train_loss"])  # finite, not NaN
+    # The read-out's cross-entropy does not reach the embedding: only the triplet term trains it.
+    torch.manual_seed(0)
+    model = build_model(ModelOptions(name="mlp", num_outputs=4, in_features=12, mlp_width=8, mlp_layers=2))
+    logits, features = model.forward_with_features(torch.randn(4, 12), detach_head=True)
+    logits.sum().backward()
+    assert all(p.grad is None for p in model.trunk.parameters())
+    assert model.last_layer.weight.grad is not None
+    features.sum().backward()  # the triplet term's path is intact
+    assert all(p.grad is not None for p in model.trunk.parameters())
+
+
+def test_greyscale_decodes_one_channel_and_trains_resnet18_end_to_end(tmp_path: Path) -> None:
+    root = make_tiny_imagenet(tmp_path / "tiny", classes=4, train_per_class=6, val_per_class=2, size=16)
+    rgb = load_image_data(DataConfig(format="tiny_imagenet", root=str(root), image_size=16), seed=0)
+    grey = load_image_data(
+        DataConfig(format="tiny_imagenet", root=str(root), image_size=16, channels=1), seed=0
     )
-    assert initial.center_loss is not None
-    assert not torch.allclose(initial.center_loss.centers, centres)  # the optimizer moved them
+    assert grey.train_images.shape == (24, 1, 16, 16) and grey.train_images.dtype == torch.uint8
+    # Converted once at decode, with PIL's ITU-R 601-2 luma (transforms.Grayscale on a PIL image):
+    # L = (19595 R + 38470 G + 7471 B + 2^15) >> 16 on the decoded RGB pixels (no resize at 16 px).
+    r, g, b = (rgb.train_images[:, c].long() for c in range(3))
+    luma = ((19595 * r + 38470 * g + 7471 * b + 32768) >> 16).to(torch.uint8)
+    assert torch.equal(grey.train_images[:, 0], luma)
+    assert torch.equal(grey.train_targets, rgb.train_targets)
+
+    data = {"format": "tiny_imagenet", "root": str(root), "image_size": 16, "channels": 1}
+    settings = {"model": "resnet18", "batch_size": 8, "optimizer": "sgd", "augment": "flip_jitter_rotation"}
+    run = make_run(
+        tmp_path / "ck", data=data, settings=settings, epochs=1, metric="val_top5", direction="maximize"
+    )
+    value = train(run)
+    assert 0.0 <= value <= 1.0 and run.history["val_top5"] == [value]
+    state = torch.load(tmp_path / "ck" / CHECKPOINT_FILE, weights_only=True)["model"]
+    assert state["backbone.conv1.weight"].shape == (64, 1, 7, 7)  # 3,136 parameters, as in report 003
 
 
 def test_attribute_mlp_predicts_one_celeba_attribute_from_the_others(tmp_path: Path) -> None:

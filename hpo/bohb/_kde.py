@@ -2,8 +2,9 @@
 
 The model is hpbandster 0.7.4's own ``hpbandster.optimizers.config_generators.bohb.BOHB``: one pair
 of kernel density estimators (good / bad configurations) per budget, proposals taken from the largest
-budget that has enough observations. We only feed it: every finished evaluation at every budget, in
-the order the evaluations finished, exactly as hpbandster's master calls ``new_result``.
+budget that has enough observations. We only feed it: every finished evaluation, in the order the
+evaluations finished, exactly as hpbandster's master calls ``new_result`` (which drops an evaluation
+whose budget is below the largest budget that already has a model).
 
 hpbandster draws from NumPy's global random state. To make proposals reproducible without leaving
 that state changed, every call runs inside :func:`_global_numpy_seed`, which seeds the global state

@@ -79,9 +79,15 @@ class BOHBSampler(BaseSampler):
     the Hyperband plan of :class:`~hpo.bohb.HyperbandSchedule` over ``min_budget``, ``max_budget`` and
     ``eta``. ``before_trial`` gives each new trial the next slot of the plan and records it in the
     trial's system attributes (``hpo:bohb``; its budget rounded to whole epochs in ``hpo:budget``);
-    ``sample_relative`` then returns the slot's configuration: the parameters of a promoted
-    configuration, or a new configuration from hpbandster's KDE, fitted on every finished evaluation
-    at every budget. Nothing lives only in this object: every call rebuilds the plan and the model
+    each planned parameter the objective suggests (its name with exactly its planned distribution)
+    then gets its value in the slot's configuration, drawn once per trial: the parameters of a
+    promoted configuration, or a new configuration from hpbandster's KDE, fed every finished
+    evaluation as hpbandster feeds it (one that finishes below a budget that has a model already is
+    dropped). Parameters outside the planned space (another name, or a planned name with another
+    distribution) are sampled independently at random, like TPE's independent fallback, so the
+    sampler works with any objective (Optuna's sampler test suites pass). ``search_space`` is an hpo
+    :class:`~hpo.space.SearchSpace` or a mapping of names to Optuna distributions. Nothing lives
+    only in this object: every call rebuilds the plan and the model
     from the study's trials, so any number of workers, each with its own sampler, share one BOHB
     run through the storage, and a study resumes where it stopped. On an RDB storage, slots are
     handed out under a database lock (see :func:`hpo.storage.study_lock`).
@@ -110,7 +116,7 @@ class BOHBSampler(BaseSampler):
 
     def __init__(
         self,
-        search_space: SearchSpace | None = None,
+        search_space: SearchSpace | Mapping[str, BaseDistribution] | None = None,
         *,
         min_budget: float | None = None,
         max_budget: float | None = None,
@@ -133,7 +139,11 @@ class BOHBSampler(BaseSampler):
             bandwidth_factor=bandwidth_factor,
             min_bandwidth=min_bandwidth,
         )
+        if search_space is not None and not isinstance(search_space, SearchSpace):
+            search_space = from_optuna_distributions(search_space)
         self._space = search_space
+        # The planned distributions: a suggested parameter is planned only with exactly these.
+        self._planned = {} if search_space is None else to_optuna_distributions(search_space)
         self._schedule: HyperbandSchedule | None = None
         if search_space is not None:
             if min_budget is None or max_budget is None:
@@ -152,11 +162,16 @@ class BOHBSampler(BaseSampler):
         self._n_trials = n_trials
         self._wait_timeout = None if wait_timeout is None else float(wait_timeout)
         self._rng = np.random.RandomState(seed)
-        self._random = RandomSampler(seed=seed)
+        # Parameters outside the model are drawn by a RandomSampler with a stream of its own (seeded
+        # with ``seed`` itself it would repeat the draws of ``_rng``).
+        self._random = RandomSampler(seed=None if seed is None else _stream_seed(seed, 1))
         self._intersection = IntersectionSearchSpace(include_pruned=True)
         # Per-object caches of derived data; each is checked against the storage before use.
         self._lock = threading.Lock()
         self._models: dict[_SpaceKey, KdeModel] = {}
+        # Bracket mode: each running trial's planned configuration, drawn at its first planned
+        # parameter, keyed by (study id, trial id); dropped in after_trial.
+        self._configs: dict[tuple[int, int], dict[str, Any]] = {}
         #: Called between polls while a trial waits for a slot; an exception it raises ends the wait
         #: and leaves before_trial (a worker's stop request, a caller that must not block).
         self.wait_check: Callable[[], None] | None = None
@@ -255,7 +270,10 @@ class BOHBSampler(BaseSampler):
         self, study: optuna.Study, trial: FrozenTrial
     ) -> dict[str, BaseDistribution]:
         if self._space is not None:
-            return to_optuna_distributions(self._space)
+            # Bracket mode samples its planned parameters in sample_independent (see there): a
+            # relative search space would make Optuna refuse an objective that suggests a planned
+            # name with another kind of distribution, instead of sampling it independently.
+            return {}
         space = self._intersection.calculate(study)
         return {name: dist for name, dist in space.items() if not dist.single()}
 
@@ -265,11 +283,10 @@ class BOHBSampler(BaseSampler):
         _optuna.raise_if_multi_objective(self, study)
         if not search_space:
             return {}
+        if self._space is not None:
+            return {name: self.sample_independent(study, trial, name, d) for name, d in search_space.items()}
         with self._lock:
-            if self._space is not None:
-                params = self._sample_planned(study, trial)
-            else:
-                params = self._sample_free(study, trial, search_space)
+            params = self._sample_free(study, trial, search_space)
         return {name: value for name, value in params.items() if name in search_space}
 
     def sample_independent(
@@ -279,8 +296,30 @@ class BOHBSampler(BaseSampler):
         param_name: str,
         param_distribution: BaseDistribution,
     ) -> Any:
+        """In bracket mode, a planned parameter (its name and exactly its planned distribution) gets
+        the value of the trial's slot configuration (a promoted configuration's, or one the KDE
+        proposes, drawn once per trial for all its planned parameters); any other parameter, and
+        every parameter outside the define-by-run model, is drawn at random, independently."""
         _optuna.raise_if_multi_objective(self, study)
+        if self._planned.get(param_name) == param_distribution:
+            key = (_optuna.study_id(study), _optuna.trial_id(trial))
+            with self._lock:
+                config = self._configs.get(key)
+                if config is None:
+                    config = self._configs[key] = self._sample_planned(study, trial)
+            if param_name in config:  # else inactive in the planned configuration
+                return config[param_name]
         return self._random.sample_independent(study, trial, param_name, param_distribution)
+
+    def after_trial(
+        self,
+        study: optuna.Study,
+        trial: FrozenTrial,
+        state: TrialState,
+        values: Sequence[float] | None,
+    ) -> None:
+        with self._lock:
+            self._configs.pop((_optuna.study_id(study), _optuna.trial_id(trial)), None)
 
     def _sample_planned(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, Any]:
         assert self._space is not None and self._schedule is not None
@@ -497,15 +536,17 @@ def _config_params(
     trials: Sequence[FrozenTrial], config: ConfigId, space: SearchSpace, exclude: int
 ) -> dict[str, Any] | None:
     """The parameters of configuration ``config``: those of its earliest trial that has them all."""
+    planned = to_optuna_distributions(space)
     for trial in sorted(trials, key=lambda t: t.number):
         slot = trial.system_attrs.get(SLOT_ATTR)
         if trial.number == exclude or not isinstance(slot, dict) or _config_id(slot["config"]) != config:
             continue
+        params = _planned_params(trial, planned)
         try:
-            space.validate_config(trial.params)
+            space.validate_config(params)
         except ValueError:
             continue
-        return dict(trial.params)
+        return params
     return None
 
 
@@ -516,15 +557,31 @@ def _planned_observations(
     by_number = {trial.number: trial for trial in trials}
     latest = latest_runs(_slot_runs(trials, sign)).values()
     current = [by_number[run.number] for run in latest if run.finished]
+    planned = to_optuna_distributions(codec.space)
     observations = []
     for trial in sorted(current, key=_completion_order):
         try:
-            values = codec.encode(trial.params)
+            values = codec.encode(_planned_params(trial, planned))
         except ValueError:
             continue  # failed before its parameters were drawn: there is nothing to learn from
         budget = float(trial.system_attrs[SLOT_ATTR]["budget"])
         observations.append(Observation(trial.number, _frozen(values), budget, _loss(trial, sign)))
     return observations
+
+
+def _planned_params(trial: FrozenTrial, planned: Mapping[str, BaseDistribution]) -> dict[str, Any]:
+    """``trial``'s parameters that belong to the ``planned`` distributions: their names, suggested
+    with exactly the planned distribution (others were sampled independently, outside the model)."""
+    return {
+        name: value
+        for name, value in trial.params.items()
+        if name in planned and trial.distributions.get(name) == planned[name]
+    }
+
+
+def _stream_seed(seed: int, stream: int) -> int:
+    """A 32-bit seed for random stream ``stream`` of a sampler seeded ``seed``."""
+    return int(np.random.SeedSequence([seed % 2**64, stream]).generate_state(1, dtype=np.uint32)[0])
 
 
 def _frozen(values: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
+import time
 from pathlib import Path
 
 import optuna
@@ -12,6 +13,7 @@ from optuna.storages import BaseStorage, InMemoryStorage
 from optuna.trial import TrialState
 from rich.console import Console
 
+from hpo._progress import ComparisonProgress, count_trials
 from hpo.compare._markdown import HEADER, markdown_table, table_rows
 from hpo.compare._plan import ComparisonPlan, base_spec, create_runs, parse_samplers, plan_comparison
 from hpo.compare._replay import load_table
@@ -21,7 +23,7 @@ from hpo.compare._tabulate import table_from_study, tabulate_spec, timed
 from hpo.launcher import cuda_device_count
 from hpo.objective import check_objective, resolve_objective
 from hpo.spec import load_study_file
-from hpo.storage import HeartbeatSettings, add_storage_argument, open_storage, redact, resolve_storage_url
+from hpo.storage import HeartbeatSettings, open_storage, redact, resolve_storage_url
 from hpo.studies import create_study, load_study_spec
 from hpo.worker import Worker, WorkerOptions
 
@@ -65,6 +67,12 @@ def _run_workers(
     """
     console = Console(highlight=False, soft_wrap=True, quiet=quiet)
     cache: dict[str, object] = {}
+    overall = _overall_progress(storage, plan)
+
+    def after_trial(state: TrialState | None, requeued: bool) -> None:
+        overall.trial_ended(state, requeued)
+        console.print(overall.line(time.monotonic()), markup=False)
+
     for run in plan.runs:
         study, spec = load_study_spec(storage, run.study_name)
         options = WorkerOptions(
@@ -77,8 +85,12 @@ def _run_workers(
         # In this process, with one data cache: datasets and replay tables are loaded once for
         # all the (many, short) runs of the comparison.
         objective = resolve_objective(spec.objective, f"stored definition of study {run.study_name!r}")
-        worker = Worker(study, spec, options, objective=objective, console=console, cache=cache)
+        worker = Worker(
+            study, spec, options, objective=objective, console=console, cache=cache, after_trial=after_trial
+        )
         summary = worker.run()
+        if quiet:  # no line per trial: one per study
+            print(overall.line(time.monotonic()))
         waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
         if waiting:  # interrupted, or stopped after failures
             failed = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.FAIL]
@@ -86,6 +98,16 @@ def _run_workers(
             where = f"at study {run.study_name}: {summary.stopped_because}"
             return f"{where}; last failure: {reason}" if reason else where
     return None
+
+
+def _overall_progress(storage: BaseStorage, plan: ComparisonPlan) -> ComparisonProgress:
+    """The comparison's progress over all its studies (created by now), as stored at its start."""
+    total = done = 0
+    for run in plan.runs:
+        trials = storage.get_all_trials(storage.get_study_id_from_name(run.study_name), deepcopy=False)
+        counts = count_trials(trials, plan.base.n_trials, None)
+        total, done = total + counts.planned, done + counts.done
+    return ComparisonProgress(total, done, time.monotonic())
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -197,95 +219,3 @@ def cmd_tabulate(args: argparse.Namespace) -> int:
         "--samplers random,tpe --seeds 30"
     )
     return 0
-
-
-def _add_report_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--output", "-o", default=None, help="report folder (default: reports/NAME)")
-    p.add_argument(
-        "--statistic",
-        choices=["median", "iqm"],
-        default="median",
-        help="centre line over seeds (default median)",
-    )
-    p.add_argument(
-        "--band",
-        choices=["iqr", "bootstrap"],
-        default="iqr",
-        help="band: 25-75%% of the seeds (iqr, default) or a 95%% bootstrap CI of the statistic",
-    )
-    p.add_argument(
-        "--target",
-        type=float,
-        default=None,
-        help="metric value for 'epochs to reach target' (default: the reference's median final best)",
-    )
-    p.add_argument(
-        "--reference", default="random", help="algorithm the others are compared with (default random)"
-    )
-    p.add_argument(
-        "--axes", default=None, help="two parameters for the configurations plot, e.g. lr,batch_size"
-    )
-    p.add_argument("--no-png", action="store_true", help="skip PNG images (they need kaleido and Chromium)")
-
-
-def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add ``compare``, ``report`` and ``tabulate`` to the ``hpo`` command line."""
-    p = subparsers.add_parser(
-        "compare",
-        help="compare samplers: one study per (sampler, seed), equal budgets, report with statistics",
-    )
-    p.add_argument("study_file", help="study file of the problem, e.g. studies/digits_compare.yaml")
-    p.add_argument(
-        "--samplers", default="random,tpe", help="comma-separated sampler names (default random,tpe)"
-    )
-    p.add_argument("--seeds", type=int, default=10, help="runs per sampler (default 10)")
-    p.add_argument(
-        "--subset", type=float, default=None, help="override data.subset, e.g. 0.1 for 10%% of the data"
-    )
-    add_storage_argument(
-        p,
-        note="; with --replay the default is an in-memory storage (fastest; the report's results.json "
-        "keeps the outcome)",
-    )
-    p.add_argument(
-        "--name", default=None, help="comparison name (default: the study's name; NAME-replay with --replay)"
-    )
-    p.add_argument(
-        "--replay", default=None, metavar="TABLE", help="replay a table from hpo tabulate instead of training"
-    )
-    p.add_argument("--vary-training-seed", action="store_true", help="run K also uses training seed seed+K")
-    p.add_argument("--no-run", action="store_true", help="only create the studies (run them with hpo worker)")
-    p.add_argument("--no-report", action="store_true", help="do not write the report at the end")
-    p.add_argument(
-        "--device", default=None, help="device for training (default cuda:0 if available, else cpu)"
-    )
-    p.add_argument("--checkpoint-dir", default="storage/checkpoints", help="where trials keep checkpoints")
-    _add_report_flags(p)
-    p.set_defaults(func=cmd_compare)
-
-    p = subparsers.add_parser("report", help="write the report of a comparison (HTML, PNG, Markdown)")
-    p.add_argument("comparison", help="comparison name in the storage, or a results.json / report folder")
-    add_storage_argument(p)
-    _add_report_flags(p)
-    p.set_defaults(func=cmd_report)
-
-    p = subparsers.add_parser(
-        "tabulate", help="train a grid once with full learning curves into a replay table"
-    )
-    p.add_argument("study_file", help="study file whose search space (grid: values) is tabulated")
-    add_storage_argument(p)
-    p.add_argument("--output", "-o", default=None, help="table file (default storage/tables/NAME.json)")
-    p.add_argument("--subset", type=float, default=None, help="override data.subset, e.g. 0.1")
-    p.add_argument(
-        "--points-per-param",
-        type=int,
-        default=None,
-        help="also tabulate K evenly spaced values of each numeric parameter (log-spaced for log ones)",
-    )
-    p.add_argument("--study-name", default=None, help="tabulating study's name (default NAME/table)")
-    p.add_argument("--no-run", action="store_true", help="only create the study (run it with hpo worker)")
-    p.add_argument(
-        "--device", default=None, help="device for training (default cuda:0 if available, else cpu)"
-    )
-    p.add_argument("--checkpoint-dir", default="storage/checkpoints", help="where trials keep checkpoints")
-    p.set_defaults(func=cmd_tabulate)

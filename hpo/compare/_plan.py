@@ -10,8 +10,9 @@ each seed runs the whole grid in its own seeded order (each parameter's grid val
 grid's best-so-far curve does not depend on the order the values were written in.
 
 Sampler seeds: run ``K`` uses sampler seed ``base + K * SEED_STRIDE``. Workers seed each trial's
-sampler with ``seed + trial number``, so consecutive seeds would share all but one random stream;
-the stride keeps every run's streams disjoint.
+sampler with :func:`hpo.samplers.trial_seed` (a hash of study seed and trial number), so consecutive
+seeds would now be independent too; the stride stays because each run's seed is part of its stored
+definition, and comparisons created before keep matching (and resuming) their studies.
 """
 
 from __future__ import annotations

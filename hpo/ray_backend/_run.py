@@ -10,7 +10,7 @@ import shutil
 import signal
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -192,7 +192,13 @@ def _waiting(study: optuna.Study) -> int:
     return len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
 
 
-def run_on_ray(study: optuna.Study, spec: StudySpec, storage_url: str, args: argparse.Namespace) -> int:
+def run_on_ray(
+    study: optuna.Study,
+    spec: StudySpec,
+    storage_url: str,
+    args: argparse.Namespace,
+    objective_path: Sequence[str] = (),
+) -> int:
     """Run the study's queued trials on Ray Tune; the exit status (0, 1 after repeated failures,
     130 when interrupted).
 
@@ -201,7 +207,9 @@ def run_on_ray(study: optuna.Study, spec: StudySpec, storage_url: str, args: arg
     sampler proposes parameters through Ray's ``OptunaSearch``; the study's pruner becomes a Ray
     scheduler (:mod:`hpo.ray_backend._schedulers`); Ray restores a trial whose process died up to
     ``args.max_retry`` times from its last checkpoint. Every trial, value, intermediate value
-    and state lands in the study's Optuna storage, as with plain workers.
+    and state lands in the study's Optuna storage, as with plain workers. ``objective_path``: the
+    folders the trials look in for the objective's module (the driver's command line chose them;
+    on a multi-node cluster they must exist at the same place on every node).
     """
     plan = make_scheduler(spec)  # an unsupported pruner is reported before Ray starts
     gpus = gpus_per_trial(args.gpus_per_trial)
@@ -241,6 +249,7 @@ def run_on_ray(study: optuna.Study, spec: StudySpec, storage_url: str, args: arg
             checkpoint_root=str(checkpoint_root),
             gpus_per_trial=gpus,
             objective=spec.objective,
+            objective_path=tuple(objective_path),
         )
         trainable = tune.with_resources(tune.with_parameters(run_trial, job=job), {"cpu": 1, "gpu": gpus})
         max_concurrent = _max_concurrent(resources, gpus, url, local)

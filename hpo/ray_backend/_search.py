@@ -7,8 +7,8 @@ same study name, the study's own sampler), with the changes hpo's guarantees nee
   queued WAITING trial exactly like a plain worker (:func:`hpo.worker.claim_trial`), so Ray and
   plain workers together run exactly ``n_trials``; the claimed trial then goes through
   ``OptunaSearch``'s define-by-run path (our :func:`hpo.space.suggest`, conditional spaces and
-  fixed grid points included), sampled by the study's sampler seeded with the study seed plus
-  the trial number, as plain workers do;
+  fixed grid points included), sampled by the study's sampler seeded from the study seed and
+  the trial number (:func:`hpo.samplers.trial_seed`), as plain workers do;
 * intermediate values: recorded by the trainable at the objective's epoch numbers (Ray's
   ``training_iteration`` differs from the epoch after a restore), so ``on_trial_result`` adds
   nothing;
@@ -47,7 +47,7 @@ from hpo.ray_backend._trainable import (
     checkpoint_dir_of,
     record_failure,
 )
-from hpo.samplers import make_sampler
+from hpo.samplers import make_sampler, trial_seed
 from hpo.space import SearchSpace, suggest
 from hpo.spec import StudySpec
 from hpo.storage import HeartbeatSettings
@@ -198,7 +198,7 @@ class StudySearch(OptunaSearch):
         _optuna.study_storage(study).set_trial_system_attr(optuna_id, WORKER_ATTR, self._identity)
         # A sampler per trial seeded by the trial number, exactly as plain workers do: a later
         # run (or another worker) never replays the same random draws, and a run is reproducible.
-        study.sampler = make_sampler(self._spec, seed=self._spec.sampler_seed + number)
+        study.sampler = make_sampler(self._spec, seed=trial_seed(self._spec.sampler_seed, number))
         if hasattr(study.sampler, "wait_check"):
             # BOHB may have to wait for a rung to finish before this trial has a slot; Ray's event
             # loop must not block on it (the results that end the wait arrive through it).

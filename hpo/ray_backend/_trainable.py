@@ -64,6 +64,9 @@ class RayJob:
     # The objective the driver checked against its side's allow-list (hpo.policy); a trial whose
     # stored definition names another one (changed in the database since) is refused.
     objective: str = ""
+    # Folders where the objective's module is looked for (hpo._objective_path), chosen on the
+    # driver's command line: never read from the storage.
+    objective_path: tuple[str, ...] = ()
 
 
 def checkpoint_dir_of(root: Path, study: optuna.Study, trial: FrozenTrial) -> Path:
@@ -165,7 +168,7 @@ def _run_trial(trial_id: int, job: RayJob) -> None:
                 f"not the {job.objective!r} this Ray run was started with; refusing to import it "
                 "(fix: restart hpo worker --backend ray so the objective is checked again)"
             )
-        objective = resolve_objective(spec.objective, "stored definition")
+        objective = resolve_objective(spec.objective, "stored definition", search_path=job.objective_path)
         trial = _optuna.trial_for(study, trial_id)
         frozen = storage.get_trial(trial_id)
         storage.set_trial_system_attr(trial_id, WORKER_ATTR, worker_identity("ray"))

@@ -4,6 +4,8 @@ PIL releases the GIL while it decodes and resamples, so threads scale with the c
 cost of worker processes and of copying pixels between them. Each image is decoded once, resized
 so that its shorter side is ``size`` and center-cropped to ``size x size`` (torchvision's
 ``Resize(size)`` + ``CenterCrop(size)``), and written straight into its slot of the output array.
+With ``channels=1`` each image is converted to greyscale right after decoding (PIL's ITU-R 601-2 luma,
+what torchvision's ``Grayscale`` does to a PIL image), so the array is a third of the size.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ def default_workers() -> int:
     return max(1, min(32, cpus))
 
 
-def _load(path: str, size: int) -> np.ndarray:
+def _load(path: str, size: int, channels: int = 3) -> np.ndarray:
     try:
         with Image.open(path) as image:
             # JPEG only: decode at the smallest 1/2, 1/4 or 1/8 scale whose sides are still >= size,
@@ -44,22 +46,30 @@ def _load(path: str, size: int) -> np.ndarray:
             # like torchvision's ImageFolder loader does.
             opaque = image.convert("RGBA") if image.mode == "P" and "transparency" in image.info else image
             rgb = opaque.convert("RGB")
+            if channels == 1:  # after RGB, as ImageFolder's loader + transforms.Grayscale would
+                rgb = rgb.convert("L")
     except FileNotFoundError:
         raise DecodeError(path, "file does not exist") from None
     except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as exc:
         raise DecodeError(path, f"cannot decode image ({exc})") from None
     fitted = ImageOps.fit(rgb, (size, size), method=Image.Resampling.BILINEAR, centering=(0.5, 0.5))
-    return np.asarray(fitted).transpose(2, 0, 1)
+    pixels = np.asarray(fitted)
+    return pixels[np.newaxis] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
 
 
-def decode_images(files: Sequence[str], size: int, workers: int | None = None) -> np.ndarray:
-    """``(N, 3, size, size)`` uint8 array of ``files`` in order; raises :class:`DecodeError`."""
-    out = np.empty((len(files), 3, size, size), dtype=np.uint8)
+def decode_images(
+    files: Sequence[str], size: int, workers: int | None = None, channels: int = 3
+) -> np.ndarray:
+    """``(N, channels, size, size)`` uint8 array of ``files`` in order (``channels`` 3: RGB, 1: grey);
+    raises :class:`DecodeError`."""
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 or 3, not {channels}")
+    out = np.empty((len(files), channels, size, size), dtype=np.uint8)
     workers = workers or default_workers()
 
     def fill(start: int, stop: int) -> None:
         for i in range(start, stop):
-            out[i] = _load(files[i], size)
+            out[i] = _load(files[i], size, channels)
 
     # Chunks amortise the executor's per-task overhead; several per thread balance the load.
     chunk = max(1, min(256, len(files) // (workers * 4) or 1))

@@ -24,6 +24,9 @@ AugmentPreset = Literal["none", "flip_jitter", "flip_rotation", "flip_jitter_rot
 # ImageNet statistics, what torchvision's pretrained models expect.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# Greyscale input (``data.channels: 1``): the mean of the three channels' statistics.
+GREY_MEAN = (0.449,)
+GREY_STD = (0.226,)
 
 
 @dataclass(frozen=True)
@@ -111,7 +114,9 @@ def rotate(images: torch.Tensor, degrees: torch.Tensor) -> torch.Tensor:
 
 
 def normalize(images: torch.Tensor) -> torch.Tensor:
-    """ImageNet mean/std normalisation of float images in [0, 1]."""
+    """ImageNet mean/std normalisation of float images in [0, 1] (RGB, or one grey channel)."""
+    if images.shape[1] == 1:
+        return TF.normalize(images, list(GREY_MEAN), list(GREY_STD))
     return TF.normalize(images, list(IMAGENET_MEAN), list(IMAGENET_STD))
 
 
@@ -121,7 +126,7 @@ def prepare_batch(
     generator: torch.Generator | None,
     channels_last: bool = False,
 ) -> torch.Tensor:
-    """uint8 (N, 3, H, W) on any device -> augmented, normalised float32 ready for the model."""
+    """uint8 (N, C, H, W), C = 3 or 1, on any device -> augmented, normalised float32 ready for the model."""
     x = images.float().div_(255.0)
     if augmentation is not None and augmentation.active:
         if generator is None:

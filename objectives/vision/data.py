@@ -73,6 +73,8 @@ class DataConfig(BaseModel):
     directory). Left out: ``$HPO_DATA_ROOT/<DEFAULT_DIRS[format]>``; required for imagefolder."""
     image_size: int = Field(default=64, ge=4, le=1024)
     """Images are resized (shorter side) and center-cropped to ``image_size x image_size``."""
+    channels: Literal[1, 3] = 3
+    """3: RGB; 1: greyscale (report 003), converted once when the images are decoded."""
     subset: float = Field(default=1.0, gt=0.0, le=1.0)
     """Stratified fraction of train and of validation that is used; every class is kept."""
     val_fraction: float = Field(default=0.2, gt=0.0, lt=1.0)
@@ -109,10 +111,10 @@ class DataConfig(BaseModel):
 class ImageData:
     """A training and a validation split held in memory as tensors on one device.
 
-    Images are uint8 ``(N, 3, H, W)`` with ``H == W == image_size``, contiguous; convert to float
-    and normalise on the device per batch. Targets are int64 class indices ``(N,)`` for
-    ``task == "multiclass"`` and float32 0/1 ``(N, K)`` for ``"multilabel"``, with column ``k``
-    (or class index ``k``) named by ``classes[k]``.
+    Images are uint8 ``(N, C, H, W)`` (``C`` = ``data.channels``, 3 or 1) with
+    ``H == W == image_size``, contiguous; convert to float and normalise on the device per batch.
+    Targets are int64 class indices ``(N,)`` for ``task == "multiclass"`` and float32 0/1 ``(N, K)``
+    for ``"multilabel"``, with column ``k`` (or class index ``k``) named by ``classes[k]``.
     """
 
     train_images: torch.Tensor
@@ -237,7 +239,7 @@ def _images(
     split: Split, indices: np.ndarray, config: DataConfig, workers: int | None, source: str
 ) -> torch.Tensor:
     if split.pixels is not None:
-        return _upscale(split.pixels[indices], config.image_size)
+        return _upscale(split.pixels[indices], config.image_size, config.channels)
     files = [split.files[i] for i in indices]
     missing = next((f for f in files if not os.path.isfile(f)), None)
     if missing is not None:  # fail before spending minutes decoding the rest
@@ -248,7 +250,7 @@ def _images(
             _layout(config),
         )
     try:
-        return torch.from_numpy(decode_images(files, config.image_size, workers))
+        return torch.from_numpy(decode_images(files, config.image_size, workers, config.channels))
     except DecodeError as exc:
         raise SpecError(
             source, "data.root", f"{exc.path}: {exc.reason}", "replace or remove the file"
@@ -275,11 +277,11 @@ def _digits_catalog() -> Catalog:
     return Catalog(tuple(str(d) for d in range(10)), "multiclass", train, None)
 
 
-def _upscale(pixels: np.ndarray, size: int) -> torch.Tensor:
-    """``(N, 8, 8)`` grey uint8 to ``(N, 3, size, size)`` uint8 (bilinear), grey in every channel."""
+def _upscale(pixels: np.ndarray, size: int, channels: int = 3) -> torch.Tensor:
+    """``(N, 8, 8)`` grey uint8 to ``(N, channels, size, size)`` uint8 (bilinear), grey in every channel."""
     grey = torch.from_numpy(pixels).unsqueeze(1).float()
     resized = F.interpolate(grey, size=(size, size), mode="bilinear", align_corners=False)
-    return resized.round_().clamp_(0, 255).to(torch.uint8).expand(-1, 3, -1, -1).contiguous()
+    return resized.round_().clamp_(0, 255).to(torch.uint8).expand(-1, channels, -1, -1).contiguous()
 
 
 def _place(data: ImageData, device: str) -> ImageData:

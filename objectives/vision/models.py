@@ -2,8 +2,8 @@
 
 Every model is an :class:`ImageClassifier`: ``backbone`` maps an input batch to a feature vector,
 an optional ``trunk`` (report 000's MLP head) transforms it, and ``head`` (optional dropout, then
-a new ``Linear``) maps it to one logit per class. The feature vector entering ``head`` is what
-center loss pulls towards its class centre.
+a new ``Linear``) maps it to one logit per class. The feature vector entering ``head`` (the
+embedding) is what center loss pulls towards its class centre and triplet loss acts on.
 
 Transfer modes (report 004) say which parts train:
 
@@ -14,8 +14,16 @@ Transfer modes (report 004) say which parts train:
 * ``classifier``: AlexNet/VGG's hidden FC layers are frozen; the convolutional part and the new
   last layer train (only models that have hidden FC layers).
 
-Frozen parts get ``requires_grad=False`` *and* stay in eval mode, so their batch-norm statistics
-and dropout do not change while the rest trains. Pretrained weights are read from the local torch
+Frozen parts get ``requires_grad=False``. What they do in training mode is ``frozen_mode``:
+``train`` (the default, what the reports did: only ``requires_grad=False``, so dropout in frozen FC
+layers stays on and frozen batch-norm layers keep adapting their running statistics) or ``eval``
+(frozen parts stay in eval mode: no dropout, batch-norm statistics fixed).
+
+``in_channels: 1`` (report 003's greyscale input) replaces the first convolution (or the MLP's
+input width) by a one-channel one: with ImageNet weights its kernel is the sum of the three colour
+kernels (a grey image repeated in three channels gives the same response); with random weights, the
+first channel's slice of the model's own initialisation. ResNet-18's ``conv1`` then has
+64 x 1 x 7 x 7 = 3,136 parameters, as in the report. Pretrained weights are read from the local torch
 cache only; :func:`pretrained_weights_file` names the file and :class:`HpoError` says where to put
 it when it is missing.
 """
@@ -39,6 +47,7 @@ ModelName = Literal[
     "alexnet", "vgg16", "resnet18", "resnet50", "efficientnet_b0", "mlp", "attribute_mlp", "resnet18_mlp"
 ]
 TransferMode = Literal["scratch", "finetune", "features", "classifier"]
+FrozenMode = Literal["train", "eval"]
 
 # ImageNet weights the reports used (torchvision's V1 weights for every model).
 _WEIGHTS: dict[str, Any] = {
@@ -75,7 +84,10 @@ class ModelOptions:
     mlp_layers: int = 11
     in_features: int | None = None  # mlp / attribute_mlp: length of the (flattened) input
     encoder_checkpoint: str | None = None  # resnet18_mlp: a saved image_classifier ResNet-18
-    center_loss: bool = False  # add learnable class centres (report 003)
+    center_loss: bool = False  # add class centres (report 003's center loss)
+    center_alpha: float = 0.5  # the centres' own update rate (Wen et al.)
+    in_channels: int = 3  # 1: greyscale input (report 003)
+    frozen_mode: FrozenMode = "train"  # frozen parts in training mode (reports) or eval mode
 
 
 class ResidualMLP(nn.Module):
@@ -116,6 +128,7 @@ class ImageClassifier(nn.Module):
         dropout: float,
         frozen: tuple[nn.Module, ...] = (),
         xavier_head: bool = False,
+        frozen_mode: FrozenMode = "train",
     ) -> None:
         super().__init__()
         self.backbone = backbone
@@ -129,6 +142,7 @@ class ImageClassifier(nn.Module):
         self.feature_dim = feature_dim
         self.center_loss: CenterLoss | None = None
         self._frozen = frozen
+        self.frozen_mode = frozen_mode
         for module in frozen:
             module.requires_grad_(False)
 
@@ -144,14 +158,19 @@ class ImageClassifier(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
 
-    def forward_with_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward_with_features(
+        self, x: torch.Tensor, detach_head: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits, features); ``detach_head``: the head's loss does not reach the features
+        (triplet loss: the head is a read-out of an embedding trained by the triplet term alone)."""
         features = self.features(x)
-        return self.head(features), features
+        return self.head(features.detach() if detach_head else features), features
 
     def train(self, mode: bool = True) -> ImageClassifier:
         super().train(mode)
-        for module in self._frozen:  # frozen parts keep their batch-norm statistics and no dropout
-            module.eval()
+        if self.frozen_mode == "eval":
+            for module in self._frozen:  # frozen parts keep their batch-norm statistics and no dropout
+                module.eval()
         return self
 
     def trainable_parameters(self) -> list[nn.Parameter]:
@@ -180,6 +199,40 @@ def _torchvision_model(name: str, pretrained: bool) -> nn.Module:
     return _BUILDERS[name](weights=weights)
 
 
+def _first_conv(net: nn.Module) -> tuple[nn.Module, str, nn.Conv2d]:
+    """(parent, attribute name, module) of ``net``'s first convolution (the one that sees the image)."""
+    for parent in net.modules():
+        for child_name, child in parent.named_children():
+            if isinstance(child, nn.Conv2d):
+                return parent, child_name, child
+    raise ValueError("model has no convolution")
+
+
+def _adapt_input_channels(net: nn.Module, channels: int, pretrained: bool) -> None:
+    """Give ``net``'s first convolution ``channels`` input channels (1: greyscale); see the docstring."""
+    parent, attr, conv = _first_conv(net)
+    if conv.in_channels == channels:
+        return
+    if channels != 1:
+        raise ValueError(f"only 1 or 3 input channels are supported, not {channels}")
+    new = nn.Conv2d(
+        1,
+        conv.out_channels,
+        kernel_size=conv.kernel_size,  # type: ignore[arg-type]
+        stride=conv.stride,  # type: ignore[arg-type]
+        padding=conv.padding,  # type: ignore[arg-type]
+        dilation=conv.dilation,  # type: ignore[arg-type]
+        groups=conv.groups,
+        bias=conv.bias is not None,
+    )
+    with torch.no_grad():
+        weight = conv.weight.sum(dim=1, keepdim=True) if pretrained else conv.weight[:, :1]
+        new.weight.copy_(weight)
+        if conv.bias is not None and new.bias is not None:
+            new.bias.copy_(conv.bias)
+    setattr(parent, attr, new)
+
+
 def _split_torchvision(name: str, net: nn.Module) -> tuple[int, nn.Module, nn.Module | None]:
     """Remove ``net``'s last layer; (feature_dim, convolutional part, hidden FC layers or None)."""
     if name in _HAS_HIDDEN_FC:
@@ -198,7 +251,7 @@ def _split_torchvision(name: str, net: nn.Module) -> tuple[int, nn.Module, nn.Mo
     return linear.in_features, net, None
 
 
-def _load_encoder(path: str) -> tuple[nn.Module, int]:
+def _load_encoder(path: str, in_channels: int) -> tuple[nn.Module, int]:
     """A ResNet-18 image classifier saved by ``hpo retrain`` (report 000's encoder), its outputs."""
     file = Path(path)
     if not file.is_file():
@@ -216,7 +269,15 @@ def _load_encoder(path: str) -> tuple[nn.Module, int]:
     state = saved["model"]
     outputs = int(state["head.1.weight"].shape[0])
     dropout = float(config.get("dropout", 0.0))
-    encoder = build_model(ModelOptions(name="resnet18", num_outputs=outputs, dropout=dropout))
+    saved_channels = int(state["backbone.conv1.weight"].shape[1])
+    if saved_channels != in_channels:
+        raise HpoError(
+            f"encoder_checkpoint {path} takes {saved_channels}-channel images but the data has "
+            f"{in_channels} (fix: set data.channels: {saved_channels}, as in the encoder's study)"
+        )
+    encoder = build_model(
+        ModelOptions(name="resnet18", num_outputs=outputs, dropout=dropout, in_channels=in_channels)
+    )
     encoder.load_state_dict({k: v for k, v in state.items() if not k.startswith("center_loss.")})
     return encoder, outputs
 
@@ -240,28 +301,45 @@ def build_model(options: ModelOptions) -> ImageClassifier:
         trunk = ResidualMLP(options.in_features, options.mlp_width, options.mlp_layers)
         model = ImageClassifier(
             nn.Identity(), trunk, options.mlp_width, options.num_outputs, options.dropout, xavier_head=True
-        )
+        )  # in_features already counts the channels
     elif name == "resnet18_mlp":
         # Report 000: a ResNet-18 encoder (its own fine-tuned one, or ImageNet's) with the MLP on top.
         if options.encoder_checkpoint:
-            encoder, dim = _load_encoder(options.encoder_checkpoint)
+            encoder, dim = _load_encoder(options.encoder_checkpoint, options.in_channels)
         else:
             encoder = _torchvision_model("resnet18", options.pretrained)
+            _adapt_input_channels(encoder, options.in_channels, options.pretrained)
             dim, encoder, _ = _split_torchvision("resnet18", encoder)
         trunk = ResidualMLP(dim, options.mlp_width, options.mlp_layers)
         frozen = (encoder,) if transfer == "features" else ()
         model = ImageClassifier(
-            encoder, trunk, options.mlp_width, options.num_outputs, options.dropout, frozen, xavier_head=True
+            encoder,
+            trunk,
+            options.mlp_width,
+            options.num_outputs,
+            options.dropout,
+            frozen,
+            xavier_head=True,
+            frozen_mode=options.frozen_mode,
         )
     else:
         net = _torchvision_model(name, options.pretrained)
+        _adapt_input_channels(net, options.in_channels, options.pretrained)
         dim, conv, hidden_fc = _split_torchvision(name, net)
         frozen_parts: tuple[nn.Module, ...] = ()
         if transfer == "features":
             frozen_parts = (conv,)
         elif transfer == "classifier" and hidden_fc is not None:
             frozen_parts = (hidden_fc,)
-        model = ImageClassifier(net, None, dim, options.num_outputs, options.dropout, frozen_parts)
+        model = ImageClassifier(
+            net,
+            None,
+            dim,
+            options.num_outputs,
+            options.dropout,
+            frozen_parts,
+            frozen_mode=options.frozen_mode,
+        )
     if options.center_loss:
-        model.center_loss = CenterLoss(options.num_outputs, model.feature_dim)
+        model.center_loss = CenterLoss(options.num_outputs, model.feature_dim, options.center_alpha)
     return model

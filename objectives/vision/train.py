@@ -45,6 +45,7 @@ from objectives.vision.losses import Criterion
 from objectives.vision.metrics import EpochMeter, mean_average_precision, multilabel_correct, topk_correct
 from objectives.vision.models import (
     MLP_MODELS,
+    FrozenMode,
     ImageClassifier,
     ModelName,
     ModelOptions,
@@ -71,6 +72,10 @@ class ImageClassifierConfig(BaseModel):
     mlp_layers: int = Field(default=11, ge=1, le=128)
     target_attribute: str | None = Field(default=None, description="attribute_mlp: the attribute predicted")
     encoder_checkpoint: str | None = Field(default=None, description="resnet18_mlp: saved ResNet-18 encoder")
+    frozen_mode: FrozenMode = Field(
+        default="train",
+        description="frozen parts in training mode (dropout on, BN statistics adapt: the reports) or eval",
+    )
     # optimisation
     optimizer: Literal["sgd", "adam", "adamw"] = "sgd"
     lr: float = Field(default=1e-3, gt=0.0)
@@ -84,8 +89,12 @@ class ImageClassifierConfig(BaseModel):
     gamma: float = Field(default=0.1, gt=0.0, le=1.0)
     # data and loss
     augment: AugmentPreset = "none"
-    loss: Literal["auto", "cross_entropy", "bce", "center"] = "auto"
+    loss: Literal["auto", "cross_entropy", "bce", "center", "triplet"] = "auto"
     center_loss_lambda: float = Field(default=0.1, ge=0.0)
+    center_alpha: float = Field(
+        default=0.5, ge=0.0, le=1.0, description="center loss: the centres' own update rate"
+    )
+    triplet_margin: float = Field(default=0.2, ge=0.0, description="triplet loss: the hinge's margin")
     # compute
     precision: Literal["auto", "fp32", "bf16"] = Field(
         default="auto", description="auto: bf16 autocast on CUDA, fp32 on the CPU"
@@ -170,7 +179,7 @@ def make_criterion(cfg: ImageClassifierConfig, inputs: Inputs) -> Criterion:
         )
     if not inputs.multilabel and loss == "bce":
         raise HpoError("loss: bce is for multi-label datasets (voc, celeba) (fix: loss: cross_entropy)")
-    return Criterion(loss, cfg.center_loss_lambda)
+    return Criterion(loss, cfg.center_loss_lambda, cfg.triplet_margin)
 
 
 @dataclass(frozen=True)
@@ -244,7 +253,9 @@ def train_one_epoch(
         x = _model_input(inputs.train_x[index], inputs.images, on, augmentation, generator)
         y = inputs.train_y[index].to(on.device, non_blocking=True)
         with on.autocast():
-            logits, features = model.forward_with_features(x)
+            # Triplet: the read-out head learns from the detached embedding (see losses.py).
+            logits, features = model.forward_with_features(x, detach_head=criterion.name == "triplet")
+            # Center loss also moves its centres here (their own update, not the optimizer's).
             loss = criterion(logits, features, y, model.center_loss)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -292,12 +303,8 @@ def _parse_config(config: dict[str, Any]) -> ImageClassifierConfig:
 
 
 def _optimizer(cfg: ImageClassifierConfig, model: ImageClassifier) -> torch.optim.Optimizer:
-    centers = [] if model.center_loss is None else list(model.center_loss.parameters())
-    center_ids = {id(p) for p in centers}
-    weights = [p for p in model.trainable_parameters() if id(p) not in center_ids]
-    groups: list[dict[str, Any]] = [{"params": weights}]
-    if centers:
-        groups.append({"params": centers, "weight_decay": 0.0})  # class centres are not regularised
+    # Center loss's centres are buffers with their own update rule: the optimizer never sees them.
+    groups: list[dict[str, Any]] = [{"params": model.trainable_parameters()}]
     return build_optimizer(cfg.optimizer, groups, cfg.lr, cfg.weight_decay, cfg.momentum, cfg.nesterov)
 
 
@@ -315,6 +322,7 @@ def train(run: TrialRun) -> float:
 
     seed_everything(run.seed)
     image_size = int(inputs.train_x.shape[-1])
+    channels = int(inputs.train_x.shape[1]) if inputs.images else 3  # data.channels: 1 is greyscale
     model = build_model(
         ModelOptions(
             name=cfg.model,
@@ -324,9 +332,12 @@ def train(run: TrialRun) -> float:
             dropout=cfg.dropout,
             mlp_width=cfg.mlp_width,
             mlp_layers=cfg.mlp_layers,
-            in_features=3 * image_size * image_size if inputs.images else int(inputs.train_x.shape[1]),
+            in_features=channels * image_size * image_size if inputs.images else int(inputs.train_x.shape[1]),
             encoder_checkpoint=cfg.encoder_checkpoint,
             center_loss=criterion.name == "center",
+            center_alpha=cfg.center_alpha,
+            in_channels=channels,
+            frozen_mode=cfg.frozen_mode,
         )
     ).to(on.device)
     if on.cuda:

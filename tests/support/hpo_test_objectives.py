@@ -83,6 +83,20 @@ def poison(run: TrialRun) -> float:
     return quadratic(run)
 
 
+def dies_once(run: TrialRun) -> float:
+    """The first training (per ``$HPO_TEST_MARKERS`` folder) SIGKILLs its own process after epoch 1,
+    as the OOM killer would; every later one trains like :func:`quadratic` (a retry succeeds)."""
+    import signal as signal_module
+
+    marker = Path(os.environ["HPO_TEST_MARKERS"]) / "died"
+    run.report(1, {"loss": 100.0})
+    if not marker.exists():
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(str(run.number))
+        os.kill(os.getpid(), signal_module.SIGKILL)
+    return quadratic(run)
+
+
 def checkpointed(run: TrialRun) -> float:
     """:func:`quadratic` that checkpoints every epoch into ``run.checkpoint_dir`` (JSON) and resumes
     from it, as a real training loop does (for tests of retries and paused workers)."""
