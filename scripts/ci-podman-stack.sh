@@ -20,14 +20,14 @@
 # scratch. Everything it started is removed on exit, also on failure or timeout.
 #
 # Needs root, podman, runc, podman-compose, debootstrap (scripts/ci-podman.sh installs them).
-# Environment: HPO_PODMAN_BUDGET (seconds for the whole step, default 720), HPO_PODMAN_N_TRIALS
+# Environment: HPO_PODMAN_BUDGET (seconds for the whole step, default 1200), HPO_PODMAN_N_TRIALS
 # (run a shorter copy of the quickstart study), HPO_PODMAN_PORT (dashboard port, default 18080),
 # HPO_PODMAN_REBUILD=1 (remove the cached images first: a cold run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 SUPPORT=$ROOT/tests/support/podman
-BUDGET=${HPO_PODMAN_BUDGET:-720}
+BUDGET=${HPO_PODMAN_BUDGET:-1200}
 PORT=${HPO_PODMAN_PORT:-18080}
 PROJECT=hpo-ci
 BASE_IMAGE=localhost/hpo-ci/debian:bookworm
@@ -106,10 +106,11 @@ fi
 
 # --- 1. base image -------------------------------------------------------------------------------
 debian_mirror() {
-    # The mirror apt uses here (deb822 "URIs:" or one-line "deb URL suite"), not the security one.
+    # The Debian mirror apt uses here (deb822 "URIs:" or one-line "deb URL suite"): a URL ending in
+    # /debian, so neither the security archive nor a third-party repository.
     grep -rhoE '^(URIs:[[:space:]]*|deb[[:space:]]+)(\[[^]]*\][[:space:]]+)?[a-z]+://[^[:space:]]+' \
         /etc/apt/sources.list /etc/apt/sources.list.d 2>/dev/null |
-        grep -oE '[a-z]+://[^[:space:]]+' | grep -v -- '-security' | head -n 1
+        grep -oE '[a-z]+://[^[:space:]]+' | grep -E '/debian/?$' | head -n 1
 }
 build_base() {
     if podman image exists "$BASE_IMAGE"; then
@@ -135,7 +136,7 @@ step base build_base
 # --- 2. PostgreSQL image ---------------------------------------------------------------------------
 build_postgres() {
     timeout "$(remaining)" podman build -q --network host --build-arg "BASE_IMAGE=$BASE_IMAGE" \
-        -f "$SUPPORT/Containerfile.postgres" -t "$PG_IMAGE" "$SUPPORT" >/dev/null
+        --label hpo-ci=1 -f "$SUPPORT/Containerfile.postgres" -t "$PG_IMAGE" "$SUPPORT" >/dev/null
 }
 step postgres build_postgres
 
@@ -190,8 +191,10 @@ PY
     echo "pip sources: $(tr '\n' ' ' <"$WORK/pip/mounts")+ PyPI; constraints:" \
         "$(grep -v '^#' "$WORK/pip/constraints.txt" | tr '\n' ' ')"
     timeout "$(remaining)" podman build --network host --build-arg "BASE_IMAGE=$BASE_IMAGE" \
-        "${mounts[@]}" -t "$HPO_IMAGE" "$ROOT" >"$WORK/build.log" 2>&1 ||
+        --label hpo-ci=1 "${mounts[@]}" -t "$HPO_IMAGE" "$ROOT" >"$WORK/build.log" 2>&1 ||
         { tail -n 40 "$WORK/build.log"; return 1; }
+    # The images this script built before and no longer names (only the changed top layers).
+    podman image prune -f --filter label=hpo-ci=1 >/dev/null
     grep -E '^(STEP|--> Using cache)' "$WORK/build.log" | sed 's/^/   /' | cut -c1-110 || true
 }
 step hpo-image build_hpo

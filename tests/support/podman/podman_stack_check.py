@@ -20,8 +20,12 @@ import pytest
 from conftest import ROOT, require_real
 
 SCRIPT = ROOT / "scripts" / "ci-podman-stack.sh"
-# The script keeps its own budget (HPO_PODMAN_BUDGET); this is only the backstop above it.
-BUDGET_S = int(os.environ.get("HPO_PODMAN_BUDGET", "720"))
+# The script keeps its own budget (HPO_PODMAN_BUDGET); this is only the backstop above it. Cold
+# (no image cached) it spends most of it building; warm, about 3 minutes.
+BUDGET_S = int(os.environ.get("HPO_PODMAN_BUDGET", "1200"))
+# The quickstart shortened to 8 trials (5 random, then TPE with the median pruner active): the full
+# 20 add about 3 minutes on a 2-core machine and prove nothing more about the containers.
+N_TRIALS = os.environ.get("HPO_PODMAN_N_TRIALS", "8")
 
 
 def _podman_usable() -> str | None:
@@ -43,6 +47,7 @@ def test_compose_stack_runs_the_quickstart_in_podman() -> None:
     result = subprocess.run(
         ["bash", str(SCRIPT)],
         cwd=ROOT,
+        env={**os.environ, "HPO_PODMAN_BUDGET": str(BUDGET_S), "HPO_PODMAN_N_TRIALS": N_TRIALS},
         capture_output=True,
         text=True,
         timeout=BUDGET_S + 90,
@@ -51,7 +56,7 @@ def test_compose_stack_runs_the_quickstart_in_podman() -> None:
     output = result.stdout + result.stderr
     print(output)  # step times in the -rA / failure report
     assert result.returncode == 0, output[-6000:]
-    assert "ci-podman-stack: OK" in result.stdout
+    assert f"finished ({N_TRIALS} trials) through the containers" in result.stdout
     counts = re.search(r"trials in the containers' PostgreSQL: (.*)", result.stdout)
     assert counts and "COMPLETE|" in counts.group(1), output[-3000:]
     assert "FAIL|" not in counts.group(1)
