@@ -46,7 +46,7 @@ typecheck: $(VENV)/.installed-dev
 	$(BIN)/mypy hpo objectives
 
 pytest: $(VENV)/.installed-dev system-deps
-	$(BIN)/pytest -q -ra $(PYTEST_ARGS)
+	$(BIN)/pytest -q -ra --durations=30 $(PYTEST_ARGS)
 
 test: lint typecheck pytest
 

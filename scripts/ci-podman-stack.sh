@@ -110,7 +110,7 @@ debian_mirror() {
     # /debian, so neither the security archive nor a third-party repository.
     grep -rhoE '^(URIs:[[:space:]]*|deb[[:space:]]+)(\[[^]]*\][[:space:]]+)?[a-z]+://[^[:space:]]+' \
         /etc/apt/sources.list /etc/apt/sources.list.d 2>/dev/null |
-        grep -oE '[a-z]+://[^[:space:]]+' | grep -E '/debian/?$' | head -n 1
+        grep -oE '[a-z]+://[^[:space:]]+' | grep -E '/debian/?$' | head -n 1 || true
 }
 build_base() {
     if podman image exists "$BASE_IMAGE"; then
