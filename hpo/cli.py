@@ -7,6 +7,7 @@ import contextlib
 import difflib
 import importlib
 import json
+import os
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -106,11 +107,16 @@ def _child_args(
         child += ["--n-trials", str(args.n_trials)]
     if args.timeout is not None:
         child += ["--timeout", str(args.timeout)]
-    if args.threads is not None:
-        child += ["--threads", str(args.threads)]
+    child += ["--threads", str(args.threads)]  # cmd_worker sized it for its slots
     if args.no_progress:
         child.append("--no-progress")
     return child
+
+
+def _threads_from_env() -> int | None:
+    """A positive OMP_NUM_THREADS the user exported: their choice of threads per trainer."""
+    value = os.environ.get("OMP_NUM_THREADS", "")
+    return int(value) if value.isdigit() and int(value) > 0 else None
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
@@ -122,6 +128,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         plan_slots,
         run_children,
         sqlite_worker_slot,
+        threads_per_slot,
     )
     from hpo.objective import resolve_objective
     from hpo.policy import ObjectivePolicy
@@ -159,6 +166,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
         return run_on_ray(study, spec, url, args, objective_path=search_path)
     gpus = parse_gpus(args.gpus, cuda_device_count())
     slots = plan_slots(gpus, args.trials_per_gpu)
+    if args.threads is None:  # each slot's trainer gets its share of the cores, not all of them
+        args.threads = _threads_from_env() or threads_per_slot(len(slots))
     database = sqlite_path(url)
     if len(slots) > 1:
         if database is not None:
@@ -355,7 +364,10 @@ def build_parser(command: str | None = None, *, lazy: bool = False) -> _Parser:
         help="how long to wait out an unreachable database before giving up (default 300)",
     )
     p.add_argument(
-        "--threads", type=int, default=None, help="PyTorch intra-op threads of the trainer (default: all)"
+        "--threads",
+        type=int,
+        default=None,
+        help="PyTorch/OpenMP threads of each trainer (default: the cores available / the worker slots)",
     )
     add_objective_path_argument(p)
     p.add_argument("--slot-label", default=None, help=argparse.SUPPRESS)

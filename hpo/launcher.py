@@ -68,6 +68,42 @@ def parse_gpus(value: str, available: int) -> list[int]:
     return indices
 
 
+def _cgroup_cpu_limit() -> float | None:
+    """CPUs this process may use by its cgroup's quota (a container's ``--cpus``), if any."""
+    try:  # cgroup v2: "max 100000" or "200000 100000"
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:  # cgroup v1
+        quota_us = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").read_text())
+        period_us = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us").read_text())
+    except (OSError, ValueError):
+        return None
+    return quota_us / period_us if quota_us > 0 and period_us > 0 else None
+
+
+def available_cores() -> int:
+    """Cores this process may run on: its CPU affinity, capped by a cgroup CPU quota.
+
+    PyTorch sizes its thread pool by the machine's cores, which in a container limited to a few
+    CPUs oversubscribes them; an oversubscribed OpenMP pool spins and can be several times slower.
+    """
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        cores = os.cpu_count() or 1
+    limit = _cgroup_cpu_limit()
+    if limit is not None:
+        cores = min(cores, max(1, int(limit)))
+    return max(1, cores)
+
+
+def threads_per_slot(slots: int, cores: int | None = None) -> int:
+    """Intra-op threads for each of ``slots`` trainers sharing this machine's cores (at least 1)."""
+    return max(1, (available_cores() if cores is None else cores) // max(1, slots))
+
+
 def plan_slots(gpus: Sequence[int], trials_per_gpu: int) -> list[Slot]:
     if trials_per_gpu < 1:
         raise HpoError(f"--trials-per-gpu must be at least 1, got {trials_per_gpu}")

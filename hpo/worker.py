@@ -81,7 +81,7 @@ class WorkerOptions:
     poll_interval: float = 1.0
     checkpoint_root: Path = Path("storage/checkpoints")
     show_progress: bool = True
-    threads: int | None = None  # intra-op threads of the trainer (None: PyTorch's default)
+    threads: int | None = None  # intra-op threads of the trainer (None: PyTorch's default; the CLI sizes it)
     max_retry: int = 3  # retries of a trial whose attempt died (over its chain of retries)
 
 
@@ -281,20 +281,23 @@ class Trainer:
         self.close()
         context = multiprocessing.get_context("spawn")
         parent, child = context.Pipe(duplex=True)
-        previous = os.environ.get(THREADS_ENV)
+        # spawn copies the environment when the process starts: set the thread counts for it
+        # (OpenMP/MKL read theirs at load time, PyTorch's pool is sized in hpo.trainer).
+        names = (THREADS_ENV, "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+        previous = {name: os.environ.get(name) for name in names}
         if self._threads is not None:
-            os.environ[THREADS_ENV] = str(self._threads)  # spawn copies the environment now
+            os.environ.update(dict.fromkeys(names, str(self._threads)))
         try:
             process = context.Process(
                 target=trainer_main, args=(child, os.getpid()), name="hpo-trainer", daemon=False
             )
             process.start()
         finally:
-            if self._threads is not None:
-                if previous is None:
-                    os.environ.pop(THREADS_ENV, None)
+            for name, value in previous.items():
+                if value is None:
+                    os.environ.pop(name, None)
                 else:
-                    os.environ[THREADS_ENV] = previous
+                    os.environ[name] = value
         child.close()
         self._process, self._conn = process, parent
         deadline = time.monotonic() + TRAINER_START_TIMEOUT_S
