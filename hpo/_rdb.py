@@ -38,6 +38,7 @@ from sqlalchemy import orm
 
 from hpo._optuna import rdb_backend, rdb_engine, rdb_scoped_session, rdb_stale_trial_ids, stale_trial_ids
 from hpo._optuna import rdb_models as models  # Optuna's ORM models of its own schema
+from hpo._records import EPOCH_SECONDS_KEY, METRICS_KEY
 
 # Trial system attributes of a retry: the trial it directly replaces (hpo's link), plus Optuna's
 # RetryFailedTrialCallback names (the first attempt's number, and every attempt so far), which
@@ -48,7 +49,10 @@ RETRY_HISTORY_ATTR = "retry_history"
 FAIL_REASON_ATTR = "fail_reason"
 WORKER_ATTR = "hpo:worker"  # which worker holds (held) the trial: host:pid[:slot]
 # System attributes that describe one attempt, not the configuration: a retry starts without them.
-ATTEMPT_ATTRS = frozenset({FAIL_REASON_ATTR, WORKER_ATTR, "hpo:traceback", "hpo:heartbeat"})
+# (A retry's metric history is its own: a resumed retry re-records the restored epochs.)
+ATTEMPT_ATTRS = frozenset(
+    {FAIL_REASON_ATTR, WORKER_ATTR, "hpo:traceback", "hpo:heartbeat", METRICS_KEY, EPOCH_SECONDS_KEY}
+)
 
 _FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 

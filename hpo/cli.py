@@ -107,7 +107,8 @@ def _child_args(
         child += ["--n-trials", str(args.n_trials)]
     if args.timeout is not None:
         child += ["--timeout", str(args.timeout)]
-    child += ["--threads", str(args.threads)]  # cmd_worker sized it for its slots
+    if args.threads is not None:  # cmd_worker sized it for the slots
+        child += ["--threads", str(args.threads)]
     if args.no_progress:
         child.append("--no-progress")
     return child
@@ -161,6 +162,11 @@ def cmd_worker(args: argparse.Namespace) -> int:
     # Importable here, before any trial starts.
     resolve_objective(spec.objective, source, policy, search_path)
     if args.backend == "ray":
+        if spec.is_multi_objective:
+            raise HpoError(
+                f"study {study.study_name!r} has {len(spec.metrics)} metrics; the Ray backend runs "
+                "single-objective studies only (fix: run it without --backend ray)"
+            )
         from hpo.ray_backend import run_on_ray
 
         return run_on_ray(study, spec, url, args, objective_path=search_path)
@@ -224,9 +230,7 @@ def cmd_best(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(best, indent=2, default=str))
     else:
-        print(f"best trial {best['number']}: {best['value']:.6g}")
-        for name, value in best["params"].items():
-            print(f"  {name}: {value}")
+        print(inspect_.best_text(best))  # a multi-objective study: its Pareto front
     return 0
 
 
@@ -411,7 +415,8 @@ def build_parser(command: str | None = None, *, lazy: bool = False) -> _Parser:
 # these lines match what the modules register).
 COMMAND_MODULES: Mapping[str, Mapping[str, str]] = {
     "hpo.dashboard": {
-        "dashboard": "watch studies live in optuna-dashboard (trials, learning curves, stored definitions)",
+        "dashboard": "watch studies live in optuna-dashboard (trials, every metric's curves, "
+        "study definitions)",
     },
     "hpo.serve_storage": {
         "serve-storage": "serve the study database to many workers through Optuna's gRPC storage proxy",

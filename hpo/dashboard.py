@@ -1,11 +1,22 @@
 """``hpo dashboard``: optuna-dashboard on the study storage, to watch searches live.
 
-Everything hpo records is Optuna's own data, so optuna-dashboard shows it as it arrives: the
-trials and their states, each trial's learning curve (the metric reported every epoch, Optuna's
-intermediate values), all metrics per epoch (trial user attribute ``metrics``), the stored study
-definition (study user attribute ``hpo:definition``) and the files trials stored as artifacts
-(:mod:`hpo.artifacts`). The server listens on loopback unless ``--host`` says otherwise, since
-optuna-dashboard lets anyone who reaches it edit studies.
+Everything hpo records is Optuna's own data, so optuna-dashboard shows it as it arrives:
+
+* the **study list**, and for each study its trials and their states (queued ones as Waiting);
+* on a **study's page**: Optuna's plots, among them the study metric's learning curves (its
+  intermediate values, one point per epoch); the **Note**, which holds the study definition as
+  YAML and the study's extend/enqueue history (written by :mod:`hpo._dashboard_data` when the
+  study is created, replaced, extended or retrained); **one figure per metric** the objective
+  reports (``val_acc by epoch`` ...: every finished trial's curve, rewritten by the worker as
+  trials end); and the study user attributes (``hpo:uid``);
+* on a **trial's page**: its value, parameters, intermediate values, the user attributes
+  ``last_epoch`` (the last epoch's metrics, rounded) and ``fail_reason``, and the files it stored
+  as artifacts (:mod:`hpo.artifacts`).
+
+Long records (the definition, the per-epoch metric history) are system attributes, which the
+dashboard does not print as attribute rows (:mod:`hpo._records`), so no attribute widens a page.
+The server listens on loopback unless ``--host`` says otherwise, since optuna-dashboard lets
+anyone who reaches it edit studies.
 """
 
 from __future__ import annotations
@@ -106,7 +117,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     """Add ``hpo dashboard`` to the CLI."""
     p = subparsers.add_parser(
         "dashboard",
-        help="watch studies live in optuna-dashboard (trials, learning curves, stored definitions)",
+        help="watch studies live in optuna-dashboard (trials, every metric's curves, study definitions)",
         description="Start optuna-dashboard on the study storage, with the trials' artifact store.",
     )
     add_storage_argument(p)

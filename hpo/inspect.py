@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from hpo._progress import count_trials, report_console
+from hpo._records import definition_from_attrs, trial_curves, trial_metrics
 from hpo.errors import HpoError
 from hpo.studies import stored_definition
 from hpo.worker import WORKER_ATTR
@@ -27,7 +28,34 @@ def load(storage: BaseStorage, study_name: str) -> optuna.Study:
         raise HpoError(f"no study named {study_name!r} in this storage (studies there: {names})") from None
 
 
+def objective_names(study: optuna.Study) -> list[str]:
+    """The study's objective names: its metric names (set when hpo creates a study), else
+    Optuna's ``values_0``, ``values_1``, ..."""
+    names = study.metric_names
+    return list(names) if names else [f"values_{i}" for i in range(len(study.directions))]
+
+
 def best_trial(study: optuna.Study) -> dict[str, Any]:
+    """The best trial; for a multi-objective study the Pareto front (``best_trials``), each
+    trial with its ``values`` in the order of ``metrics``."""
+    if len(study.directions) > 1:
+        front = sorted(study.best_trials, key=lambda t: t.number)
+        if not front:
+            raise HpoError(f"study {study.study_name!r} has no completed trial yet")
+        return {
+            "study": study.study_name,
+            "metrics": objective_names(study),
+            "directions": [d.name.lower() for d in study.directions],
+            "best_trials": [
+                {
+                    "number": t.number,
+                    "values": t.values,
+                    "params": t.params,
+                    "epochs_done": len(t.intermediate_values),
+                }
+                for t in front
+            ],
+        }
     try:
         best = study.best_trial
     except ValueError:
@@ -42,6 +70,24 @@ def best_trial(study: optuna.Study) -> dict[str, Any]:
     }
 
 
+def best_text(best: dict[str, Any]) -> str:
+    """What ``hpo best`` prints for :func:`best_trial`'s answer."""
+    if "best_trials" not in best:
+        params = "".join(f"\n  {name}: {value}" for name, value in best["params"].items())
+        return f"best trial {best['number']}: {best['value']:.6g}{params}"
+    objectives = ", ".join(f"{m} ({d})" for m, d in zip(best["metrics"], best["directions"], strict=True))
+    lines = [f"Pareto front of {best['study']}: {len(best['best_trials'])} trial(s); {objectives}"]
+    for trial in best["best_trials"]:
+        values = "  ".join(f"{m}={v:.6g}" for m, v in zip(best["metrics"], trial["values"], strict=True))
+        params = ", ".join(f"{k}={v}" for k, v in trial["params"].items())
+        lines.append(f"  trial {trial['number']}: {values}  [{params}]")
+    return "\n".join(lines)
+
+
+def _single(values: list[float] | None) -> float | None:
+    return values[0] if values is not None and len(values) == 1 else None
+
+
 def _duration(trial: FrozenTrial) -> float | None:
     if trial.datetime_start and trial.datetime_complete:
         return (trial.datetime_complete - trial.datetime_start).total_seconds()
@@ -52,13 +98,14 @@ def trial_record(trial: FrozenTrial) -> dict[str, Any]:
     return {
         "number": trial.number,
         "state": trial.state.name,
-        "value": trial.value,
+        "value": _single(trial.values),  # None for a multi-objective trial: see "values"
+        "values": trial.values,
         "params": trial.params,
         "datetime_start": trial.datetime_start.isoformat() if trial.datetime_start else None,
         "datetime_complete": trial.datetime_complete.isoformat() if trial.datetime_complete else None,
         "duration_s": _duration(trial),
         "intermediate_values": {str(k): v for k, v in sorted(trial.intermediate_values.items())},
-        "metrics": trial.user_attrs.get("metrics", {}),
+        "metrics": trial_metrics(trial),
         "fail_reason": trial.system_attrs.get("fail_reason"),
         "worker": trial.system_attrs.get(WORKER_ATTR),
         "retried_from": trial.system_attrs.get("failed_trial"),
@@ -74,26 +121,9 @@ def _study_metric(study: optuna.Study) -> str:
     Optuna's own ``intermediate_value`` for a study without a stored definition."""
     definition = stored_definition(study) or {}
     metric = definition.get("metric")
+    if isinstance(metric, list) and metric:
+        metric = metric[0]  # a multi-objective study reports its first metric as intermediate values
     return metric if isinstance(metric, str) and metric else "intermediate_value"
-
-
-def trial_curves(trial: FrozenTrial, study_metric: str) -> dict[str, dict[int, float]]:
-    """Every learning curve of a trial, metric -> {epoch: value} (epochs 1-based).
-
-    The user attr ``metrics`` holds each metric's values from epoch 1 on; the study metric comes
-    from the trial's intermediate values (what the pruner saw, keyed by epoch), which the worker
-    writes every epoch even when ``metrics`` was last flushed earlier.
-    """
-    history = trial.user_attrs.get("metrics")
-    curves: dict[str, dict[int, float]] = {}
-    if isinstance(history, dict):
-        for name, values in history.items():
-            if isinstance(values, list):
-                curves[str(name)] = {epoch: value for epoch, value in enumerate(values, start=1)}
-    if trial.intermediate_values:
-        curve = curves.setdefault(study_metric, {})
-        curve.update({int(step): value for step, value in trial.intermediate_values.items()})
-    return curves
 
 
 def _metric_names(curves: list[dict[str, dict[int, float]]], study_metric: str) -> list[str]:
@@ -149,10 +179,17 @@ def export(study: optuna.Study, fmt: str) -> str:
             for epoch in epochs:
                 writer.writerow([*head, epoch, *[_cell(curve.get(m, {}).get(epoch)) for m in metric_names]])
         return out.getvalue()
+    # A multi-objective study's values, one column each, named like Optuna's trials_dataframe.
+    values_columns = (
+        [n if n.startswith("values_") else f"values_{n}" for n in objective_names(study)]
+        if len(study.directions) > 1
+        else []
+    )
     columns = [
         "number",
         "state",
         "value",
+        *values_columns,
         "duration_s",
         "datetime_start",
         "datetime_complete",
@@ -169,7 +206,11 @@ def export(study: optuna.Study, fmt: str) -> str:
             [
                 record["number"],
                 record["state"],
-                record["value"],
+                _cell(record["value"]),
+                *[
+                    _cell(record["values"][i] if record["values"] else None)
+                    for i in range(len(values_columns))
+                ],
                 record["duration_s"],
                 record["datetime_start"],
                 record["datetime_complete"],
@@ -188,6 +229,8 @@ def export(study: optuna.Study, fmt: str) -> str:
 def print_studies(storage: BaseStorage, console: Console | None = None) -> None:
     console = console or report_console()
     summaries = optuna.get_all_study_summaries(storage, include_best_trial=True)
+    # The definition is a study system attribute, which study summaries lack.
+    system_attrs = {s.study_name: s.system_attrs for s in storage.get_all_studies()}
     if not summaries:
         console.print("no studies in this storage (create one with `hpo create-study STUDY_FILE`)")
         return
@@ -196,12 +239,29 @@ def print_studies(storage: BaseStorage, console: Console | None = None) -> None:
         table.add_column(column, no_wrap=column != "study")
     for s in summaries:
         best = f"{s.best_trial.value:.6g}" if s.best_trial and s.best_trial.value is not None else "-"
-        definition = s.user_attrs.get("hpo:definition")
+        definition = definition_from_attrs(s.user_attrs, system_attrs.get(s.study_name, {}))
         planned = definition.get("n_trials") if isinstance(definition, dict) else None
         trials = storage.get_all_trials(storage.get_study_id_from_name(s.study_name), deepcopy=False)
         counts = count_trials(trials, planned if isinstance(planned, int) else 0, None)
-        table.add_row(s.study_name, s.direction.name.lower(), f"{counts.done}/{counts.planned}", best)
+        if len(s.directions) > 1:  # no single best: the size of the Pareto front
+            front = optuna.load_study(study_name=s.study_name, storage=storage).best_trials
+            best = f"front of {len(front)}" if front else "-"
+        directions = ", ".join(d.name.lower() for d in s.directions)
+        table.add_row(s.study_name, directions, f"{counts.done}/{counts.planned}", best)
     console.print(table)
+
+
+def _print_front(study: optuna.Study, console: Console) -> None:
+    """A multi-objective study's Pareto front, every value of each of its trials."""
+    front = sorted(study.best_trials, key=lambda t: t.number)
+    if not front:
+        console.print("  Pareto front: no completed trial yet")
+        return
+    names = objective_names(study)
+    console.print(f"  Pareto front: {len(front)} trial(s)")
+    for t in front:
+        values = "  ".join(f"{n}={v:.6g}" for n, v in zip(names, t.values, strict=True))
+        console.print(f"    trial {t.number}: {values} params={t.params}", markup=False)
 
 
 def print_status(study: optuna.Study, n_trials: int, console: Console | None = None) -> None:
@@ -212,11 +272,14 @@ def print_status(study: optuna.Study, n_trials: int, console: Console | None = N
     counts = count_trials(study.get_trials(deepcopy=False), n_trials, None)
     console.print(f"study [bold]{study.study_name}[/bold]: {counts.done_text()}")
     console.print("  " + counts.states_text())
-    try:
-        best = study.best_trial
-        console.print(f"  best: trial {best.number} value={best.value:.6g} params={best.params}")
-    except ValueError:
-        console.print("  best: no completed trial yet")
+    if len(study.directions) > 1:
+        _print_front(study, console)
+    else:
+        try:
+            best = study.best_trial
+            console.print(f"  best: trial {best.number} value={best.value:.6g} params={best.params}")
+        except ValueError:
+            console.print("  best: no completed trial yet")
     trials = study.get_trials(deepcopy=False)
     running = [t for t in trials if t.state == TrialState.RUNNING]
     if running:

@@ -4,7 +4,7 @@ What an Optuna user does by calling ``study.optimize`` again, ``study.enqueue_tr
 ``optuna.delete_study``, for studies whose budget is queued up front (:mod:`hpo.studies`):
 
 * **extend** raises the stored definition's ``n_trials`` by N, records
-  ``{"action": "extend", "n_trials": N, "at": ...}`` in the study user attribute ``hpo:history``
+  ``{"action": "extend", "n_trials": N, "at": ...}`` in the study (system) attribute ``hpo:history``
   (both in one transaction) and queues the N new slots. The original study file stays usable:
   a stored ``n_trials`` above the file's by exactly the recorded extensions is the same study.
   Grid studies are refused (the grid's size is their ``n_trials``).
@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-import sqlalchemy
 import yaml
 from optuna.artifacts import FileSystemArtifactStore
 from optuna.artifacts.exceptions import ArtifactNotFound
@@ -38,7 +37,7 @@ from optuna.storages import BaseStorage
 from optuna.trial import TrialState
 
 from hpo import _optuna
-from hpo._optuna import rdb_models as models
+from hpo._dashboard_data import store_records
 from hpo._rdb import rdb_of
 from hpo.artifacts import ENV_ARTIFACT_DIR, resolve_artifact_dir
 from hpo.errors import HpoError
@@ -46,8 +45,6 @@ from hpo.space import SearchSpace
 from hpo.spec import StudySpec, definition_diff
 from hpo.storage import add_storage_argument, open_storage, redact, resolve_storage_url, study_lock
 from hpo.studies import (
-    DEFINITION_ATTR,
-    HISTORY_ATTR,
     _load,
     _queue_budget,
     checkpoint_folder,
@@ -63,22 +60,6 @@ ARTIFACTS_ATTR_PREFIX = "artifacts:"  # optuna.artifacts._upload.ARTIFACTS_ATTR_
 
 def _now() -> str:
     return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
-
-
-def _set_study_user_attrs(storage: BaseStorage, study: optuna.Study, attrs: Mapping[str, Any]) -> None:
-    """Set several study user attributes in one transaction (one by one without a database)."""
-    if _optuna.rdb_backend(storage) is None:
-        for key, value in attrs.items():
-            study.set_user_attr(key, value)
-        return
-    table = models.StudyUserAttributeModel.__table__
-    study_id = _optuna.study_id(study)
-    with _optuna.rdb_session(storage) as session:
-        for key, value in attrs.items():
-            session.execute(sqlalchemy.delete(table).where(table.c.study_id == study_id, table.c.key == key))
-            session.execute(
-                sqlalchemy.insert(table).values(study_id=study_id, key=key, value_json=json.dumps(value))
-            )
 
 
 # --------------------------------------------------------------------------- extend
@@ -100,13 +81,12 @@ def extend_study(storage: BaseStorage, study_name: str, n_trials: int) -> tuple[
         assert definition is not None  # load_study_spec refuses a study without one
         total = spec.n_trials + n_trials
         record = {"action": "extend", "n_trials": n_trials, "at": _now()}
-        _set_study_user_attrs(
+        store_records(
             storage,
-            study,
-            {
-                DEFINITION_ATTR: {**definition, "n_trials": total},
-                HISTORY_ATTR: [*history(study), record],
-            },
+            _optuna.study_id(study),
+            study_name,
+            definition={**definition, "n_trials": total},
+            history=[*history(study), record],
         )
         study, spec = load_study_spec(storage, study_name)
         queued = _queue_budget(study, spec)
@@ -240,7 +220,7 @@ def enqueue_configs(storage: BaseStorage, study_name: str, configs: list[Any], s
             numbers.append(number)
             study = optuna.load_study(study_name=study_name, storage=storage)
             record = {"action": "enqueue", "params": config, "trial": number, "at": _now()}
-            _set_study_user_attrs(storage, study, {HISTORY_ATTR: [*history(study), record]})
+            store_records(storage, study_id, study_name, history=[*history(study), record])
     return numbers
 
 

@@ -35,17 +35,24 @@ import optuna
 from pydantic import BaseModel, ValidationError
 
 from hpo._objective_path import import_objective_module
+from hpo._records import write_trial_metrics
 from hpo.errors import SpecError
 from hpo.policy import ObjectivePolicy, known_objectives, lookup_target
 
 # System attribute a sampler may set on a trial (in ``before_trial``) to give that trial its own
 # epoch budget; multi-fidelity samplers such as BOHB use it. Absent: the study's max_epochs.
 BUDGET_ATTR = "hpo:budget"
-# Each epoch's metric values (user attr "metrics") are written with the trial at most this often,
-# and always when the trial ends: real epochs take longer, so every epoch shows up live, while
-# trivial objectives do not pay an extra write per epoch. The study metric itself is reported
-# (the trial's intermediate values) every epoch regardless.
+# Each epoch's metric values (trial system attr "hpo:metrics", see hpo._records) are written with
+# the trial at most this often, and always when the trial ends: real epochs take longer, so every
+# epoch shows up live, while trivial objectives do not pay an extra write per epoch. The study
+# metric itself is reported (the trial's intermediate values) every epoch regardless.
 METRICS_FLUSH_SECONDS = 2.0
+# A metric every objective has without reporting it: the wall-clock seconds the trial has trained
+# up to the end of each epoch (for a resumed trial, its earlier attempts' seconds included). It is
+# recorded only in studies that name it in ``metric:`` (e.g. ``metric: [val_loss, train_seconds]``),
+# so other studies' curves stay exactly reproducible: timing never is.
+TRAIN_SECONDS = "train_seconds"
+BUILTIN_METRICS = (TRAIN_SECONDS,)
 
 if TYPE_CHECKING:
     from hpo.spec import EarlyStoppingSpec, StudySpec
@@ -109,9 +116,14 @@ class EarlyStopping:
         return self._result is not None
 
     def result(self) -> float:
-        """The trial's value: the rule's value when it stopped training, else as the rule scores."""
+        """The trial's value: ``spec.score``'s epoch when set (best or last, whatever the rule);
+        else the rule's value when it stopped training, else as the rule scores."""
         if not self.values:
             raise RuntimeError("no epoch was reported")
+        if self.spec.score == "last_epoch":
+            return self.values[-1]
+        if self.spec.score == "best_epoch":
+            return min(self.values, key=lambda v: self.sign * v)
         if self._result is not None:
             return self._result
         if self.spec.rule == "patience":
@@ -138,6 +150,9 @@ class TrialRun:
     _epochs_done: int = field(init=False, default=0)
     _flushed_epochs: int = field(init=False, default=0)
     _flushed_at: float = field(init=False, default_factory=time.monotonic)
+    # train_seconds: this attempt's start, and the seconds restored from a checkpoint (resume).
+    _started_at: float = field(init=False, default_factory=time.monotonic)
+    _seconds_before: float = field(init=False, default=0.0)
 
     def __post_init__(self) -> None:
         self._stopper = EarlyStopping(self.spec.early_stopping, self.spec.direction)
@@ -160,11 +175,16 @@ class TrialRun:
         return self.trial.number
 
     def report(self, epoch: int, metrics: Mapping[str, float]) -> bool:
-        """Record epoch ``epoch`` (1-based); prune or early-stop. Returns True to stop training."""
-        if self.spec.metric not in metrics:
-            raise KeyError(
-                f"the objective reported {sorted(metrics)} but the study's metric is {self.spec.metric!r}"
-            )
+        """Record epoch ``epoch`` (1-based); prune or early-stop. Returns True to stop training.
+
+        Every metric of the study must be reported each epoch; the first one is the trial's
+        intermediate value (what a pruner and early stopping see)."""
+        if TRAIN_SECONDS in self.spec.metrics and TRAIN_SECONDS not in metrics:
+            seconds = self._seconds_before + time.monotonic() - self._started_at
+            metrics = {**metrics, TRAIN_SECONDS: seconds}
+        for name in self.spec.metrics:
+            if name not in metrics:
+                raise KeyError(f"the objective reported {sorted(metrics)} but the study's metric is {name!r}")
         value = float(metrics[self.spec.metric])
         if not math.isfinite(value):
             raise FloatingPointError(f"{self.spec.metric} is {value} at epoch {epoch}")
@@ -185,8 +205,21 @@ class TrialRun:
     def final_value(self) -> float:
         return self._stopper.result()
 
+    def final_values(self) -> list[float]:
+        """A multi-objective trial's values: every study metric at the epoch that scores the trial.
+
+        That epoch is the one whose first-metric value the early-stopping rule scores (the last
+        epoch without early stopping; the earliest epoch with that value on a tie), so the values
+        are one model's, never mixed across epochs.
+        """
+        value = self.final_value()
+        first = self._history.get(self.spec.metric, [])
+        epoch = first.index(value) if value in first else len(first) - 1
+        return [float(self._history[name][epoch]) for name in self.spec.metrics]
+
     def _write_metrics(self) -> None:
-        self.trial.set_user_attr("metrics", self._history)
+        # A system attribute plus a short user attribute: see hpo._records.
+        write_trial_metrics(self.trial, self._history, self.spec.metric)
         self._flushed_at = time.monotonic()
         self._flushed_epochs = self._epochs_done
 
@@ -231,6 +264,10 @@ class TrialRun:
                 self._stopper.update(value)
             self._history = {name: list(v) for name, v in history.items()}
             self._epochs_done = len(values)
+            seconds = self._history.get(TRAIN_SECONDS, [])
+            if TRAIN_SECONDS in self.spec.metrics and len(seconds) == len(values):
+                # The restored epochs' seconds count: train_seconds goes on from there.
+                self._seconds_before, self._started_at = (seconds[-1] if seconds else 0.0), time.monotonic()
             self._write_metrics()
             self.trial.set_user_attr("resumed_from_epoch", len(values))
         return len(values)
@@ -294,15 +331,18 @@ def check_objective(
     :func:`resolve_objective`) and check the study's metric, settings and space against what it
     declares."""
     objective = resolve_objective(spec.objective, source, policy, search_path)
-    if objective.metrics and spec.metric not in objective.metrics:
-        close = difflib.get_close_matches(spec.metric, objective.metrics, n=1)
-        hint = f"did you mean {close[0]}? " if close else ""
-        raise SpecError(
-            source,
-            "metric",
-            f"{spec.metric!r} is not a metric this objective reports",
-            f"{hint}declared metrics: {', '.join(objective.metrics)}",
-        )
+    declared = (*objective.metrics, *BUILTIN_METRICS)
+    for i, metric in enumerate(spec.metrics):
+        if objective.metrics and metric not in declared:
+            close = difflib.get_close_matches(metric, declared, n=1)
+            hint = f"did you mean {close[0]}? " if close else ""
+            builtin = "" if close else f"; built in: {', '.join(BUILTIN_METRICS)}"
+            raise SpecError(
+                source,
+                f"metric[{i}]" if spec.is_multi_objective else "metric",
+                f"{metric!r} is not a metric this objective reports",
+                f"{hint}declared metrics: {', '.join(objective.metrics)}{builtin}",
+            )
     if objective.config is not None:
         known = set(objective.config.model_fields)
         for name in spec.space.names:

@@ -37,13 +37,14 @@ from optuna.trial import FrozenTrial, TrialState
 from rich.console import Console
 
 from hpo import _optuna
+from hpo._dashboard_data import store_records
 from hpo._objective_path import add_objective_path_argument, objective_path
 from hpo.errors import HpoError
 from hpo.objective import Objective, TrialRun, resolve_objective
 from hpo.policy import ObjectivePolicy
 from hpo.spec import BudgetSpec, EarlyStoppingSpec, PrunerSpec, SamplerSpec, StudySpec
 from hpo.storage import add_storage_argument, open_storage, resolve_storage_url
-from hpo.studies import DEFINITION_ATTR, UID_ATTR, load_study_spec
+from hpo.studies import UID_ATTR, load_study_spec
 
 RETRAIN_SUFFIX = "/retrain"
 RETRAIN_OF_ATTR = "hpo:retrain_of"
@@ -170,6 +171,11 @@ def retrain(
         raise HpoError(f"--top must be at least 1, got {top}")
     console = console or Console(highlight=False, soft_wrap=True)
     study, spec = load_study_spec(storage, study_name)
+    if spec.is_multi_objective:
+        raise HpoError(
+            f"study {study_name!r} has {len(spec.metrics)} metrics and no single best trial; hpo retrain "
+            "needs a single-objective study (fix: run a trial of `hpo best` in a study of its own)"
+        )
     sources = best_trials(study, top)
     if len(sources) < top:
         console.print(f"study {study_name!r} has only {len(sources)} completed trial(s); retraining those")
@@ -181,7 +187,12 @@ def retrain(
     target = _retrain_study(storage, study_name, spec)
     already = len(target.get_trials(deepcopy=False))
     definition_spec = retrain_spec(spec, epochs, already + len(sources))
-    target.set_user_attr(DEFINITION_ATTR, definition_spec.definition())
+    store_records(
+        _optuna.study_storage(target),
+        _optuna.study_id(target),
+        target.study_name,
+        definition=definition_spec.definition(),
+    )
 
     cache: dict[str, Any] = {}  # datasets decoded once for all retrained configurations
     results = []

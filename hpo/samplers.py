@@ -55,6 +55,12 @@ def _cmaes(options: dict[str, Any], seed: int | None, spec: StudySpec) -> BaseSa
     return optuna.samplers.CmaEsSampler(seed=seed, **options)
 
 
+def _nsga2(options: dict[str, Any], seed: int | None, spec: StudySpec) -> BaseSampler:
+    # NSGA-II keeps its generations in trial system attributes, so a sampler built per trial (as
+    # workers do) continues the same evolution; it is meant for multi-objective studies.
+    return optuna.samplers.NSGAIISampler(seed=seed, **options)
+
+
 def _bohb(options: dict[str, Any], seed: int | None, spec: StudySpec) -> BaseSampler:
     # Imported lazily: only BOHB studies should pay for ConfigSpace/hpbandster (see hpo/bohb/).
     from hpo.bohb import build_sampler
@@ -63,7 +69,15 @@ def _bohb(options: dict[str, Any], seed: int | None, spec: StudySpec) -> BaseSam
 
 
 SAMPLER_BUILDERS: Mapping[str, SamplerBuilder] = MappingProxyType(
-    {"grid": _grid, "random": _random, "tpe": _tpe, "gp": _gp, "cmaes": _cmaes, "bohb": _bohb}
+    {
+        "grid": _grid,
+        "random": _random,
+        "tpe": _tpe,
+        "gp": _gp,
+        "cmaes": _cmaes,
+        "nsga2": _nsga2,
+        "bohb": _bohb,
+    }
 )
 
 

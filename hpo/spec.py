@@ -26,6 +26,8 @@ from pydantic import (
     PositiveFloat,
     PositiveInt,
     ValidationError,
+    field_serializer,
+    model_serializer,
     model_validator,
 )
 
@@ -35,6 +37,10 @@ from hpo.space import SearchSpace, grid_points, parse_space, space_to_dict
 
 _T = TypeVar("_T")
 PRUNER_NAMES = ("none", "median", "percentile", "successive_halving", "hyperband", "patient")
+Direction = Literal["minimize", "maximize"]
+DIRECTIONS: tuple[Direction, ...] = ("minimize", "maximize")
+# Samplers Optuna cannot run on a study with several objectives (they raise at the first trial).
+SINGLE_OBJECTIVE_SAMPLERS = ("cmaes", "bohb")
 _STUDY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-/]*$")
 
 
@@ -70,12 +76,26 @@ class BudgetSpec(_Frozen):
 class EarlyStoppingSpec(_Frozen):
     """``consecutive_worse`` is report 002's rule: stop once two consecutive epochs are both worse
     than the epoch before them, and score the trial by the worse of those two. ``patience`` stops
-    after ``patience`` epochs without an improvement larger than ``min_delta`` and scores the best.
+    after ``patience`` epochs without an improvement larger than ``min_delta`` (report 004's
+    "threshold": an absolute change of the metric) and scores the epoch of the last such
+    improvement. ``score`` overrides how the trial's value is taken, whatever the rule:
+    ``best_epoch`` is the best value of any epoch (report 004 kept its best epoch), ``last_epoch``
+    the last epoch's; left out, the rule decides (no rule: the last epoch).
     """
 
     rule: Literal["none", "consecutive_worse", "patience"] = "none"
     patience: PositiveInt = 3
     min_delta: float = Field(default=0.0, ge=0.0)
+    score: Literal["best_epoch", "last_epoch"] | None = None
+
+    @model_serializer(mode="wrap")
+    def _without_default_score(self, handler: Callable[[Any], Any]) -> Any:
+        # Definitions stored before ``score`` existed have no such key; leaving the default out
+        # keeps them equal to the study file's (see definition_diff).
+        data = handler(self)
+        if self.score is None and isinstance(data, dict):
+            data.pop("score", None)
+        return data
 
 
 class StudySpec(_Frozen):
@@ -87,14 +107,36 @@ class StudySpec(_Frozen):
     data: dict[str, Any] = Field(default_factory=dict)
     settings: dict[str, Any] = Field(default_factory=dict)
     space: SearchSpace
-    metric: str
-    direction: Literal["minimize", "maximize"]
+    # ``metric:`` and ``direction:`` in the file: one name, or a list of them for a multi-objective
+    # study (Optuna's ``directions``). Held as tuples; written back as the file wrote them (a
+    # single name stays a string, so definitions stored before multi-objective studies still match).
+    metrics: tuple[str, ...] = Field(alias="metric", min_length=1)
+    directions: tuple[Direction, ...] = Field(alias="direction", min_length=1)
     n_trials: PositiveInt
     budget: BudgetSpec
     seed: int = 0
     sampler: SamplerSpec
     pruner: PrunerSpec = Field(default_factory=PrunerSpec)
     early_stopping: EarlyStoppingSpec = Field(default_factory=EarlyStoppingSpec)
+
+    @field_serializer("metrics", "directions")
+    def _one_or_list(self, value: tuple[str, ...]) -> str | list[str]:
+        return value[0] if len(value) == 1 else list(value)
+
+    @property
+    def metric(self) -> str:
+        """The first (for a single-objective study: the) metric: the one reported to the pruner as
+        the trial's intermediate values, and the one early stopping watches."""
+        return self.metrics[0]
+
+    @property
+    def direction(self) -> Direction:
+        """The first metric's direction."""
+        return self.directions[0]
+
+    @property
+    def is_multi_objective(self) -> bool:
+        return len(self.metrics) > 1
 
     @property
     def sampler_seed(self) -> int:
@@ -103,7 +145,7 @@ class StudySpec(_Frozen):
     def definition(self) -> dict[str, Any]:
         """The resolved, JSON-ready definition stored with the study; its ``search_space`` is always
         the inline mapping (never a file path), as :func:`spec_from_definition` requires."""
-        data = self.model_dump(mode="json", exclude={"space"})
+        data = self.model_dump(mode="json", exclude={"space"}, by_alias=True)
         data["search_space"] = space_to_dict(self.space)
         return data
 
@@ -151,7 +193,8 @@ def _fields_at(loc: tuple[Any, ...]) -> list[str]:
         if not candidates:
             return []
         model = candidates[0]
-    names = [name for name in getattr(model, "model_fields", {}) if name != "space"]
+    fields = getattr(model, "model_fields", {})
+    names = [field.alias or name for name, field in fields.items() if name != "space"]
     return [*names, "search_space"] if model is StudySpec else names
 
 
@@ -229,6 +272,7 @@ def parse_study(raw: Any, source: str, base_dir: Path | None = None) -> StudySpe
                 f"is {raw['n_trials']} but the grid has {len(points)} points",
                 "remove n_trials for a grid study (it is the grid's size)",
             )
+    _objectives(raw, source)
     if isinstance(raw.get("name"), str) and not _STUDY_NAME.match(raw["name"]):
         raise SpecError(
             source, "name", f"{raw['name']!r} is not a valid study name", "use letters, digits, _ . - /"
@@ -239,8 +283,83 @@ def parse_study(raw: Any, source: str, base_dir: Path | None = None) -> StudySpe
         raise _pydantic_error(source, exc) from None
     except TypeError as exc:
         raise SpecError(source, "", str(exc)) from None
+    if spec.is_multi_objective:
+        _check_multi_objective(spec, source)
     _check_factories(spec, source)
     return spec
+
+
+def _names(value: Any, source: str, field: str, what: str, example: str) -> tuple[str, ...]:
+    """A ``metric:``/``direction:`` value as a tuple: one string, or a non-empty list of them."""
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not items or not all(isinstance(i, str) and i for i in items):
+        raise SpecError(source, field, f"must be a {what} or a list of them, got {value!r}", example)
+    seen: set[str] = set()
+    for i, item in enumerate(items):
+        if field == "metric" and item in seen:
+            raise SpecError(source, f"{field}[{i}]", f"{item!r} is listed twice", "list each metric once")
+        seen.add(item)
+    return tuple(items)
+
+
+def _objectives(raw: dict[str, Any], source: str) -> None:
+    """Check ``metric:`` and ``direction:`` together (one direction per metric) and turn each into
+    a tuple; a missing one is left for the model to report as required."""
+    if raw.get("metric") is None or raw.get("direction") is None:
+        return
+    metrics = _names(
+        raw["metric"],
+        source,
+        "metric",
+        "metric name",
+        "e.g. metric: val_loss, or metric: [val_loss, train_seconds]",
+    )
+    directions = _names(
+        raw["direction"],
+        source,
+        "direction",
+        "direction",
+        "e.g. direction: minimize, or direction: [minimize, minimize] with one entry per metric",
+    )
+    for i, direction in enumerate(directions):
+        if direction not in DIRECTIONS:
+            where = "direction" if isinstance(raw["direction"], str) else f"direction[{i}]"
+            close = difflib.get_close_matches(direction, DIRECTIONS, n=1)
+            hint = f"did you mean {close[0]}? " if close else ""
+            raise SpecError(
+                source, where, f"{direction!r} is not a direction", f"{hint}use minimize or maximize"
+            )
+    if len(directions) != len(metrics):
+        raise SpecError(
+            source,
+            "direction",
+            f"has {len(directions)} {'entry' if len(directions) == 1 else 'entries'} "
+            f"but metric has {len(metrics)}",
+            "give one direction per metric, in the same order, e.g. "
+            f"direction: [{', '.join(['minimize'] * len(metrics))}]",
+        )
+    raw["metric"], raw["direction"] = metrics, directions
+
+
+def _check_multi_objective(spec: StudySpec, source: str) -> None:
+    """What Optuna cannot do with several objectives, refused at load time rather than at the
+    first trial."""
+    count = f"{len(spec.metrics)} metrics"
+    if spec.sampler.name in SINGLE_OBJECTIVE_SAMPLERS:
+        raise SpecError(
+            source,
+            "sampler.name",
+            f"{spec.sampler.name} cannot optimise several objectives ({count})",
+            "use nsga2, tpe, random, gp or grid, or a single metric",
+        )
+    if spec.pruner.name != "none":
+        # Optuna's Trial.should_prune raises for multi-objective studies: no pruner applies.
+        raise SpecError(
+            source,
+            "pruner",
+            f"Optuna does not prune multi-objective studies ({count})",
+            "remove pruner:, or use a single metric",
+        )
 
 
 def _check_factories(spec: StudySpec, source: str) -> None:

@@ -1,7 +1,8 @@
 """Creating, adopting and loading studies together with their stored definition.
 
-A study's definition (the resolved study file) lives in the study's user attribute
-``hpo:definition``. Its trial budget is materialised when the study is created: ``n_trials``
+A study's definition (the resolved study file) lives in the study's system attribute
+``hpo:definition`` (read through :mod:`hpo._records`; the dashboard's study note shows it as
+YAML). Its trial budget is materialised when the study is created: ``n_trials``
 WAITING trials are queued (the grid's points, with their parameters fixed, for grid search; empty
 slots for every other sampler, whose parameters the sampler picks when a worker claims the slot).
 Workers only ever claim queued trials, with one conditional update (:mod:`hpo._rdb`), so the
@@ -21,20 +22,21 @@ import optuna
 from optuna.storages import BaseStorage
 from optuna.trial import FrozenTrial, TrialState
 
-from hpo import _optuna
+from hpo import _optuna, _records
+from hpo._dashboard_data import store_records
 from hpo.errors import HpoError, StudyDefinitionMismatch
 from hpo.samplers import make_pruner, make_sampler
 from hpo.space import grid_points
 from hpo.spec import StudySpec, definition_diff, spec_from_definition
 from hpo.storage import study_lock
 
-DEFINITION_ATTR = "hpo:definition"
+DEFINITION_ATTR = _records.DEFINITION_KEY
 # A random id given to each study when hpo defines it: names repeat across storages and after a
 # study is deleted and re-created, and files kept per study (checkpoints) must never be mixed up.
 UID_ATTR = "hpo:uid"
 # What was done to the study after its creation (hpo.lifecycle): a list of records such as
 # {"action": "extend", "n_trials": 10, "at": "..."}; extensions raise the stored n_trials.
-HISTORY_ATTR = "hpo:history"
+HISTORY_ATTR = _records.HISTORY_KEY
 
 
 def _load(storage: BaseStorage, study_name: str) -> optuna.Study | None:
@@ -45,8 +47,9 @@ def _load(storage: BaseStorage, study_name: str) -> optuna.Study | None:
 
 
 def stored_definition(study: optuna.Study) -> dict[str, Any] | None:
-    definition = study.user_attrs.get(DEFINITION_ATTR)
-    return definition if isinstance(definition, dict) else None
+    """The study's stored definition (a study system attribute, or the legacy user attribute:
+    see :mod:`hpo._records`), or None for a study hpo did not define."""
+    return _records.study_definition(study)
 
 
 def _is_retry(trial: FrozenTrial) -> bool:
@@ -87,8 +90,7 @@ def complete_queue(storage: BaseStorage, study: optuna.Study, spec: StudySpec) -
 
 def history(study: optuna.Study) -> list[dict[str, Any]]:
     """The study's lifecycle records (``hpo:history``), oldest first."""
-    records = study.user_attrs.get(HISTORY_ATTR)
-    return [r for r in records if isinstance(r, dict)] if isinstance(records, list) else []
+    return _records.study_history(study)
 
 
 def extended_trials(study: optuna.Study) -> int:
@@ -121,11 +123,11 @@ def _check_same(study_name: str, study: optuna.Study, spec: StudySpec) -> StudyS
 
 
 def _check_direction(study_name: str, study: optuna.Study, spec: StudySpec) -> None:
-    direction = study.direction.name.lower()
-    if direction != spec.direction:
+    directions = [d.name.lower() for d in study.directions]
+    if directions != list(spec.directions):
         raise HpoError(
-            f"study {study_name!r} was created to {direction} but the study file says direction: "
-            f"{spec.direction} (fix: make them agree)"
+            f"study {study_name!r} was created to {', '.join(directions)} but the study file says "
+            f"direction: {', '.join(spec.directions)} (fix: make them agree)"
         )
 
 
@@ -160,7 +162,7 @@ def create_locked(storage: BaseStorage, name: str, spec: StudySpec) -> optuna.St
     study = optuna.create_study(
         storage=storage,
         study_name=name,
-        direction=spec.direction,
+        directions=list(spec.directions),
         sampler=make_sampler(spec),
         pruner=make_pruner(spec.pruner, spec.budget.max_epochs),
     )
@@ -170,7 +172,13 @@ def create_locked(storage: BaseStorage, name: str, spec: StudySpec) -> optuna.St
 
 def _install(study: optuna.Study, spec: StudySpec) -> None:
     study.set_user_attr(UID_ATTR, uuid.uuid4().hex)
-    study.set_user_attr(DEFINITION_ATTR, spec.definition())
+    # The dashboard (and trials_dataframe) then say "val_loss", not "Objective 0".
+    study.set_metric_names(list(spec.metrics))
+    # The definition is a system attribute (Optuna's tools show user attributes, see
+    # hpo._records), and the dashboard's study note shows it as YAML.
+    store_records(
+        _optuna.study_storage(study), _optuna.study_id(study), study.study_name, definition=spec.definition()
+    )
     _queue_budget(study, spec)
 
 

@@ -14,9 +14,11 @@ are plain tuples of built-in types (no pickled objects come back from training c
     trainer -> supervisor   ("ready", pid)
                             ("report", value, step)          intermediate value of the study metric
                             ("should_prune",)                answered ("prune", bool) or ("abort",)
-                            ("user_attr", key, value)        e.g. the metric history
+                            ("user_attr", key, value)        e.g. the last epoch's metrics
+                            ("system_attr", key, value)      e.g. the metric history
                             ("artifact", path)               answered ("artifact_id", id) or ("error", text)
                             ("done", value)  |  ("pruned", message)  |  ("aborted",)
+                                (a multi-objective study's "done" carries a list of values)
                             ("failed", exception type, message, traceback)
 """
 
@@ -96,6 +98,10 @@ class RemoteTrial:
         # Round-trip through JSON here, so a value the storage could not take fails in the
         # training code that set it, with its own traceback.
         self._conn.send(("user_attr", str(key), json.loads(json.dumps(value))))
+
+    def set_system_attr(self, key: str, value: Any) -> None:
+        """For hpo's long records (:mod:`hpo._records`), kept out of the user attributes."""
+        self._conn.send(("system_attr", str(key), json.loads(json.dumps(value))))
 
     def upload_artifact(self, path: str | Path) -> str:
         self._conn.send(("artifact", str(Path(path).resolve())))
@@ -215,7 +221,13 @@ def _run(
             checkpoint_dir=Path(job.checkpoint_dir),
             cache=cache,
         )
-        value = float(objective.train(run))
+        result = objective.train(run)
+        if spec.is_multi_objective:
+            # Each study metric at the scored epoch (TrialRun.final_values); what train()
+            # returned, one number, cannot hold them all and is not used.
+            run.flush()
+            return ("done", run.final_values())
+        value = float(result)
         if not math.isfinite(value):
             raise FloatingPointError(f"objective returned {value}")
         run.flush()

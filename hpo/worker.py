@@ -44,9 +44,15 @@ from optuna.trial import FrozenTrial, TrialState
 from rich.console import Console
 
 from hpo import _optuna
+from hpo._continuation import (
+    keeps_checkpoint,
+    release_checkpoints,
+    take_over_parent_checkpoint,
+)
+from hpo._dashboard_data import CurvePublisher
 from hpo._first_failures import BROKEN_NOTE, FirstFailures, TrialError
 from hpo._progress import EpochBar, StudyCounts, better, finish_note, read_counts
-from hpo._rdb import RETRY_HISTORY_ATTR, WORKER_ATTR, FailOutcome, fail_stale, rdb_of
+from hpo._rdb import ATTEMPT_ATTRS, RETRY_HISTORY_ATTR, WORKER_ATTR, FailOutcome, fail_stale, rdb_of
 from hpo.errors import HpoError
 from hpo.objective import BUDGET_ATTR, Objective
 from hpo.resilient import StorageUnavailable, is_transient
@@ -166,7 +172,7 @@ def fail_and_requeue(
         return FailOutcome(False)
     if not retry:
         return FailOutcome(True, None, reason)
-    system = {k: v for k, v in frozen.system_attrs.items() if k not in {"fail_reason", WORKER_ATTR}}
+    system = {k: v for k, v in frozen.system_attrs.items() if k not in ATTEMPT_ATTRS}
     system.update({"failed_trial": system.get("failed_trial", frozen.number), RETRY_HISTORY_ATTR: history})
     system["hpo:retry_of"] = frozen.number
     study.add_trial(
@@ -447,6 +453,9 @@ class Recorder:
     def user_attr(self, key: str, value: Any) -> None:
         self._do(lambda: self._storage.set_trial_user_attr(self._trial_id, key, value))
 
+    def system_attr(self, key: str, value: Any) -> None:
+        self._do(lambda: self._storage.set_trial_system_attr(self._trial_id, key, value))
+
     def should_prune(self) -> bool:
         if self._pending or self.lost:
             return False
@@ -564,9 +573,22 @@ class Worker:
         self._printed_traceback = False
         self._first_failures = FirstFailures()
         self._fast: optuna.Study | None = None
+        # The dashboard's per-metric figures (hpo._dashboard_data); never fail a trial.
+        self._curves = CurvePublisher(
+            _inner(_optuna.study_storage(study)),
+            _optuna.study_id(study),
+            spec.metric,
+            spec.direction,
+            self._say,
+        )
         self._after_trial = after_trial
         self._counts: StudyCounts | None = None  # the study when the current trial was claimed
         study.pruner = make_pruner(spec.pruner, spec.budget.max_epochs)
+
+    @property
+    def _direction(self) -> object:
+        """The study's direction for progress figures; a list (no single best) when several."""
+        return list(self.spec.directions) if self.spec.is_multi_objective else self.spec.direction
 
     # ------------------------------------------------------------------ output
     def _say(self, message: str) -> None:
@@ -589,6 +611,7 @@ class Worker:
                 summary.signal_name = str(interrupt)
             finally:
                 self.trainer.shutdown()
+        self._curves.finish()
         self._say(f"worker {self.identity} stopped: {summary.stopped_because}")
         return summary
 
@@ -655,7 +678,7 @@ class Worker:
         t0 = time.monotonic()
         storage = _inner(_optuna.study_storage(self.study))  # for show: never waits out an outage
         study_id = _optuna.study_id(self.study)
-        self._counts = read_counts(storage, study_id, self.spec.n_trials, self.spec.direction)
+        self._counts = read_counts(storage, study_id, self.spec.n_trials, self._direction)
         with Heartbeat(_optuna.study_storage(self.study), trial_id):
             try:
                 outcome = self._prepare_and_supervise(trial_id, number)
@@ -667,6 +690,7 @@ class Worker:
                 self._finished(number, outcome, time.monotonic() - t0)
                 raise
         self._finished(number, outcome, time.monotonic() - t0)
+        self._curves.trial_ended()
         return outcome.state
 
     def _prepare_and_supervise(self, trial_id: int, number: int) -> _Outcome:
@@ -683,6 +707,7 @@ class Worker:
             # Read after Trial(): the sampler's before_trial may have set this trial's budget.
             system_attrs = storage.get_trial_system_attrs(trial_id)
             params = suggest(trial, self.spec.space)
+            self._continue_parent(number, system_attrs)
         except (WorkerInterrupted, StorageUnavailable):
             raise
         except Exception as exc:  # a sampler or space error fails this trial, not the worker
@@ -738,6 +763,8 @@ class Worker:
                         self.trainer.send(answer)
                     elif kind == "user_attr":
                         recorder.user_attr(str(message[1]), message[2])
+                    elif kind == "system_attr":
+                        recorder.system_attr(str(message[1]), message[2])
                     elif kind == "artifact":
                         self.trainer.send(self._upload(trial, str(message[1])))
                     else:
@@ -782,7 +809,7 @@ class Worker:
             return self._record_failure(trial_id, reason)
         try:
             if kind == "done":
-                frozen = self.study.tell(trial, float(message[1]), skip_if_finished=True)
+                frozen = self.study.tell(trial, _told(message[1]), skip_if_finished=True)
             else:
                 frozen = self.study.tell(trial, state=TrialState.PRUNED, skip_if_finished=True)
         except optuna.exceptions.UpdateFinishedTrialError:
@@ -824,23 +851,52 @@ class Worker:
     def _checkpoint_dir(self, number: int, system_attrs: Mapping[str, Any]) -> Path:
         return trial_checkpoint_dir(self._checkpoint_root, number, system_attrs)
 
+    def _continue_parent(self, number: int, system_attrs: Mapping[str, Any]) -> None:
+        """A promoted configuration starts from its parent's checkpoint (hpo._continuation)."""
+        storage = _optuna.study_storage(self.study)
+        try:
+            parent = take_over_parent_checkpoint(
+                storage, _optuna.study_id(self.study), self._checkpoint_root, number, system_attrs
+            )
+        except OSError as exc:  # a full or read-only disk: train from scratch, as hpbandster does
+            self._say(
+                f"trial {number}: could not take over its parent's checkpoint ({exc}); training from scratch"
+            )
+            return
+        if parent is not None:
+            self._say(f"trial {number} continues trial {parent}'s checkpoint")
+
     def _finished(self, number: int, outcome: _Outcome, seconds: float) -> None:
         frozen = outcome.frozen
-        if frozen is not None and not outcome.keep_checkpoint:
-            # Finished for good by this worker: its checkpoint can no longer be resumed.
+        if frozen is not None and not outcome.keep_checkpoint and not keeps_checkpoint(frozen.system_attrs):
+            # Finished for good by this worker: its checkpoint can no longer be resumed (unless a
+            # promoted configuration may still continue it: hpo._continuation).
             shutil.rmtree(self._checkpoint_dir(frozen.number, frozen.system_attrs), ignore_errors=True)
+        released_trials = getattr(self.study.sampler, "released_trials", None)
+        if frozen is not None and released_trials is not None:
+            # Checkpoints kept for a promotion that was decided without them (hpo._continuation).
+            with contextlib.suppress(OSError):
+                trials = self.study.get_trials(deepcopy=False)
+                release_checkpoints(self._checkpoint_root, trials, released_trials(self.study))
         state = outcome.state.name if outcome.state is not None else "ABANDONED"
-        value = f" value={frozen.value:.6g}" if frozen is not None and frozen.value is not None else ""
+        values = frozen.values if frozen is not None else None
+        label = "values" if values and len(values) > 1 else "value"
+        value = f" {label}={', '.join(f'{v:.6g}' for v in values)}" if values else ""
         params = f" [{_format_params(frozen.params)}]" if frozen is not None else ""
         suffix = f" ({outcome.note})" if outcome.note else ""
         best = self._counts.best if self._counts is not None else None
-        if outcome.state == TrialState.COMPLETE and frozen is not None and frozen.value is not None:
-            best = better(self.spec.direction, best, frozen.value)
+        if outcome.state == TrialState.COMPLETE and values and len(values) == 1:
+            best = better(self._direction, best, values[0])
         place = finish_note(self._counts, best)
         place = f"; {place}" if place else ""
         self._say(f"trial {number} {state}{value}{params} {seconds:.1f}s{suffix}{place}")
         if self._after_trial is not None:
             self._after_trial(outcome.state, outcome.note.endswith("; re-queued"))
+
+
+def _told(value: Any) -> float | list[float]:
+    """The trainer's "done" value for ``Study.tell``: one number, or a multi-objective trial's list."""
+    return [float(v) for v in value] if isinstance(value, list) else float(value)
 
 
 def _ensure_cached(study: optuna.Study, trial_id: int) -> None:

@@ -11,6 +11,7 @@ continues exactly as the uninterrupted run did: same metrics, same final value.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -114,7 +115,22 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, fl
     }
 
 
-def train(run: TrialRun) -> float:
+@dataclass
+class DigitsTrial:
+    """One trial's state before its first epoch: what :func:`train` and the fused trainer
+    (``objectives._digits_fused``) both start from, so a fused member starts as the unfused trial."""
+
+    cfg: DigitsConfig
+    data: dict[str, torch.Tensor]
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None
+    identity: dict[str, Any]
+    start_epoch: int
+
+
+def prepare(run: TrialRun) -> DigitsTrial:
+    """Data, seeded model, optimizer and schedule, restored from the trial's checkpoint if any."""
     cfg = DigitsConfig(**run.config)
     data_cfg = DigitsData(**run.data)
     key = f"digits:{data_cfg.model_dump_json()}:{run.seed}"
@@ -142,6 +158,13 @@ def train(run: TrialRun) -> float:
     )
     if restored is not None:
         start_epoch = run.resume(restored[1]) + 1
+    return DigitsTrial(cfg, data, model, optimizer, scheduler, identity, start_epoch)
+
+
+def train(run: TrialRun) -> float:
+    trial = prepare(run)
+    cfg, data, model, optimizer = trial.cfg, trial.data, trial.model, trial.optimizer
+    scheduler, identity, start_epoch = trial.scheduler, trial.identity, trial.start_epoch
 
     for epoch in range(start_epoch, run.max_epochs + 1):
         generator = seed_epoch(run.seed, epoch)  # data order and dropout: the same when resumed

@@ -128,6 +128,9 @@ def test_replayed_comparison_reports_curves_configurations_and_a_table(tmp_path:
         assert run.is_complete and len(run.trials) == 12
         # the simulated clock: the tabulated seconds of the epochs each trial replayed
         assert all(t.seconds > 0 for t in run.trials)
+        # what each trial looked up is kept: a tabulated configuration (the picture draws it there)
+        tabulated = [dict(e.params) for e in table.entries]
+        assert all(t.table_params is not None and dict(t.table_params) in tabulated for t in run.trials)
     # every grid seed visits the whole grid; values are the tabulated curves' (x-2)^2+(y+1)^2+1/epoch
     for run in results.runs_of("grid"):
         points = {(t.params["x"], t.params["y"]) for t in run.trials}

@@ -16,13 +16,18 @@ from typing import Any
 
 import optuna
 import pytest
+import yaml
 from background import Output, free_port, stop
 from conftest import cli_env, require_real, run_cli, start_cli
 from studyfiles import quadratic_study
 
-from hpo.studies import DEFINITION_ATTR
+from hpo._dashboard_data import figure_id
+from hpo._records import LEGACY_METRICS_ATTR
+from hpo.studies import DEFINITION_ATTR, stored_definition
 
 CHROMIUM = "/usr/bin/chromium"
+VIEWPORT_WIDTH = 1400
+SEVERAL = "hpo_dashboard_objectives:several_metrics"  # loss, train_loss and val_acc each epoch
 CHROMIUM_ARGS = [
     "--headless",
     "--no-sandbox",
@@ -52,6 +57,11 @@ def start_dashboard(procs: list[subprocess.Popen[str]], *args: str) -> tuple[Out
     return out, url
 
 
+def page_width(page: Any) -> int:
+    """How wide the page's content is, in CSS pixels (more than the window: it scrolls sideways)."""
+    return int(page.evaluate("document.documentElement.scrollWidth"))
+
+
 def get_json(url: str) -> Any:
     with urllib.request.urlopen(url, timeout=30) as response:
         return json.load(response)
@@ -75,7 +85,9 @@ def test_browser_sees_the_running_study_its_trial_count_grow_and_learning_curves
         require_real("playwright is not installed (pip install -e '.[dev]')")
 
     n_trials = 10
-    study_file = quadratic_study(tmp_path, name="live-quad", n_trials=n_trials, epochs=4, sleep=0.5)
+    study_file = quadratic_study(
+        tmp_path, name="live-quad", n_trials=n_trials, epochs=4, sleep=0.5, objective=SEVERAL
+    )
     # Create the study before the dashboard and the worker open the database: a fresh PostgreSQL
     # database gets Optuna's tables exactly once.
     created = run_cli(["create-study", str(study_file), "--storage", postgres_url])
@@ -94,7 +106,7 @@ def test_browser_sees_the_running_study_its_trial_count_grow_and_learning_curves
             executable_path=CHROMIUM,
             headless=True,
             args=CHROMIUM_ARGS,
-            viewport={"width": 1400, "height": 1000},
+            viewport={"width": VIEWPORT_WIDTH, "height": 1000},
         )
         try:
             page = browser.new_page()
@@ -102,12 +114,14 @@ def test_browser_sees_the_running_study_its_trial_count_grow_and_learning_curves
             # The dashboard refreshes a study every 10 s (its "Live Update"); give assertions time.
             expect.set_options(timeout=60_000)
 
-            # The study list shows the study; its page shows the stored definition.
+            # The study list shows the study; its page lists its user attributes, short ones only
+            # (the definition is in the note, below).
             page.goto(url)
             page.get_by_text(re.compile(r"^\d+\. live-quad$")).click()
+            study_url = page.url.rstrip("/")
             expect(page.get_by_text("Study User Attributes")).to_be_visible()
-            expect(page.get_by_text(DEFINITION_ATTR, exact=True)).to_be_visible()
-            expect(page.get_by_text('"objective": "hpo_test_objectives:quadratic"').first).to_be_visible()
+            expect(page.get_by_text("hpo:uid", exact=True)).to_be_visible()
+            expect(page.get_by_text(DEFINITION_ATTR, exact=True)).to_have_count(0)
 
             # The learning curves: Optuna's intermediate values plot, one line per trial.
             curves = page.locator(".MuiCard-root", has_text="Intermediate values")
@@ -115,7 +129,7 @@ def test_browser_sees_the_running_study_its_trial_count_grow_and_learning_curves
             assert curves.locator(".scatterlayer .trace").count() >= 1
 
             # The trial list fills as trials complete, by the dashboard's live update (no reload).
-            page.goto(f"{page.url.rstrip('/')}/trials")
+            page.goto(f"{study_url}/trials")
             expect(page.get_by_text(f"{n_trials} Trials")).to_be_visible()
             complete = page.locator(
                 ".MuiListItemButton-root .MuiChip-label", has_text=re.compile(r"^Complete$")
@@ -135,6 +149,35 @@ def test_browser_sees_the_running_study_its_trial_count_grow_and_learning_curves
             assert sorted(trial0.intermediate_values) == [1, 2, 3, 4]
             for step, value in trial0.intermediate_values.items():
                 expect(page.get_by_text(f"{step} {value}", exact=True)).to_be_visible()
+            # Its attributes are short: the last epoch's metrics, not the whole history; nothing
+            # makes the page wider than the window (the history once made it ~10,000 px wide).
+            # (The dashboard shows an attribute as one paragraph, "key value".)
+            expect(page.get_by_text(re.compile(r'^last_epoch \{"epoch": 4, "loss": '))).to_be_visible()
+            expect(page.get_by_text(re.compile(rf"^{LEGACY_METRICS_ATTR} "))).to_have_count(0)
+            page.screenshot(path=str(tmp_path / "trial.png"), full_page=True)
+            assert page_width(page) <= VIEWPORT_WIDTH, "the trial page overflows sideways"
+
+            # The study's page: one figure per metric, by name, with every finished trial's curve.
+            page.goto(study_url)
+            for metric in ("loss", "train_loss", "val_acc"):
+                plot = page.locator(f'[id="user-defined-plot:{figure_id(metric)}"]')
+                expect(plot.get_by_text(f"{metric} by epoch (hpo, one line per trial)")).to_be_attached()
+                expect(plot.locator(".scatterlayer .trace").first).to_be_attached()
+            plot = page.locator(f'[id="user-defined-plot:{figure_id("val_acc")}"]')
+            plot.scroll_into_view_if_needed()
+            expect(plot.get_by_text("trial #0", exact=True)).to_be_visible()  # the legend names trials
+            page.screenshot(path=str(tmp_path / "study.png"), full_page=True)
+            assert page_width(page) <= VIEWPORT_WIDTH, "the study page overflows sideways"
+
+            # The study's note: the stored definition as YAML.
+            page.get_by_role("link", name="Note").click()
+            expect(page.get_by_text("Study definition of live-quad")).to_be_visible()
+            definition = page.locator("pre").filter(has_text=f"objective: {SEVERAL}")
+            expect(definition).to_be_visible()
+            expect(definition).to_contain_text("metric: loss")
+            expect(definition).to_contain_text(f"n_trials: {n_trials}")
+            page.screenshot(path=str(tmp_path / "note.png"), full_page=True)
+            assert page_width(page) <= VIEWPORT_WIDTH, "the note overflows sideways"
         finally:
             browser.close()
     assert worker.poll() is None or worker.returncode == 0, worker_out.text
@@ -162,9 +205,16 @@ def test_api_serves_the_definition_learning_curves_and_artifacts_of_a_study(
     (summary,) = get_json(f"{base}/api/studies")["study_summaries"]
     assert summary["study_name"] == "arts"
     attrs = {a["key"]: a["value"] for a in summary["user_attrs"]}
-    assert json.loads(attrs[DEFINITION_ATTR]) == study.user_attrs[DEFINITION_ATTR]
+    assert set(attrs) == {"hpo:uid"}  # the definition is no user attribute ...
 
     detail = get_json(f"{base}/api/studies/{summary['study_id']}")
+    # ... but the study's note, as YAML
+    definition = re.search(r"```yaml\n(.*?)```", detail["note"]["body"], re.DOTALL)
+    assert definition and yaml.safe_load(definition.group(1)) == stored_definition(study)
+    # the study metric's figure, a line per trial
+    (shown_figure,) = detail["plotly_graph_objects"]
+    assert shown_figure["id"] == figure_id("loss")
+    assert [t["name"] for t in json.loads(shown_figure["graph_object"])["data"]] == ["trial #0", "trial #1"]
     assert [t["state"] for t in detail["trials"]] == ["Complete", "Complete"]
     for shown, trial in zip(detail["trials"], study.trials, strict=True):
         curve = {point["step"]: point["value"] for point in shown["intermediate_values"]}

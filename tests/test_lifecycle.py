@@ -15,7 +15,7 @@ from studyfiles import quadratic_study
 from hpo.lifecycle import replace_study
 from hpo.spec import load_study_file
 from hpo.storage import open_storage
-from hpo.studies import DEFINITION_ATTR, HISTORY_ATTR, checkpoint_folder
+from hpo.studies import checkpoint_folder, history, stored_definition
 
 
 def _load(url: str, name: str = "quad") -> optuna.Study:
@@ -41,8 +41,8 @@ def _extend_then_work(url: str, tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert "n_trials=5" in result.stdout
     study = _load(url)
-    assert study.user_attrs[DEFINITION_ATTR]["n_trials"] == 5
-    [record] = study.user_attrs[HISTORY_ATTR]
+    assert (stored_definition(study) or {})["n_trials"] == 5
+    [record] = history(study)
     assert record["action"] == "extend" and record["n_trials"] == 2 and record["at"]
     assert len(study.get_trials(states=(TrialState.WAITING,))) == 2
 
@@ -93,7 +93,7 @@ def _enqueue_runs_first(url: str, tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     study = _load(url)
     assert len(study.trials) == 3  # the budget is kept: the configurations took queued slots
-    records = [r for r in study.user_attrs[HISTORY_ATTR] if r["action"] == "enqueue"]
+    records = [r for r in history(study) if r["action"] == "enqueue"]
     assert [r["params"] for r in records] == [{"x": 2.0, "y": -1.0}, {"x": 1.0, "y": 0.5}]
 
     last = run_cli(["enqueue", "quad", "--params", '{"x": 0.0, "y": 0.0}', "--storage", url])
@@ -102,7 +102,7 @@ def _enqueue_runs_first(url: str, tmp_path: Path) -> None:
     full = run_cli(["enqueue", "quad", "--params", '{"x": 0.0, "y": 0.0}', "--storage", url])
     assert full.returncode == 2 and "hpo extend quad --n-trials 1 first" in full.stderr, full.stderr
     study = _load(url)
-    assert len(study.trials) == 3 and len(study.user_attrs[HISTORY_ATTR]) == 3
+    assert len(study.trials) == 3 and len(history(study)) == 3
 
     _worker(url, tmp_path, "--study-name", "quad", "--n-trials", "1")
     [first] = _finished(_load(url))
@@ -140,7 +140,7 @@ def test_enqueue_refuses_invalid_params(tmp_path: Path, sqlite_url: str, params:
     assert len(result.stderr.strip().splitlines()) == 1 and expected in result.stderr, result.stderr
     study = _load(sqlite_url)
     assert not any(t.system_attrs.get("fixed_params") for t in study.trials)
-    assert HISTORY_ATTR not in study.user_attrs
+    assert history(study) == []
 
 
 def test_delete_study_removes_study_checkpoints_and_artifacts(tmp_path: Path, sqlite_url: str) -> None:
@@ -196,7 +196,7 @@ def test_replace_study_recreates_with_the_new_definition(tmp_path: Path, sqlite_
     assert "-  max_epochs: 3" in diff and "+  max_epochs: 5" in diff and "+n_trials: 4" in diff
     assert not old_folder.exists()
     fresh = _load(sqlite_url)
-    assert fresh.user_attrs[DEFINITION_ATTR]["n_trials"] == 4
+    assert (stored_definition(fresh) or {})["n_trials"] == 4
     assert [t.state for t in fresh.trials] == [TrialState.WAITING] * 4
     assert checkpoint_folder(tmp_path / "ck", fresh) != old_folder  # a new uid
     assert study.study_name == "quad"
@@ -208,7 +208,7 @@ def test_replace_study_recreates_with_the_new_definition(tmp_path: Path, sqlite_
     # Replacing an unchanged study gives an empty diff.
     _, same = replace_study(storage, load_study_file(new_file), checkpoint_root=tmp_path / "ck")
     assert same == ""
-    assert json.dumps(_load(sqlite_url).user_attrs[DEFINITION_ATTR]["n_trials"]) == "4"
+    assert json.dumps((stored_definition(_load(sqlite_url)) or {})["n_trials"]) == "4"
 
 
 def test_create_study_replace_through_the_cli_prints_the_difference(tmp_path: Path, sqlite_url: str) -> None:

@@ -15,11 +15,12 @@ import pytest
 from conftest import cli_env, run_cli
 from studyfiles import quadratic_study
 
+from hpo import _optuna
 from hpo.errors import SpecError
 from hpo.objective import Objective, check_objective, resolve_objective
 from hpo.policy import ObjectivePolicy, entry_point_objectives, known_objectives
 from hpo.spec import parse_study, spec_from_definition
-from hpo.studies import DEFINITION_ATTR
+from hpo.studies import DEFINITION_ATTR, stored_definition
 from objectives import REGISTRY
 
 SOURCE = "stored definition of study 'x'"
@@ -319,10 +320,10 @@ def _tampered_study(tmp_path: Path, url: str) -> tuple[str, Path, dict[str, str]
     assert created.returncode == 0, created.stderr
 
     study = optuna.load_study(study_name="policy_e2e", storage=url)
-    tampered = dict(study.user_attrs[DEFINITION_ATTR])
+    tampered = dict(stored_definition(study) or {})
     assert tampered["objective"] == "hpo_test_objectives:quadratic"
     tampered["objective"] = "planted_evil:obj"
-    study.set_user_attr(DEFINITION_ATTR, tampered)
+    _optuna.study_storage(study).set_study_system_attr(_optuna.study_id(study), DEFINITION_ATTR, tampered)
 
     marker = plant(tmp_path / "planted", "planted_evil")
     base = cli_env()

@@ -15,7 +15,8 @@ import optuna
 import pytest
 from conftest import cli_env
 
-from hpo.studies import DEFINITION_ATTR
+from hpo import _optuna
+from hpo.studies import DEFINITION_ATTR, stored_definition
 from hpo.trainer import TrialJob, trainer_main
 
 HPO = Path(sys.executable).parent / "hpo"  # the console script: no implicit current directory
@@ -150,13 +151,15 @@ def test_a_worker_by_study_name_imports_from_no_folder_the_database_names(tmp_pa
 
     # a hostile row cannot add a folder to search: the definition's fields are fixed
     storage_study = optuna.load_study(study_name="mine", storage=url)
-    honest = dict(storage_study.user_attrs[DEFINITION_ATTR])
+    honest = dict(stored_definition(storage_study) or {})
+    rows = _optuna.study_storage(storage_study)
+    study_id = _optuna.study_id(storage_study)
     for key in ("objective_path", "search_path", "pythonpath"):
-        storage_study.set_user_attr(DEFINITION_ATTR, {**honest, key: [str(tmp_path / "proj")]})
+        rows.set_study_system_attr(study_id, DEFINITION_ATTR, {**honest, key: [str(tmp_path / "proj")]})
         tampered = hpo([*worker, "--allow-objective", "myproj.*"], elsewhere)
         assert tampered.returncode == 2 and f"{key}: unknown field" in tampered.stderr, tampered.stderr
         assert not marker.exists()
-    storage_study.set_user_attr(DEFINITION_ATTR, honest)
+    rows.set_study_system_attr(study_id, DEFINITION_ATTR, honest)
 
     # run from the project folder (or pointed at it), the worker and its trainer find it
     ran = hpo(

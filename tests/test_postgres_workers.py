@@ -17,7 +17,7 @@ from conftest import cli_env, run_cli, start_cli
 from optuna.trial import TrialState
 from studyfiles import quadratic_study
 
-from hpo.studies import DEFINITION_ATTR
+from hpo.studies import stored_definition
 from hpo.worker import WORKER_ATTR
 
 pytestmark = pytest.mark.postgres
@@ -126,7 +126,7 @@ def test_optuna_create_study_is_adopted_with_spec_and_listed_by_optuna(
     adopted = run_cli(["worker", "--study-name", "plain", "--spec", str(path), "--storage", postgres_url])
     assert adopted.returncode == 0, adopted.stderr
     study = optuna.load_study(study_name="plain", storage=postgres_url)
-    assert study.user_attrs[DEFINITION_ATTR]["objective"] == "hpo_test_objectives:quadratic"
+    assert (stored_definition(study) or {})["objective"] == "hpo_test_objectives:quadratic"
     assert Counter(t.state for t in study.trials) == {TrialState.COMPLETE: 5}
 
     listed = _optuna_cli("trials", "--study-name", "plain", "--storage", postgres_url, "-f", "json")

@@ -21,6 +21,7 @@ import yaml
 from conftest import cli_env, run_cli, start_cli, write_study
 from optuna.trial import FrozenTrial, TrialState
 
+from hpo._records import trial_metrics
 from hpo.ray_backend._schedulers import make_scheduler
 from hpo.samplers import make_sampler, trial_seed
 from hpo.space import suggest
@@ -235,7 +236,7 @@ def test_ray_restores_a_trial_whose_process_died_from_its_checkpoint(tmp_path: P
         assert sorted(trial.intermediate_values) == [1, 2, 3, 4]
         # every epoch's metrics are stored with the trial, each epoch once despite the restore
         losses = [trial.intermediate_values[epoch] for epoch in (1, 2, 3, 4)]
-        assert trial.user_attrs["metrics"] == {"loss": losses, "train_loss": [v / 2 for v in losses]}
+        assert trial_metrics(trial) == {"loss": losses, "train_loss": [v / 2 for v in losses]}
         assert trial.value == pytest.approx((trial.params["x"] - 2.0) ** 2 + 1.0 + 1.0 / 4)
         # trials run in the directory hpo was started from, as with plain workers
         assert trial.user_attrs["cwd"] == str(tmp_path)

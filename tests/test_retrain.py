@@ -17,6 +17,7 @@ from optuna.trial import TrialState
 from studyfiles import quadratic_study
 from synthetic_data import make_celeba, make_imagefolder
 
+from hpo._records import trial_metrics
 from objectives.digits import DigitsConfig, build_model
 from objectives.vision.models import ModelOptions
 from objectives.vision.models import build_model as build_vision_model
@@ -85,12 +86,12 @@ def test_retrain_digits_quickstart_top2(backend: str, tmp_path: Path, request: p
     for rank, (source, trial) in enumerate(zip(ranked[:2], retrained, strict=True), start=1):
         assert trial.params == source.params
         assert trial.user_attrs["retrain_of_trial"] == source.number
-        metrics = trial.user_attrs["metrics"]
+        metrics = trial_metrics(trial)
         assert len(metrics["val_loss"]) == 4 and sorted(trial.intermediate_values) == [1, 2, 3, 4]
         assert trial.value == metrics["val_loss"][-1]  # no early stopping: the last epoch
         # Seeded like the search: the first 3 epochs repeat the searched trial's curve (to float32
         # rounding: MKL picks its thread count per call on a loaded machine, which reorders sums).
-        assert metrics["val_loss"][:3] == pytest.approx(source.user_attrs["metrics"]["val_loss"], rel=1e-5)
+        assert metrics["val_loss"][:3] == pytest.approx(trial_metrics(source)["val_loss"], rel=1e-5)
 
         folder = output / f"top{rank}"
         saved = torch.load(folder / "model.pt", weights_only=True)

@@ -15,6 +15,7 @@ import optuna
 import pytest
 from conftest import cli_env
 
+from hpo._records import trial_metrics
 from hpo.cli import _child_args, build_parser
 from hpo.launcher import available_cores, threads_per_slot
 from hpo.policy import ObjectivePolicy
@@ -82,7 +83,7 @@ def _run_worker(tmp_path: Path, *flags: str, env_extra: dict[str, str] | None = 
     )
     assert result.returncode == 0, result.stdout + result.stderr
     (trial,) = optuna.load_study(study_name="threads", storage=url).trials
-    return {k: v[-1] for k, v in trial.user_attrs["metrics"].items()}
+    return {k: v[-1] for k, v in trial_metrics(trial).items()}
 
 
 @pytest.mark.parametrize("threads", [1, 2])

@@ -20,8 +20,9 @@ import optuna
 import pytest
 import yaml
 from conftest import ROOT
-from synthetic_data import make_celeba, make_imagefolder, make_tiny_imagenet, make_voc
+from synthetic_data import make_caltech101, make_celeba, make_imagefolder, make_tiny_imagenet, make_voc
 
+from hpo._records import trial_metrics
 from hpo.cli import main
 from hpo.spec import load_study_file
 
@@ -40,7 +41,7 @@ def test_study_file_loads_and_matches_the_objective(path: Path) -> None:
     spec = load_study_file(path)  # also validates settings and search space against the objective
     assert spec.objective == "image_classifier"
     assert spec.name == path.stem
-    assert spec.data["format"] in ("imagefolder", "tiny_imagenet", "celeba", "voc")
+    assert spec.data["format"] in ("imagefolder", "caltech101", "tiny_imagenet", "celeba", "voc")
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +54,8 @@ def datasets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         ),
         "celeba": make_celeba(base / "celeba", n=20, size=16),
         "voc": make_voc(base / "voc", train=8, val=4, size=24),
+        # With BACKGROUND_Google and the homework's train.txt / test.txt, as report 004 reads them.
+        "caltech101": make_caltech101(base / "caltech", classes=3, per_class=6, size=(24, 20)),
     }
 
 
@@ -64,6 +67,7 @@ def short_copy(path: Path, directory: Path, datasets: dict[str, Path]) -> Path:
     data["root"] = str(datasets[data["format"]])
     data["image_size"] = MIN_IMAGE_SIZE.get(settings.get("model", ""), 16)
     data.pop("subset", None)
+    data.pop("resize", None)  # report 004's Resize(256) + CenterCrop(224): image_size is shrunk here
     settings["pretrained"] = False
     settings.pop("encoder_checkpoint", None)  # the report-000 chain is tested in test_retrain.py
     raw.update(data=data, settings=settings, budget={"max_epochs": 1})
@@ -97,7 +101,7 @@ def test_one_short_trial_of_the_study_through_hpo_worker(
     assert len(finished) == 1
     trial = finished[0]
     assert trial.state == optuna.trial.TrialState.COMPLETE, trial.system_attrs.get("fail_reason")
-    metrics = trial.user_attrs["metrics"]
+    metrics = trial_metrics(trial)
     assert {"train_loss", "train_acc", "val_loss", "val_acc", spec.metric} <= set(metrics)
     assert trial.value == metrics[spec.metric][0]
     assert trial.intermediate_values == {1: trial.value}

@@ -17,6 +17,7 @@ from conftest import run_cli
 from sklearn.metrics import average_precision_score
 from synthetic_data import make_celeba, make_imagefolder, make_tiny_imagenet, make_voc
 
+from hpo._records import trial_metrics
 from hpo.errors import HpoError, SpecError
 from hpo.objective import TrialRun
 from hpo.spec import load_study_file, parse_study
@@ -84,7 +85,8 @@ def test_learns_colour_classes_and_records_every_epoch(colours: Path, tmp_path: 
     assert all(t5 >= t1 for t1, t5 in zip(history["val_acc"], history["val_top5"], strict=True))
     run.flush()  # what the worker does when a trial ends
     frozen = run.trial.study._storage.get_trial(run.trial._trial_id)
-    assert frozen.user_attrs["metrics"] == history  # stored with the trial for the dashboard
+    assert trial_metrics(frozen) == history  # stored with the trial
+    assert frozen.user_attrs["last_epoch"]["epoch"] == 6  # and its short summary, for the dashboard
     assert sorted(frozen.intermediate_values) == [1, 2, 3, 4, 5, 6]
 
 
@@ -282,7 +284,7 @@ def test_loss_must_fit_the_task(colours: Path, tmp_path: Path) -> None:
 
 
 def test_inconsistent_settings_are_rejected_when_the_study_file_loads(tmp_path: Path) -> None:
-    study = yaml.safe_load(Path("studies/r004_caltech_transfer.yaml").read_text())
+    study = yaml.safe_load(Path("studies/r004_caltech_finetune_sgd.yaml").read_text())
     study["settings"] = {"model": "resnet18", "transfer": "classifier"}
     study["search_space"] = {"lr": {"type": "float", "low": 0.001, "high": 0.1}}
     study.update(sampler="random", n_trials=1)

@@ -16,7 +16,8 @@ from conftest import ROOT, cli_env, run_cli, start_cli
 from optuna.trial import TrialState
 from studyfiles import quadratic_study
 
-from hpo.studies import DEFINITION_ATTR
+from hpo._records import trial_metrics
+from hpo.studies import stored_definition
 
 
 def states(storage_url: str, name: str) -> dict[str, int]:
@@ -81,10 +82,10 @@ def test_quickstart_runs_its_20_trials_and_the_optuna_cli_reads_them(tmp_path: P
     best = json.loads(run_cli(["best", "digits_quickstart", "--storage", url, "--json"]).stdout)
     study = optuna.load_study(study_name="digits_quickstart", storage=url)
     assert best["value"] == study.best_value and best["params"] == study.best_params
-    assert study.user_attrs[DEFINITION_ATTR]["n_trials"] == 20
+    assert (stored_definition(study) or {})["n_trials"] == 20
     # learning curves are stored per epoch
     complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
-    assert all(len(t.intermediate_values) == len(t.user_attrs["metrics"]["val_loss"]) for t in complete)
+    assert all(len(t.intermediate_values) == len(trial_metrics(t)["val_loss"]) for t in complete)
 
     csv_text = run_cli(["export", "digits_quickstart", "--storage", url, "--format", "csv"]).stdout
     assert csv_text.splitlines()[0].startswith("number,state,value") and len(csv_text.splitlines()) == 21

@@ -20,6 +20,9 @@ OPTION_NAMES = (
     "bandwidth_factor",
     "min_bandwidth",
     "wait_timeout",
+    "continuation",
+    "evidence",
+    "constant_liar",
 )
 
 
@@ -30,7 +33,8 @@ def build_sampler(options: dict[str, Any], seed: int | None, spec: StudySpec) ->
     ``max_budget`` may not exceed ``budget.max_epochs``, ``min_budget`` may not be below one epoch, and
     ``n_trials`` must cover at least the first (largest) bracket. The plan is fitted to ``n_trials``
     (no bracket is opened that the trials left cannot finish); ``wait_timeout`` is how long, in
-    seconds, a trial may wait for a slot.
+    seconds, a trial may wait for a slot. ``evidence`` (``every_epoch`` or ``paper``) and
+    ``constant_liar`` (true or false) are :class:`BOHBSampler`'s.
     Raises ``TypeError`` for an unknown option and ``ValueError`` for a bad value (the study-file
     loader reports either as one line naming ``sampler.options``).
     """

@@ -2,9 +2,11 @@
 
 The model is hpbandster 0.7.4's own ``hpbandster.optimizers.config_generators.bohb.BOHB``: one pair
 of kernel density estimators (good / bad configurations) per budget, proposals taken from the largest
-budget that has enough observations. We only feed it: every finished evaluation, in the order the
-evaluations finished, exactly as hpbandster's master calls ``new_result`` (which drops an evaluation
-whose budget is below the largest budget that already has a model).
+budget that has enough observations. We feed it observations (which ones: :mod:`hpo.bohb._trials`)
+in the order the evaluations finished, as hpbandster's master calls ``new_result`` (which drops an
+observation whose budget is below the largest budget that already has a model). The one addition
+is the constant liar: evaluations still running can join the bad density for one proposal
+(:meth:`KdeModel._with_pending`).
 
 hpbandster draws from NumPy's global random state. To make proposals reproducible without leaving
 that state changed, every call runs inside :func:`_global_numpy_seed`, which seeds the global state
@@ -17,7 +19,7 @@ import contextlib
 import logging
 import math
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -44,7 +46,8 @@ class _DemotedWarnings(logging.LoggerAdapter[logging.Logger]):
 
 @dataclass(frozen=True)
 class Observation:
-    """One finished evaluation: ConfigSpace values, the budget it ran at, its loss (+inf: crashed)."""
+    """One observation: ConfigSpace values, a budget and the loss there (+inf: crashed); a finished
+    evaluation at its own budget, or (``evidence="every_epoch"``) one of its epochs at a lower one."""
 
     key: int  # the trial number, to recognise observations already fed
     values: tuple[tuple[str, Any], ...]
@@ -157,13 +160,65 @@ class KdeModel:
         """The budgets that have a fitted model (proposals come from the largest)."""
         return tuple(sorted(self._generator.kde_models))
 
-    def propose(self, budget: float, seed: int) -> tuple[dict[str, Any], bool]:
-        """hpbandster's ``get_config(budget)``: ConfigSpace values and whether the model chose them."""
+    def propose(
+        self, budget: float, seed: int, pending: Sequence[Mapping[str, Any]] = ()
+    ) -> tuple[dict[str, Any], bool]:
+        """hpbandster's ``get_config(budget)``: ConfigSpace values and whether the model chose them.
+
+        ``pending`` are the ConfigSpace values of evaluations still running elsewhere: the constant
+        liar adds them to the "bad" density of the model the proposal comes from, for this proposal
+        only (see :meth:`_with_pending`).
+        """
         # Two independent streams: ConfigSpace's sampler and NumPy's global state must not share a
         # seed, or the draw deciding "random or model" would also be the first random coordinate
         # (every random configuration would then have its first parameter in the bottom third).
         space_seed, numpy_seed = np.random.SeedSequence(seed).generate_state(2)
         self.codec.configspace.seed(int(space_seed))
-        with _global_numpy_seed(int(numpy_seed)):
+        with _global_numpy_seed(int(numpy_seed)), self._with_pending(pending):
             values, info = self._generator.get_config(budget)
         return dict(values), bool(info.get("model_based_pick", False))
+
+    @property
+    def observations_by_budget(self) -> dict[float, int]:
+        """How many observations hpbandster holds at each budget (the ones it did not drop)."""
+        return {budget: len(losses) for budget, losses in sorted(self._generator.losses.items())}
+
+    @contextlib.contextmanager
+    def _with_pending(self, pending: Sequence[Mapping[str, Any]]) -> Iterator[None]:
+        """Add ``pending`` to the "bad" density proposals come from, for this proposal only.
+
+        hpbandster proposes from the largest budget with a model alone, so only that model is
+        changed: its good density stays as hpbandster fitted it, and its bad density is refitted
+        the way hpbandster fits it, on hpbandster's bad share of the real observations plus the
+        pending configurations. (Appending them as +inf results through ``new_result`` would not
+        do: its split leaves out the worst observation whenever the count is not a multiple of 20,
+        so a single lie would vanish.) Without a model (proposals drawn from the prior) nothing is
+        added, so lies never create a model out of evaluations that have not finished.
+        """
+        generator = self._generator
+        if not pending or not generator.kde_models:
+            yield
+            return
+        import ConfigSpace
+        import statsmodels.api as sm
+
+        top = max(generator.kde_models)
+        configs, losses = np.array(generator.configs[top]), np.array(generator.losses[top])
+        # hpbandster's split of the real observations (its new_result), unchanged.
+        n_good = max(generator.min_points_in_model, generator.top_n_percent * len(losses) // 100)
+        n_bad = max(generator.min_points_in_model, (100 - generator.top_n_percent) * len(losses) // 100)
+        order = np.argsort(losses)
+        lies = [
+            ConfigSpace.Configuration(self.codec.configspace, values=dict(v)).get_array() for v in pending
+        ]
+        bad = generator.impute_conditional_data(np.vstack([configs[order[n_good : n_good + n_bad]], *lies]))
+        kde = sm.nonparametric.KDEMultivariate(
+            data=bad, var_type=generator.kde_vartypes, bw="normal_reference"
+        )
+        kde.bw = np.clip(kde.bw, generator.min_bandwidth, None)
+        saved = generator.kde_models[top]
+        generator.kde_models[top] = {"good": saved["good"], "bad": kde}
+        try:
+            yield
+        finally:
+            generator.kde_models[top] = saved

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import contextlib
-import math
 import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import optuna
@@ -16,43 +15,34 @@ from optuna.distributions import BaseDistribution
 from optuna.samplers import BaseSampler, RandomSampler
 from optuna.search_space import IntersectionSearchSpace
 from optuna.storages import fail_stale_trials
-from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
 from hpo import _optuna
+from hpo.bohb import _trials
+from hpo.bohb._continuation import continuation_attrs, unpromoted_kept
+from hpo.bohb._handover import adopt_requeued
 from hpo.bohb._kde import KdeModel, KdeOptions, Observation
 from hpo.bohb._schedule import (
     Assignment,
     Bracket,
-    ConfigId,
     HyperbandSchedule,
-    RungKey,
-    SlotRun,
     budget_epochs,
-    latest_runs,
     next_assignment,
+)
+from hpo.bohb._trials import (
+    ADOPTED_BY_ATTR,
+    DECISION_PREFIX,
+    EVIDENCE_MODES,
+    MODEL_PICK_ATTR,
+    SLOT_ATTR,
+    Evidence,
 )
 from hpo.objective import BUDGET_ATTR
 from hpo.space import SearchSpace, from_optuna_distributions, to_optuna_distributions
 from hpo.storage import study_lock
 
-if TYPE_CHECKING:
-    from hpo.bohb._configspace import ConfigSpaceCodec
+__all__ = ["ADOPTED_BY_ATTR", "MODEL_PICK_ATTR", "SLOT_ATTR", "BOHBSampler", "SlotWaitError", "trial_budget"]
 
-# Trial system attribute holding the trial's slot of the plan:
-# {"bracket", "stage", "slot", "config": [bracket, stage, index], "budget", "promoted"}, and
-# "attempt" when the slot was handed on to a waiting trial (see _adopt_requeued).
-SLOT_ATTR = "hpo:bohb"
-# Trial system attribute of a re-queued trial whose slot a waiting trial took over: that trial's number.
-ADOPTED_BY_ATTR = "hpo:bohb:adopted_by"
-# Trial system attribute: whether the KDE chose the configuration (False: drawn at random).
-MODEL_PICK_ATTR = "hpo:bohb:model_based_pick"
-# Study system attributes "hpo:bohb:promoted:<bracket>:<stage>": the configurations promoted into a
-# stage, decided once, by the first worker that found the previous stage finished.
-_DECISION_PREFIX = "hpo:bohb:promoted:"
-_FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
-# The fail-reason system attribute hpo's worker writes (the one `hpo status` shows).
-_FAIL_REASON_ATTR = "fail_reason"
 # A trial waiting for a slot polls the storage after these many seconds, doubling up to the maximum.
 _FIRST_POLL_S = 0.05
 _MAX_POLL_S = 1.0
@@ -81,11 +71,12 @@ class BOHBSampler(BaseSampler):
     trial's system attributes (``hpo:bohb``; its budget rounded to whole epochs in ``hpo:budget``);
     each planned parameter the objective suggests (its name with exactly its planned distribution)
     then gets its value in the slot's configuration, drawn once per trial: the parameters of a
-    promoted configuration, or a new configuration from hpbandster's KDE, fed every finished
-    evaluation as hpbandster feeds it (one that finishes below a budget that has a model already is
-    dropped). Parameters outside the planned space (another name, or a planned name with another
-    distribution) are sampled independently at random, like TPE's independent fallback, so the
-    sampler works with any objective (Optuna's sampler test suites pass). ``search_space`` is an hpo
+    promoted configuration, or a new configuration from hpbandster's KDE, fed the finished
+    evaluations (and, with ``evidence="every_epoch"``, their reported epochs) as hpbandster feeds
+    them (an observation below a budget that has a model already is dropped). Parameters outside
+    the planned space (another name, or a planned name with another distribution) are sampled
+    independently at random, like TPE's independent fallback, so the sampler works with any
+    objective (Optuna's sampler test suites pass). ``search_space`` is an hpo
     :class:`~hpo.space.SearchSpace` or a mapping of names to Optuna distributions. Nothing lives
     only in this object: every call rebuilds the plan and the model
     from the study's trials, so any number of workers, each with its own sampler, share one BOHB
@@ -111,6 +102,21 @@ class BOHBSampler(BaseSampler):
     put its trial back and try later). Without ``n_trials`` (the default) the plan is hpbandster's
     endless one and no trial ever waits.
 
+    ``evidence`` is what the KDE models learn from: ``"every_epoch"`` (the default) adds every epoch
+    a trial reported (its intermediate values, step = epoch) as an observation at the plan's budget
+    it corresponds to, pruned and failed trials' epochs included; ``"paper"`` feeds only each
+    evaluation's result at its own budget, a pruned trial counting as a crash, as hpbandster does
+    (see :mod:`hpo.bohb._trials`). ``constant_liar`` (default True) counts the other trials still
+    running, once they have their configuration, as bad evaluations: they join the "bad" density
+    of the model a new configuration is drawn from, for that proposal only, so that workers
+    proposing at the same time spread out (as Optuna's TPE ``constant_liar``); with one worker
+    there is never such a trial.
+
+    ``continuation`` (default True): a promoted configuration continues from the checkpoint its trial
+    left at the previous stage (see :mod:`hpo._continuation`) instead of retraining from epoch 0 as
+    hpbandster and the paper do (``continuation=False``); an objective that writes no checkpoint
+    retrains either way.
+
     The KDE options keep hpbandster's names and defaults. ``seed`` makes proposals reproducible.
     """
 
@@ -130,7 +136,19 @@ class BOHBSampler(BaseSampler):
         seed: int | None = None,
         n_trials: int | None = None,
         wait_timeout: float | None = 24 * 3600.0,
+        evidence: Evidence = "every_epoch",
+        constant_liar: bool = True,
+        continuation: bool = True,
     ) -> None:
+        if evidence not in EVIDENCE_MODES:
+            raise ValueError(f"evidence must be one of {', '.join(EVIDENCE_MODES)}, got {evidence!r}")
+        if not isinstance(constant_liar, bool):
+            raise ValueError(f"constant_liar must be true or false, got {constant_liar!r}")
+        self._evidence: Evidence = evidence
+        self._constant_liar = constant_liar
+        if not isinstance(continuation, bool):
+            raise ValueError(f"continuation must be true or false, got {continuation!r}")
+        self._continuation = continuation
         self._options = KdeOptions(
             min_points_in_model=min_points_in_model,
             top_n_percent=top_n_percent,
@@ -180,6 +198,16 @@ class BOHBSampler(BaseSampler):
     def schedule(self) -> HyperbandSchedule | None:
         """The Hyperband plan (None without a search space)."""
         return self._schedule
+
+    @property
+    def evidence(self) -> Evidence:
+        """What the KDE models learn from: ``"every_epoch"`` or ``"paper"``."""
+        return self._evidence
+
+    @property
+    def constant_liar(self) -> bool:
+        """Whether other workers' running trials count as crashes for a new proposal."""
+        return self._constant_liar
 
     @property
     def n_trials(self) -> int | None:
@@ -246,14 +274,17 @@ class BOHBSampler(BaseSampler):
         if isinstance(storage.get_trial_system_attrs(tid).get(SLOT_ATTR), dict):
             return True
         trials = storage.get_all_trials(sid, deepcopy=False)
-        decisions = _read_decisions(storage.get_study_system_attrs(sid))
-        runs = _slot_runs(trials, _sign(study))
+        decisions = _trials.read_decisions(storage.get_study_system_attrs(sid))
+        runs = _trials.slot_runs(trials, _trials.sign(study))
         assignment, decided = next_assignment(self._schedule, runs, decisions, self._n_trials)
         for key, configs in decided.items():
             storage.set_study_system_attr(
-                sid, f"{_DECISION_PREFIX}{key[0]}:{key[1]}", [list(c) for c in configs]
+                sid, f"{DECISION_PREFIX}{key[0]}:{key[1]}", [list(c) for c in configs]
             )
         if assignment is not None:
+            if self._continuation:  # written before the slot, which marks the trial as assigned
+                for name, value in continuation_attrs(assignment, runs, self._schedule.max_budget).items():
+                    storage.set_trial_system_attr(tid, name, value)
             storage.set_trial_system_attr(tid, SLOT_ATTR, _slot_attr(assignment))
             storage.set_trial_system_attr(tid, BUDGET_ATTR, budget_epochs(assignment.budget))
             return True
@@ -263,7 +294,19 @@ class BOHBSampler(BaseSampler):
                 f"BOHB: trial {trial.number} became {current.state.name} while it waited for a slot "
                 "(failed as stale by another worker?); it gets no slot"
             )
-        return _adopt_requeued(study, trial, trials, runs)
+        return adopt_requeued(study, trial, trials, runs)
+
+    def released_trials(self, study: optuna.Study) -> set[int]:
+        """Numbers of finished trials whose kept checkpoint no promotion will continue: their stage's
+        promotions were decided without them (see :mod:`hpo._continuation`; the worker removes them)."""
+        if self._schedule is None or not self._continuation:
+            return set()
+        storage = _optuna.study_storage(study)
+        sid = _optuna.study_id(study)
+        trials = storage.get_all_trials(sid, deepcopy=False)
+        decisions = _trials.read_decisions(storage.get_study_system_attrs(sid))
+        runs = _trials.slot_runs(trials, _trials.sign(study))
+        return {t.number for t in unpromoted_kept(trials, runs, decisions)}
 
     # ------------------------------------------------------------------ sampling
     def infer_relative_search_space(
@@ -329,35 +372,44 @@ class BOHBSampler(BaseSampler):
         trials = storage.get_all_trials(_optuna.study_id(study), deepcopy=False)
         budget = self._schedule.max_budget
         if isinstance(slot, dict):
-            known = _config_params(trials, tuple(slot["config"]), self._space, trial.number)
+            config = _trials.config_id(slot["config"])
+            known = _trials.config_params(trials, config, self._space, trial.number)
             if known is not None:
                 return known  # a promoted configuration keeps its parameters
             budget = float(slot["budget"])
         codec = self._model(None, self._space).codec
-        observations = _planned_observations(trials, codec, _sign(study))
-        return self._propose(study, trial, None, observations, budget)
+        observations = self._planned_observations(study, trials)
+        pending = _trials.planned_pending(trials, codec, trial.number) if self._constant_liar else []
+        return self._propose(study, trial, None, observations, budget, pending)
+
+    def observations(self, study: optuna.Study) -> list[Observation]:
+        """What the KDE models of ``study`` are fed now (bracket mode), in feeding order: each
+        observation's trial number, ConfigSpace values, budget and loss (+inf: crashed). Depends on
+        :attr:`evidence`; hpbandster itself still drops those below a budget that has a model."""
+        if self._space is None:
+            raise ValueError("a BOHBSampler without a search space has no per-budget observations")
+        storage = _optuna.study_storage(study)
+        return self._planned_observations(
+            study, storage.get_all_trials(_optuna.study_id(study), deepcopy=False)
+        )
+
+    def _planned_observations(self, study: optuna.Study, trials: Sequence[FrozenTrial]) -> list[Observation]:
+        assert self._space is not None and self._schedule is not None
+        codec = self._model(None, self._space).codec
+        sign, budgets = _trials.sign(study), self._schedule.budgets
+        return _trials.planned_observations(trials, codec, sign, budgets, self._evidence)
 
     def _sample_free(
         self, study: optuna.Study, trial: FrozenTrial, search_space: Mapping[str, BaseDistribution]
     ) -> dict[str, Any]:
         items = tuple(sorted(search_space.items()))
-        model = self._model(items, from_optuna_distributions(dict(items)))
-        sign = _sign(study)
-        observations = []
-        finished = _optuna.study_storage(study).get_all_trials(
-            _optuna.study_id(study), deepcopy=False, states=_FINISHED
-        )
-        for past in sorted(finished, key=_completion_order):
-            params = _params_within(past, search_space)
-            if params is None:
-                continue
-            try:
-                values = model.codec.encode(params)
-            except ValueError:
-                continue
-            # Without a plan every trial ran at the same (unknown) budget: one model.
-            observations.append(Observation(past.number, _frozen(values), 0.0, _loss(past, sign)))
-        return self._propose(study, trial, items, observations, 0.0)
+        codec = self._model(items, from_optuna_distributions(dict(items))).codec
+        trials = _optuna.study_storage(study).get_all_trials(_optuna.study_id(study), deepcopy=False)
+        observations = _trials.free_observations(trials, codec, search_space, _trials.sign(study))
+        pending = []
+        if self._constant_liar:
+            pending = _trials.free_pending(trials, codec, search_space, trial.number)
+        return self._propose(study, trial, items, observations, 0.0, pending)
 
     def _model(self, key: _SpaceKey, space: SearchSpace) -> KdeModel:
         if key not in self._models:
@@ -375,6 +427,7 @@ class BOHBSampler(BaseSampler):
         key: _SpaceKey,
         observations: Sequence[Observation],
         budget: float,
+        pending: Sequence[Mapping[str, Any]] = (),
     ) -> dict[str, Any]:
         model = self._models[key]
         if not model.extends(observations):
@@ -382,7 +435,7 @@ class BOHBSampler(BaseSampler):
             # in between, or clocks disagree): rebuild the model from the storage alone.
             model = self._models[key] = KdeModel(model.codec, self._options)
         model.feed(observations)
-        values, model_based = model.propose(budget, int(self._rng.randint(2**31)))
+        values, model_based = model.propose(budget, int(self._rng.randint(2**31)), pending)
         _optuna.study_storage(study).set_trial_system_attr(
             _optuna.trial_id(trial), MODEL_PICK_ATTR, model_based
         )
@@ -412,52 +465,6 @@ def _slot_attr(assignment: Assignment) -> dict[str, Any]:
     }
 
 
-def _adopt_requeued(
-    study: optuna.Study, trial: FrozenTrial, trials: Sequence[FrozenTrial], runs: Sequence[SlotRun]
-) -> bool:
-    """Let the waiting ``trial`` run a re-queued trial's slot instead; whether it took one over.
-
-    A trial waits only while an open bracket waits for a stage to finish. If a trial of that stage
-    was re-queued (its worker died or was stopped) and every worker is waiting here, nobody would
-    claim the retry: the stage, and so every waiting worker, would wait for ever. So the waiting
-    trial claims the retry itself, takes over its slot, configuration and system attributes (a
-    resumable checkpoint's link included), with a higher ``attempt`` so that it is the slot's
-    current attempt; the retry is failed (``hpo:bohb:adopted_by``), and a new queued trial takes the
-    waiting trial's place, so the study keeps its ``n_trials`` fresh trials.
-    """
-    storage = _optuna.study_storage(study)
-    tid = _optuna.trial_id(trial)
-    by_number = {t.number: t for t in trials}
-    requeued = sorted(
-        (by_number[run.number] for run in latest_runs(runs).values()),
-        key=lambda t: t.number,
-    )
-    for retry in requeued:
-        retry_id = _optuna.trial_id(retry)
-        if retry.state != TrialState.WAITING or retry_id == tid:
-            continue
-        try:
-            if not storage.set_trial_state_values(retry_id, TrialState.RUNNING):
-                continue  # a worker claimed it meanwhile: it runs
-        except optuna.exceptions.UpdateFinishedTrialError:
-            continue
-        attrs = storage.get_trial_system_attrs(retry_id)
-        slot = dict(attrs[SLOT_ATTR])
-        slot["attempt"] = int(slot.get("attempt", 0)) + 1
-        reason = f"BOHB: its slot was taken over by trial {trial.number}, which was waiting for one"
-        storage.set_trial_system_attr(retry_id, SLOT_ATTR, None)
-        storage.set_trial_system_attr(retry_id, ADOPTED_BY_ATTR, trial.number)
-        storage.set_trial_system_attr(retry_id, _FAIL_REASON_ATTR, reason)
-        storage.set_trial_state_values(retry_id, TrialState.FAIL)
-        for key, value in attrs.items():
-            if key not in (SLOT_ATTR, ADOPTED_BY_ATTR, _FAIL_REASON_ATTR, "fixed_params"):
-                storage.set_trial_system_attr(tid, key, value)
-        storage.set_trial_system_attr(tid, SLOT_ATTR, slot)
-        study.enqueue_trial({}, skip_if_exists=False)
-        return True
-    return False
-
-
 @contextlib.contextmanager
 def _plan_lock(study: optuna.Study) -> Iterator[None]:
     """Serialise handing out slots across processes and machines sharing an RDB storage."""
@@ -481,124 +488,6 @@ def _fail_stale(study: optuna.Study) -> None:
         fail_stale(_optuna.study_storage(study), _optuna.study_id(study))
 
 
-def _sign(study: optuna.Study) -> float:
-    return 1.0 if study.direction == StudyDirection.MINIMIZE else -1.0
-
-
-def _loss(trial: FrozenTrial, sign: float) -> float:
-    """hpbandster's loss: the value (negated when maximizing); +inf unless it completed finitely."""
-    if trial.state != TrialState.COMPLETE or trial.value is None or not math.isfinite(trial.value):
-        return math.inf
-    return sign * trial.value
-
-
-def _completion_order(trial: FrozenTrial) -> tuple[float, int]:
-    done = trial.datetime_complete
-    return (done.timestamp() if done is not None else math.inf, trial.number)
-
-
-def _slot_runs(trials: Sequence[FrozenTrial], sign: float) -> list[SlotRun]:
-    runs = []
-    for trial in trials:
-        slot = trial.system_attrs.get(SLOT_ATTR)
-        if not isinstance(slot, dict):
-            continue
-        runs.append(
-            SlotRun(
-                number=trial.number,
-                bracket=int(slot["bracket"]),
-                stage=int(slot["stage"]),
-                slot=int(slot["slot"]),
-                config=_config_id(slot["config"]),
-                finished=trial.state.is_finished(),
-                loss=_loss(trial, sign),
-                attempt=int(slot.get("attempt", 0)),
-            )
-        )
-    return runs
-
-
-def _config_id(raw: Sequence[int]) -> ConfigId:
-    bracket, stage, index = (int(part) for part in raw)
-    return (bracket, stage, index)
-
-
-def _read_decisions(attrs: Mapping[str, Any]) -> dict[RungKey, tuple[ConfigId, ...]]:
-    decisions: dict[RungKey, tuple[ConfigId, ...]] = {}
-    for key, value in attrs.items():
-        if key.startswith(_DECISION_PREFIX):
-            bracket, stage = (int(part) for part in key.removeprefix(_DECISION_PREFIX).split(":"))
-            decisions[(bracket, stage)] = tuple(_config_id(config) for config in value)
-    return decisions
-
-
-def _config_params(
-    trials: Sequence[FrozenTrial], config: ConfigId, space: SearchSpace, exclude: int
-) -> dict[str, Any] | None:
-    """The parameters of configuration ``config``: those of its earliest trial that has them all."""
-    planned = to_optuna_distributions(space)
-    for trial in sorted(trials, key=lambda t: t.number):
-        slot = trial.system_attrs.get(SLOT_ATTR)
-        if trial.number == exclude or not isinstance(slot, dict) or _config_id(slot["config"]) != config:
-            continue
-        params = _planned_params(trial, planned)
-        try:
-            space.validate_config(params)
-        except ValueError:
-            continue
-        return params
-    return None
-
-
-def _planned_observations(
-    trials: Sequence[FrozenTrial], codec: ConfigSpaceCodec, sign: float
-) -> list[Observation]:
-    """Every finished evaluation (the current attempt of each slot), in the order they finished."""
-    by_number = {trial.number: trial for trial in trials}
-    latest = latest_runs(_slot_runs(trials, sign)).values()
-    current = [by_number[run.number] for run in latest if run.finished]
-    planned = to_optuna_distributions(codec.space)
-    observations = []
-    for trial in sorted(current, key=_completion_order):
-        try:
-            values = codec.encode(_planned_params(trial, planned))
-        except ValueError:
-            continue  # failed before its parameters were drawn: there is nothing to learn from
-        budget = float(trial.system_attrs[SLOT_ATTR]["budget"])
-        observations.append(Observation(trial.number, _frozen(values), budget, _loss(trial, sign)))
-    return observations
-
-
-def _planned_params(trial: FrozenTrial, planned: Mapping[str, BaseDistribution]) -> dict[str, Any]:
-    """``trial``'s parameters that belong to the ``planned`` distributions: their names, suggested
-    with exactly the planned distribution (others were sampled independently, outside the model)."""
-    return {
-        name: value
-        for name, value in trial.params.items()
-        if name in planned and trial.distributions.get(name) == planned[name]
-    }
-
-
 def _stream_seed(seed: int, stream: int) -> int:
     """A 32-bit seed for random stream ``stream`` of a sampler seeded ``seed``."""
     return int(np.random.SeedSequence([seed % 2**64, stream]).generate_state(1, dtype=np.uint32)[0])
-
-
-def _frozen(values: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:
-    return tuple(sorted(values.items()))
-
-
-def _params_within(trial: FrozenTrial, search_space: Mapping[str, BaseDistribution]) -> dict[str, Any] | None:
-    """``trial``'s values for every parameter of ``search_space``, if all lie inside it."""
-    params = {}
-    for name, dist in search_space.items():
-        if name not in trial.params:
-            return None
-        value = trial.params[name]
-        try:
-            if not _optuna.distribution_contains(dist, value):
-                return None
-        except (ValueError, TypeError):
-            return None
-        params[name] = value
-    return params

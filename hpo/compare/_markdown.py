@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from hpo.compare._results import ComparisonResults
-from hpo.compare._stats import SamplerSummary
+from hpo.compare._stats import Axis, Coincidence, SamplerSummary, shared_first_trials
 
 HEADER = (
     "algorithm",
@@ -81,16 +81,59 @@ def describe(results: ComparisonResults, statistic: str, band: str) -> list[str]
             "one tabulated learning curve, so replayed curves carry no training noise: the spread between "
             "seeds is the algorithms' own randomness only, real runs would spread more. Times are simulated "
             "from the tabulated seconds per epoch (one worker); parameters are mapped to the nearest "
-            "tabulated configuration."
+            "tabulated configuration, and the configurations picture draws that configuration."
         )
     return parts
+
+
+def _span(c: Coincidence, axis: Axis) -> str:
+    if axis == "time":
+        return f"{c.start:.3g}-{c.end:.3g} s" if c.end > c.start else f"{c.start:.3g} s"
+    return f"{c.start:g}-{c.end:g}" if c.end > c.start else f"{c.start:g}"
+
+
+def coincidence_note(coincidences: Sequence[Coincidence], axis: Axis) -> str | None:
+    """Where algorithms' curves lie on top of each other (computed from the drawn data), or None."""
+    spans: dict[tuple[str, str], list[Coincidence]] = {}
+    for c in coincidences:
+        spans.setdefault(c.samplers, []).append(c)
+    if not spans:
+        return None
+    unit = {"trials": "trials ", "epochs": "epochs ", "time": ""}[axis]
+    pairs = "; ".join(
+        f"{a} and {b} ({unit}{', '.join(_span(c, axis) for c in found)})" for (a, b), found in spans.items()
+    )
+    return (
+        f"curves on top of each other: {pairs}. The algorithm later in the legend is drawn over the "
+        "earlier one, dashed or dotted, so both show."
+    )
+
+
+def shared_trials_notes(results: ComparisonResults) -> list[str]:
+    """Pairs of algorithms whose runs start with the same trials in every seed (why curves coincide)."""
+    notes = []
+    for i, a in enumerate(results.samplers):
+        for b in results.samplers[i + 1 :]:
+            shared = shared_first_trials(results, a, b)
+            if shared:
+                notes.append(
+                    f"{a} and {b} run the same first {shared} trials in every seed (the same configurations "
+                    "with the same results, from the same sampler seed: e.g. TPE's random start-up "
+                    "trials), so their curves coincide at first."
+                )
+    return notes
 
 
 def target_note(rows: Sequence[SamplerSummary], reference: str, target_given: bool) -> str:
     target = rows[0].target if rows else None
     if target is None:
         return f"No target: the comparison has no {reference} run with a completed trial (pass --target)."
-    origin = "given with --target" if target_given else f"{reference} search's median final best"
+    origin = (
+        "given with --target"
+        if target_given
+        else f"the final best of {reference} search's median run; with an even number of seeds the worse "
+        f"of the two middle ones, so that more than half of {reference} search's runs reach it"
+    )
     return (
         f"Target {fmt(target)} ({origin}): epochs a run had consumed when its best-so-far first reached "
         "it; the median counts a run that never reached it as infinitely many epochs. "
@@ -108,12 +151,17 @@ def report_markdown(
     band: str,
     reference: str,
     target_given: bool,
+    figure_notes: Mapping[str, Sequence[str]] | None = None,
 ) -> str:
+    """The Markdown report; ``figure_notes`` maps a figure's title to what must be said about it."""
     lines = [f"# Comparison `{results.name}`", ""]
     for paragraph in describe(results, statistic, band):
         lines += [("> " if paragraph.startswith("REPLAYED") else "") + paragraph, ""]
     header = [h.replace("reference", reference) for h in HEADER]
     lines += [markdown_table(header, table_rows(rows)), "", target_note(rows, reference, target_given), ""]
+    notes = [(title, n) for title, ns in (figure_notes or {}).items() for n in ns]
+    if notes:
+        lines += ["Reading the figures:", ""] + [f"* {title}: {n}" for title, n in notes] + [""]
     for title, path in images:
         lines += [f"![{title}]({path})", ""]
     return "\n".join(lines)

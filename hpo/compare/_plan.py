@@ -92,6 +92,12 @@ def _shuffled_grid(space: dict[str, Any], spec: StudySpec, seed: int) -> dict[st
 
 def base_spec(spec: StudySpec, source: str, subset: float | None = None) -> StudySpec:
     """``spec`` with ``--subset`` applied to ``data.subset`` (validated like the file itself)."""
+    if spec.is_multi_objective:
+        # Comparisons rank samplers by one best-so-far curve, which several objectives lack.
+        raise HpoError(
+            f"{source}: metric: {len(spec.metrics)} metrics; comparisons need a single metric "
+            "(fix: compare on one metric, e.g. metric: " + spec.metric + ")"
+        )
     if subset is None:
         return spec
     if not 0.0 < subset <= 1.0:

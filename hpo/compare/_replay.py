@@ -29,7 +29,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from hpo.compare._results import REPLAY_SECONDS_ATTR
+from hpo.compare._results import REPLAY_SECONDS_ATTR, REPLAYED_PARAMS_ATTR
 from hpo.errors import HpoError, SpecError
 from hpo.objective import Objective, TrialRun
 from hpo.space import CategoricalParam, Param, SearchSpace, parse_space
@@ -307,7 +307,7 @@ def _cached_table(run: TrialRun) -> ReplayTable:
 def _replay(run: TrialRun) -> float:
     table = _cached_table(run)
     entry = table.nearest(run.params)
-    run.trial.set_user_attr("hpo:replayed_params", dict(entry.params))
+    run.trial.set_user_attr(REPLAYED_PARAMS_ATTR, dict(entry.params))
     seconds = 0.0
     try:
         for epoch in range(1, min(run.max_epochs, entry.epochs) + 1):

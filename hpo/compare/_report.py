@@ -37,12 +37,21 @@ class Report:
     rows: tuple[_stats.SamplerSummary, ...]
 
 
-def _figures(results: ComparisonResults, options: ReportOptions) -> dict[str, tuple[str, go.Figure]]:
+def _figures(
+    results: ComparisonResults, options: ReportOptions
+) -> tuple[dict[str, tuple[str, go.Figure]], dict[str, list[str]]]:
+    """The figures by file name (title, figure), and per figure title the notes to print with it."""
     band_label = "25-75 %" if options.band == "iqr" else "95 % bootstrap CI"
     figures: dict[str, tuple[str, go.Figure]] = {}
+    notes: dict[str, list[str]] = {}
     for axis in _stats.AXES:
         bands = _stats.curve_bands(results, axis, options.statistic, options.band)
         title = f"best {results.metric} so far against {_draw.AXIS_TITLES[axis].split(' (')[0]}"
+        # a curve hidden under another must be said: the reader would take it for missing
+        found = _markdown.coincidence_note(_stats.coinciding_curves(bands), axis)
+        notes[title] = [found] if found else []
+        if found and axis == "trials":  # why, said once: runs that start with the same trials
+            notes[title] += _markdown.shared_trials_notes(results)
         figures[f"best_vs_{axis}"] = (
             title,
             _draw.curve_figure(
@@ -53,6 +62,7 @@ def _figures(results: ComparisonResults, options: ReportOptions) -> dict[str, tu
                 band_label,
                 title,
                 results.replay_table is not None,
+                notes[title],
             ),
         )
     x_param, y_param = _stats.plot_axes(results.space, options.axes)
@@ -73,7 +83,12 @@ def _figures(results: ComparisonResults, options: ReportOptions) -> dict[str, tu
         for s in results.samplers
     }
     figures["final_best"] = ("final best of each seed", _draw.final_best_figure(bests, results.metric))
-    return figures
+    if any(p.replayed for p in points.values()):
+        notes["tested configurations"] = [
+            "each replayed trial is drawn at the tabulated configuration whose curve it replayed (the "
+            "nearest to what its sampler asked for; hover a point for the sampled values)."
+        ]
+    return figures, {title: found for title, found in notes.items() if found}
 
 
 def _html(
@@ -81,6 +96,7 @@ def _html(
     rows: list[_stats.SamplerSummary],
     figures: dict[str, tuple[str, go.Figure]],
     options: ReportOptions,
+    notes: dict[str, list[str]],
 ) -> str:
     header = [h.replace("reference", options.reference) for h in _markdown.HEADER]
     cells = "".join(f"<th>{html.escape(h)}</th>" for h in header)
@@ -95,7 +111,10 @@ def _html(
     plots = []
     for i, (title, fig) in enumerate(figures.values()):
         # plotly.js is inlined once, so the file works offline
-        plots.append(f"<h2>{html.escape(title)}</h2>" + fig.to_html(full_html=False, include_plotlyjs=i == 0))
+        said = "".join(f'<p class="note">{html.escape(n)}</p>' for n in notes.get(title, ()))
+        plots.append(
+            f"<h2>{html.escape(title)}</h2>{said}" + fig.to_html(full_html=False, include_plotlyjs=i == 0)
+        )
     note = html.escape(_markdown.target_note(rows, options.reference, options.target is not None))
     return (
         "<!DOCTYPE html><html><head><meta charset='utf-8'>"
@@ -103,6 +122,7 @@ def _html(
         "body{font-family:sans-serif;max-width:1200px;margin:auto;padding:1em}"
         "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}"
         "td:first-child{text-align:left}.replay{background:#fff3cd;padding:8px;border-left:4px solid #f0ad4e}"
+        ".note{background:#eef5fb;padding:6px;border-left:4px solid #5b9bd5}"
         f"</style></head><body><h1>comparison {html.escape(results.name)}</h1>{paragraphs}"
         f"<table><tr>{cells}</tr>{body}</table><p>{note}</p>{''.join(plots)}</body></html>\n"
     )
@@ -115,7 +135,7 @@ def write_report(results: ComparisonResults, directory: Path, options: ReportOpt
         raise HpoError(f"comparison {results.name!r} has no runs to report")
     directory.mkdir(parents=True, exist_ok=True)
     rows = _stats.summarize(results, options.target, options.reference)
-    figures = _figures(results, options)
+    figures, notes = _figures(results, options)
     results_path = directory / "results.json"
     results.save(results_path)
     images = [(title, f"{name}.png") for name, (title, _) in figures.items()] if options.png else []
@@ -129,10 +149,11 @@ def write_report(results: ComparisonResults, directory: Path, options: ReportOpt
             options.band,
             options.reference,
             options.target is not None,
+            notes,
         )
     )
     html_path = directory / "report.html"
-    html_path.write_text(_html(results, rows, figures, options))
+    html_path.write_text(_html(results, rows, figures, options, notes))
     files = [results_path, md_path, html_path]
     if options.png:
         pngs = [directory / f"{name}.png" for name in figures]

@@ -27,6 +27,8 @@ RESULTS_FORMAT = "hpo-comparison-results/1"
 COMPARISON_ATTR = "hpo:comparison"
 # Trial user attribute: simulated seconds a replayed trial would have trained.
 REPLAY_SECONDS_ATTR = "hpo:replay_seconds"
+# Trial user attribute: the tabulated configuration a replayed trial looked up and replayed.
+REPLAYED_PARAMS_ATTR = "hpo:replayed_params"
 _RUN_NAME = re.compile(r"^(?P<sampler>[A-Za-z0-9_.\-]+)/seed-(?P<seed>\d+)$")
 FINISHED = ("COMPLETE", "PRUNED", "FAIL")
 
@@ -37,6 +39,8 @@ class TrialResult:
 
     ``value`` is the trial's value only for COMPLETE trials (pruned and failed trials never count as
     a best). ``seconds`` is device time spent on the trial, simulated for replayed trials.
+    ``table_params``: for a replayed trial, the tabulated configuration nearest to ``params`` whose
+    curve was replayed (what was evaluated); None for trained trials.
     """
 
     number: int
@@ -46,6 +50,7 @@ class TrialResult:
     epochs: int
     seconds: float
     finished_at: float | None
+    table_params: Mapping[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -166,7 +171,9 @@ def simulated_intervals(seconds: Sequence[float], workers: int = 1) -> list[tupl
 
 
 def _epochs(trial: FrozenTrial) -> int:
-    return len(trial.intermediate_values)
+    """Epochs the trial actually trained: those it took over from a checkpoint (a BOHB promotion
+    continuing its parent, a retry resuming its attempt) were counted where they were trained."""
+    return len(trial.intermediate_values) - int(trial.user_attrs.get("resumed_from_epoch", 0))
 
 
 def _real_seconds(trial: FrozenTrial) -> float:
@@ -198,6 +205,7 @@ def _run_result(sampler: str, seed: int, study: optuna.Study, n_trials: int) -> 
     for t in trials:
         value = t.value if t.state == TrialState.COMPLETE and t.value is not None else None
         span = spans.get(t.number)
+        looked_up = t.user_attrs.get(REPLAYED_PARAMS_ATTR)
         records.append(
             TrialResult(
                 number=t.number,
@@ -207,6 +215,7 @@ def _run_result(sampler: str, seed: int, study: optuna.Study, n_trials: int) -> 
                 epochs=_epochs(t),
                 seconds=seconds.get(t.number, 0.0),
                 finished_at=active_elapsed(intervals, span[1]) if span is not None else None,
+                table_params=dict(looked_up) if isinstance(looked_up, Mapping) else None,
             )
         )
     return RunResult(sampler, seed, study.study_name, n_trials, tuple(records))

@@ -190,6 +190,63 @@ def curve_bands(
     return out
 
 
+@dataclass(frozen=True)
+class Coincidence:
+    """Two algorithms' curves drawn on top of each other: equal statistics from ``start`` to ``end``
+    (x values on the figure's axis), so the curve drawn first is hidden under the other."""
+
+    samplers: tuple[str, str]
+    start: float
+    end: float
+
+
+def coinciding_curves(bands: Mapping[str, Band]) -> list[Coincidence]:
+    """Every stretch of consecutive x values over which two algorithms' statistics are equal.
+
+    Computed from the drawn data, whatever the cause (e.g. TPE's random start-up trials are random
+    search's trials when both use the same seed, or both ended at the same tabulated value).
+    """
+    names = list(bands)
+    out = []
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            x = np.asarray(bands[a].x, dtype=float)
+            ca, cb = np.asarray(bands[a].center, dtype=float), np.asarray(bands[b].center, dtype=float)
+            if len(x) != len(cb):  # bands of one figure share their x grid (curve_bands)
+                continue
+            equal = ~np.isnan(ca) & ~np.isnan(cb) & np.isclose(ca, cb, rtol=1e-12, atol=0.0)
+            start = None
+            for k in range(len(x) + 1):
+                if k < len(x) and equal[k]:
+                    start = k if start is None else start
+                elif start is not None:
+                    out.append(Coincidence((a, b), float(x[start]), float(x[k - 1])))
+                    start = None
+    return out
+
+
+def shared_first_trials(results: ComparisonResults, a: str, b: str) -> int:
+    """How many first trials (by number) algorithms ``a`` and ``b`` share in every seed: the same
+    configurations with the same states and values (0 when a seed is missing on either side)."""
+    runs_b = {r.seed: r for r in results.runs_of(b)}
+    shared = []
+    for run_a in results.runs_of(a):
+        run_b = runs_b.get(run_a.seed)
+        if run_b is None:
+            return 0
+        n = 0
+        for ta, tb in zip(
+            sorted(run_a.trials, key=lambda t: t.number),
+            sorted(run_b.trials, key=lambda t: t.number),
+            strict=False,
+        ):
+            if (dict(ta.params), ta.state, ta.value) != (dict(tb.params), tb.state, tb.value):
+                break
+            n += 1
+        shared.append(n)
+    return min(shared, default=0)
+
+
 # --------------------------------------------------------------------------- summary table
 
 
@@ -210,10 +267,26 @@ def epochs_to_reach(run: RunResult, target: float, direction: str) -> float | No
     return None
 
 
+def median_run_best(bests: Sequence[float], direction: str) -> float | None:
+    """The final best of the reference's median run: the middle value of ``bests``, and with an even
+    number of runs the worse of the two middle ones.
+
+    Not the usual median (the mean of the two middle values): with two runs ending at 0.42 and 0.46,
+    a target of 0.44 is reached by one run only, so the reference would be reported as "not reached
+    (1/2)" against its own target. The worse middle value is reached by more than half of the
+    reference's runs, so the reference always reaches its own target in the median.
+    """
+    if not bests:
+        return None
+    s = sign(direction)
+    ordered = sorted(bests, key=lambda v: s * v)  # best first
+    return float(ordered[len(ordered) // 2])
+
+
 def default_target(results: ComparisonResults, reference: str = "random") -> float | None:
-    """The reference algorithm's median final best (random search's, by default)."""
+    """The final best of the reference algorithm's median run (random search's, by default)."""
     bests = [b for r in results.runs_of(reference) if (b := final_best(r, results.direction)) is not None]
-    return float(np.median(bests)) if bests else None
+    return median_run_best(bests, results.direction)
 
 
 @dataclass(frozen=True)
@@ -311,7 +384,12 @@ def summarize(
 
 @dataclass(frozen=True)
 class ConfigPoints:
-    """The tested configurations of one algorithm (all seeds), for the search-space picture."""
+    """The tested configurations of one algorithm (all seeds), for the search-space picture.
+
+    In a replay, ``x`` and ``y`` are the tabulated configuration's values that were looked up and
+    replayed (what was evaluated), and ``sampled_x``/``sampled_y`` what the sampler asked for;
+    otherwise both are the trial's parameters.
+    """
 
     x: tuple[Any, ...]
     y: tuple[Any, ...]
@@ -319,6 +397,9 @@ class ConfigPoints:
     state: tuple[str, ...]
     seed: tuple[int, ...]
     is_run_best: tuple[bool, ...]
+    sampled_x: tuple[Any, ...] = ()
+    sampled_y: tuple[Any, ...] = ()
+    replayed: bool = False
 
 
 def plot_axes(space: Mapping[str, Any], requested: Sequence[str] | None = None) -> tuple[str, str | None]:
@@ -332,34 +413,66 @@ def plot_axes(space: Mapping[str, Any], requested: Sequence[str] | None = None) 
 
 
 def configurations(results: ComparisonResults, x_param: str, y_param: str | None) -> dict[str, ConfigPoints]:
-    """Per algorithm, every finished trial's (x, y) (y = the metric when ``y_param`` is None)."""
+    """Per algorithm, every finished trial's (x, y) (y = the metric when ``y_param`` is None).
+
+    A replayed trial is placed at the tabulated configuration it replayed (its ``table_params``):
+    a sampled batch size of 5 evaluated the table's 4, and the picture shows what was evaluated.
+    """
     out = {}
     for sampler in results.samplers:
         xs: list[Any] = []
         ys: list[Any] = []
+        sampled_xs: list[Any] = []
+        sampled_ys: list[Any] = []
         values: list[float | None] = []
         states: list[str] = []
         seeds: list[int] = []
         bests: list[bool] = []
+        replayed = False
         for run in results.runs_of(sampler):
             best = final_best(run, results.direction)
             best_number = next((t.number for t in run.finished if best is not None and t.value == best), None)
             for trial in run.finished:
-                if x_param not in trial.params:
+                shown = trial.table_params if trial.table_params is not None else trial.params
+                replayed = replayed or trial.table_params is not None
+                if x_param not in shown or (y_param is not None and y_param not in shown):
                     continue
-                xs.append(trial.params[x_param])
-                if y_param is None:
-                    ys.append(trial.value)
-                elif y_param in trial.params:
-                    ys.append(trial.params[y_param])
-                else:
-                    xs.pop()
-                    continue
+                xs.append(shown[x_param])
+                sampled_xs.append(trial.params.get(x_param))
+                ys.append(trial.value if y_param is None else shown[y_param])
+                sampled_ys.append(trial.value if y_param is None else trial.params.get(y_param))
                 values.append(trial.value)
                 states.append(trial.state)
                 seeds.append(run.seed)
                 bests.append(trial.number == best_number)
         out[sampler] = ConfigPoints(
-            tuple(xs), tuple(ys), tuple(values), tuple(states), tuple(seeds), tuple(bests)
+            tuple(xs),
+            tuple(ys),
+            tuple(values),
+            tuple(states),
+            tuple(seeds),
+            tuple(bests),
+            tuple(sampled_xs),
+            tuple(sampled_ys),
+            replayed,
         )
     return out
+
+
+def colour_range(values: Sequence[float], direction: str) -> tuple[float, float]:
+    """The value range the configurations picture spreads its colour scale over: from the best
+    value to the median of all ``values`` (completed trials of every algorithm); values beyond the
+    median get the scale's worst colour.
+
+    A range up to the worst value would let a few diverged or untrained trials (a loss of 2.3 or
+    30) stretch the scale until a seed's best of 1.55 against others' 0.42 looked green: every
+    worse-than-typical value is drawn as bad, every marker on this one shared scale.
+    """
+    if not values:
+        return 0.0, 1.0
+    s = sign(direction)
+    best = min(values, key=lambda v: s * v)
+    limit = float(np.median(values))
+    if limit == best:  # at least half the trials share the best value: spread to the worst one
+        limit = max(values, key=lambda v: s * v)
+    return float(best), float(limit)

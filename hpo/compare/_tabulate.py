@@ -18,6 +18,7 @@ import numpy as np
 import optuna
 from optuna.trial import TrialState
 
+from hpo._records import EPOCH_SECONDS_KEY, set_trial_system_attr, trial_epoch_seconds, trial_metrics
 from hpo.compare._plan import _with
 from hpo.compare._replay import ReplayTable, TableEntry
 from hpo.errors import HpoError
@@ -26,7 +27,7 @@ from hpo.space import CategoricalParam, IntParam, Param
 from hpo.spec import StudySpec
 
 # Trial user attribute: wall-clock seconds of each epoch (the first one includes the trial's setup).
-EPOCH_SECONDS_ATTR = "hpo:epoch_seconds"
+EPOCH_SECONDS_ATTR = EPOCH_SECONDS_KEY  # a trial system attribute (hpo._records)
 
 
 def _dense_grid(param: Param, points: int) -> list[Any] | None:
@@ -85,7 +86,8 @@ def timed(objective: Objective) -> Objective:
             return objective.train(run)
         finally:
             # one write per trial, however it ends
-            run.trial.set_user_attr(EPOCH_SECONDS_ATTR, [b - a for a, b in itertools.pairwise(marks)])
+            seconds = [b - a for a, b in itertools.pairwise(marks)]
+            set_trial_system_attr(run.trial, EPOCH_SECONDS_ATTR, seconds)
 
     return Objective(
         train=train, config=objective.config, data=objective.data, description=objective.description
@@ -111,10 +113,10 @@ def table_from_study(study: optuna.Study, spec: StudySpec) -> ReplayTable:
         curve = tuple(float(trial.intermediate_values[step]) for step in sorted(trial.intermediate_values))
         epochs = len(curve)
         metrics = {spec.metric: curve}
-        for name, values in trial.user_attrs.get("metrics", {}).items():
+        for name, values in trial_metrics(trial).items():
             if name != spec.metric and len(values) == epochs:
                 metrics[name] = tuple(float(v) for v in values)
-        seconds = [float(s) for s in trial.user_attrs.get(EPOCH_SECONDS_ATTR, [])][:epochs]
+        seconds = trial_epoch_seconds(trial)[:epochs]
         if len(seconds) != epochs:
             # Trained by a plain `hpo worker` that does not time epochs: spread the trial's duration.
             total = 0.0

@@ -49,7 +49,14 @@ LAYOUTS = {
     "line, then 'file 1 -1 ...'), optionally root/list_eval_partition.txt ('file 0|1|2')",
     "voc": "root/JPEGImages/<id>.jpg, root/Annotations/<id>.xml and root/ImageSets/Main/train.txt "
     "(optionally val.txt)",
+    "caltech101": "root/101_ObjectCategories/<class>/<image>, optionally with the homework's split lists "
+    "(e.g. root/train.txt and root/test.txt, one '<class>/<image file>' a line)",
 }
+CALTECH_IMAGES = "101_ObjectCategories"
+"""Caltech101's image folder (the archive's own name), below ``data.root``."""
+CALTECH_EXCLUDED: tuple[str, ...] = ("BACKGROUND_Google",)
+"""Left out of Caltech101 by default: the clutter category is not an object class (report 004
+filters it out, as the homework's own reader does; Caltech101 has 101 classes without it)."""
 _VAL_DIR_NAMES = ("val", "valid", "validation", "test")
 _EXTENSIONS = frozenset(IMG_EXTENSIONS)  # torchvision's ImageFolder extensions
 
@@ -72,6 +79,7 @@ class Catalog:
     task: Literal["multiclass", "multilabel"]
     train: Split
     val: Split | None  # None: the dataset has no validation split; one is split off train
+    test: Split | None = None  # a held-out test split (caltech101's test list), never searched on
 
 
 class _Reader:
@@ -107,7 +115,13 @@ def read_catalog(config: DataConfig, root: Path, source: str) -> Catalog:
     """The files and targets of a dataset on disk (every format but digits)."""
     reader = _Reader(config, root, source)
     reader.directory(root)
-    readers = {"imagefolder": _imagefolder, "tiny_imagenet": _tiny_imagenet, "celeba": _celeba, "voc": _voc}
+    readers = {
+        "imagefolder": _imagefolder,
+        "tiny_imagenet": _tiny_imagenet,
+        "celeba": _celeba,
+        "voc": _voc,
+        "caltech101": _caltech101,
+    }
     return readers[config.format](reader)
 
 
@@ -164,17 +178,108 @@ def _imagefolder(reader: _Reader) -> Catalog:
         )
     else:
         train_dir, val_dir = root, None
-    classes = _subfolders(train_dir)
+    excluded = _excluded(reader, _subfolders(train_dir))
+    classes = [c for c in _subfolders(train_dir) if c not in excluded]
     if not classes:
         raise reader.fail(f"{train_dir} has no class folders")
     train = _class_tree(reader, train_dir, classes)
     val = None
     if val_dir is not None:
-        extra = sorted(set(_subfolders(val_dir)) - set(classes))
+        extra = sorted(set(_subfolders(val_dir)) - set(classes) - excluded)
         if extra:
             raise reader.fail(f"{val_dir} has class folders that {train_dir} lacks: {', '.join(extra[:5])}")
         val = _class_tree(reader, val_dir, classes)
     return Catalog(tuple(classes), "multiclass", train, val)
+
+
+def _excluded(reader: _Reader, folders: Sequence[str]) -> set[str]:
+    """The class folders to leave out; a name given in the study file must exist."""
+    config = reader.config
+    given = config.exclude_classes
+    if given is None:  # the format's default: only caltech101 leaves a class out
+        return set(CALTECH_EXCLUDED) if config.format == "caltech101" else set()
+    unknown = [name for name in given if name not in folders]
+    if unknown:
+        raise SpecError(
+            reader.source,
+            "data.exclude_classes",
+            f"names {unknown[0]!r}, which is not a class folder of the dataset",
+            f"use folder names, e.g. {', '.join(list(folders)[:3])}",
+        )
+    return set(given)
+
+
+# --- Caltech101 ------------------------------------------------------------------------------
+
+
+def _caltech101(reader: _Reader) -> Catalog:
+    """Caltech101: the whole tree (validation split off), or the homework's split lists.
+
+    With ``train_list`` the classes are those the list names (sorted, like the homework's reader,
+    excluded ones dropped), validation is split off the listed training images and ``test_list``
+    becomes the held-out test split.
+    """
+    config, root = reader.config, reader.root
+    images = reader.directory(root / CALTECH_IMAGES)
+    folders = _subfolders(images)
+    excluded = _excluded(reader, folders)
+    if config.train_list is None:
+        classes = [c for c in folders if c not in excluded]
+        if not classes:
+            raise reader.fail(f"{images} has no class folders")
+        return Catalog(tuple(classes), "multiclass", _class_tree(reader, images, classes), None)
+    train_entries = _split_list(reader, root / config.train_list, "data.train_list", excluded, images)
+    classes = sorted({name for name, _ in train_entries})
+    if not classes:
+        raise reader.fail(f"{root / config.train_list} lists no image", field="data.train_list")
+    train = _listed(train_entries, classes, images)
+    test = None
+    if config.test_list is not None:
+        test_list = root / config.test_list
+        test_entries = _split_list(reader, test_list, "data.test_list", excluded, images)
+        unknown = sorted({name for name, _ in test_entries} - set(classes))
+        if unknown:
+            raise reader.fail(
+                f"{test_list} has images of class {unknown[0]!r}, which {config.train_list} does not list",
+                field="data.test_list",
+            )
+        test = _listed(test_entries, classes, images)
+    return Catalog(tuple(classes), "multiclass", train, None, test)
+
+
+def _split_list(
+    reader: _Reader, path: Path, field: str, excluded: set[str], images: Path
+) -> list[tuple[str, str]]:
+    """(class, relative path) per line of a split list; lines of excluded classes are dropped."""
+    if not path.is_file():
+        what = "is not a file" if path.exists() else "does not exist"
+        raise reader.fail(f"{path} {what}", "give the list's path relative to data.root", field=field)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise reader.fail(f"cannot read {path} ({exc})", field=field) from None
+    entries: list[tuple[str, str]] = []
+    for number, line in enumerate(lines, start=1):
+        entry = line.strip()
+        if not entry:
+            continue
+        parts = entry.split("/")
+        if len(parts) < 2 or entry.startswith("/") or ".." in parts or not all(parts):
+            raise reader.fail(f"{path}:{number} is not '<class>/<image file>'", field=field)
+        if parts[0] in excluded:
+            continue
+        if not os.path.isfile(images / entry):
+            raise reader.fail(
+                f"{path}:{number} lists {entry}, but {images / entry} does not exist", field=field
+            )
+        entries.append((parts[0], entry))
+    return entries
+
+
+def _listed(entries: list[tuple[str, str]], classes: Sequence[str], images: Path) -> Split:
+    index = {name: i for i, name in enumerate(classes)}
+    files = tuple(str(images / entry) for _, entry in entries)
+    return Split(files, np.asarray([index[name] for name, _ in entries], dtype=np.int64))
 
 
 # --- Tiny ImageNet ---------------------------------------------------------------------------

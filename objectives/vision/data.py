@@ -9,8 +9,9 @@ Fast path: every image is decoded and resized exactly once per worker (in a thre
 uint8 tensor, moved to the GPU when it fits, and kept in the worker's per-study cache
 (``TrialRun.cache``), so every later trial of the study starts without touching the disk.
 
-Formats and layouts (see ``docs/datasets.md``): ``imagefolder`` (15-Scene, Caltech101, STL-10
-exported to folders), ``tiny_imagenet``, ``celeba``, ``voc`` and ``digits`` (scikit-learn's).
+Formats and layouts (see ``docs/datasets.md``): ``imagefolder`` (15-Scene, STL-10 exported to
+folders), ``caltech101`` (its tree, optionally with the homework's split lists), ``tiny_imagenet``,
+``celeba``, ``voc`` and ``digits`` (scikit-learn's).
 """
 
 from __future__ import annotations
@@ -31,9 +32,18 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from hpo.errors import SpecError
 from objectives.vision import _split
 from objectives.vision._decode import DecodeError, decode_images
-from objectives.vision._formats import CELEBA_ATTRIBUTES, LAYOUTS, VOC_CLASSES, Catalog, Split, read_catalog
+from objectives.vision._formats import (
+    CALTECH_EXCLUDED,
+    CELEBA_ATTRIBUTES,
+    LAYOUTS,
+    VOC_CLASSES,
+    Catalog,
+    Split,
+    read_catalog,
+)
 
 __all__ = [
+    "CALTECH_EXCLUDED",
     "CELEBA_ATTRIBUTES",
     "DATA_ROOT_ENV",
     "DEFAULT_DIRS",
@@ -53,6 +63,7 @@ DEFAULT_DIRS: dict[str, str] = {
     "tiny_imagenet": "tiny-imagenet-200",
     "celeba": "celeba",
     "voc": "VOCdevkit/VOC2012",
+    "caltech101": "caltech101",
 }
 """Folder under ``$HPO_DATA_ROOT`` used when ``data.root`` is not given (the archives' own names)."""
 
@@ -60,6 +71,10 @@ DEFAULT_DIRS: dict[str, str] = {
 # left for the model, activations and the augmentation buffers.
 _GPU_SHARE = 0.5
 _SPLIT_FORMATS = ("imagefolder", "voc")
+_EXCLUDE_FORMATS = ("imagefolder", "caltech101")
+# Images are decoded and center-cropped in chunks of this many when ``resize`` is set, so the
+# larger decoded copy never exists for the whole dataset at once.
+_CROP_CHUNK = 1024
 
 
 class DataConfig(BaseModel):
@@ -67,12 +82,15 @@ class DataConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    format: Literal["imagefolder", "tiny_imagenet", "celeba", "voc", "digits"]
+    format: Literal["imagefolder", "caltech101", "tiny_imagenet", "celeba", "voc", "digits"]
     root: str | None = None
     """Dataset folder: absolute, ``~/...``, or relative to ``$HPO_DATA_ROOT`` (else to the working
     directory). Left out: ``$HPO_DATA_ROOT/<DEFAULT_DIRS[format]>``; required for imagefolder."""
     image_size: int = Field(default=64, ge=4, le=1024)
     """Images are resized (shorter side) and center-cropped to ``image_size x image_size``."""
+    resize: int | None = Field(default=None, ge=4, le=2048)
+    """Resize the shorter side to ``resize`` first, then center-crop ``image_size`` (report 004's
+    ``Resize(256)`` + ``CenterCrop(224)``). Left out: resized straight to ``image_size``."""
     channels: Literal[1, 3] = 3
     """3: RGB; 1: greyscale (report 003), converted once when the images are decoded."""
     subset: float = Field(default=1.0, gt=0.0, le=1.0)
@@ -89,6 +107,17 @@ class DataConfig(BaseModel):
     val_split: str | None = None
     """imagefolder: the validation folder (default: the first of val, valid, validation, test that
     exists). voc: the id list (default: val.txt when present). Absent: split off train."""
+    exclude_classes: list[str] | None = None
+    """imagefolder, caltech101: class folders left out. Left out: caltech101 drops
+    ``BACKGROUND_Google`` (report 004), imagefolder keeps every folder; ``[]`` keeps all."""
+    train_list: str | None = None
+    """caltech101: the homework's training list (``<class>/<image file>`` a line, relative to
+    ``root/101_ObjectCategories``), path relative to ``root``. Validation is split off it
+    (``val_fraction``; report 004 halved it: 0.5). Left out: the whole tree, split likewise."""
+    test_list: str | None = None
+    """caltech101: the homework's test list (same format), read and checked as the held-out test
+    split; the search never uses it (``load_image_data(..., test=True)`` decodes it, which the
+    objective's ``test_metrics: true`` asks for)."""
 
     @model_validator(mode="after")
     def _options_fit_format(self) -> DataConfig:
@@ -104,6 +133,20 @@ class DataConfig(BaseModel):
             raise ValueError("attributes must not repeat a name")
         if self.format == "digits" and self.root is not None:
             raise ValueError("root does not apply to format digits (the data ships with scikit-learn)")
+        if self.format not in _EXCLUDE_FORMATS and "exclude_classes" in self.model_fields_set:
+            raise ValueError("exclude_classes applies only to formats imagefolder and caltech101")
+        lists = {"train_list", "test_list"} & self.model_fields_set
+        if self.format != "caltech101" and lists:
+            raise ValueError(f"{sorted(lists)[0]} applies only to format caltech101")
+        if self.test_list is not None and self.train_list is None:
+            raise ValueError("test_list needs train_list (the classes and the validation split come from it)")
+        if self.resize is not None and self.resize < self.image_size:
+            raise ValueError(
+                f"resize ({self.resize}) must be at least image_size ({self.image_size}): the crop is taken "
+                "from the resized image"
+            )
+        if self.resize is not None and self.format == "digits":
+            raise ValueError("resize does not apply to format digits (8x8 images are upscaled)")
         return self
 
 
@@ -123,6 +166,8 @@ class ImageData:
     val_targets: torch.Tensor
     classes: tuple[str, ...]
     task: Literal["multiclass", "multilabel"]
+    test_images: torch.Tensor | None = None  # the held-out test split (caltech101's test_list)
+    test_targets: torch.Tensor | None = None
 
     def to(self, device: str | torch.device) -> ImageData:
         """The same data with every tensor on ``device`` (no copy for tensors already there)."""
@@ -132,6 +177,8 @@ class ImageData:
             train_targets=self.train_targets.to(device),
             val_images=self.val_images.to(device),
             val_targets=self.val_targets.to(device),
+            test_images=None if self.test_images is None else self.test_images.to(device),
+            test_targets=None if self.test_targets is None else self.test_targets.to(device),
         )
 
     @property
@@ -179,6 +226,7 @@ def load_image_data(
     source: str = "study file",
     *,
     workers: int | None = None,
+    test: bool = False,
 ) -> ImageData:
     """Decode, resize, split and subset the dataset ``config`` names; deterministic in ``seed``.
 
@@ -187,13 +235,15 @@ def load_image_data(
     without reading any file. Tensors are placed on ``device``; on a CUDA device whose free memory
     cannot take the images comfortably (more than half of it), everything stays on the CPU and a
     warning is logged: check ``data.device`` and move batches. ``workers`` decoding threads
-    (default: the usable CPUs, at most 32).
+    (default: the usable CPUs, at most 32). ``test``: also decode the held-out test split
+    (caltech101's ``test_list``) into ``test_images``/``test_targets``; its list is read and
+    checked either way, but the search never looks at it, so by default it is not decoded.
 
     Raises :class:`hpo.errors.SpecError` (field ``data.root``, or the option at fault) naming the
     missing or malformed path and the expected layout, or the image that cannot be decoded.
     """
     root = resolve_root(config, source)
-    key = f"objectives.vision.data:{config.model_dump_json()}:{seed}:{root}:{device}"
+    key = f"objectives.vision.data:{config.model_dump_json()}:{seed}:{root}:{device}:{test}"
     if cache is not None and key in cache:
         cached: ImageData = cache[key]
         return cached
@@ -206,6 +256,12 @@ def load_image_data(
     train_idx = train_idx[_split.sample(train_split.targets[train_idx], config.subset, _stream(seed, 1))]
     val_idx = val_idx[_split.sample(val_split.targets[val_idx], config.subset, _stream(seed, 2))]
 
+    test_images = test_targets = None
+    if test and catalog.test is not None:
+        test_idx = _split.sample(catalog.test.targets, config.subset, _stream(seed, 3))
+        test_images = _images(catalog.test, test_idx, config, workers, source)
+        test_targets = _targets(catalog.test.targets[test_idx], catalog.task)
+
     data = ImageData(
         train_images=_images(train_split, train_idx, config, workers, source),
         train_targets=_targets(train_split.targets[train_idx], catalog.task),
@@ -213,6 +269,8 @@ def load_image_data(
         val_targets=_targets(val_split.targets[val_idx], catalog.task),
         classes=catalog.classes,
         task=catalog.task,
+        test_images=test_images,
+        test_targets=test_targets,
     )
     data = _place(data, device)
     if cache is not None:
@@ -221,7 +279,8 @@ def load_image_data(
 
 
 def _stream(seed: int, purpose: int) -> np.random.Generator:
-    """An independent random stream per purpose (0: val split, 1: train subset, 2: val subset)."""
+    """An independent random stream per purpose (0: val split, 1: train subset, 2: val subset,
+    3: test subset)."""
     return np.random.default_rng([seed % 2**63, purpose])
 
 
@@ -250,11 +309,31 @@ def _images(
             _layout(config),
         )
     try:
-        return torch.from_numpy(decode_images(files, config.image_size, workers, config.channels))
+        if config.resize is None or config.resize == config.image_size:
+            return torch.from_numpy(decode_images(files, config.image_size, workers, config.channels))
+        return torch.from_numpy(
+            _resize_crop(files, config.resize, config.image_size, config.channels, workers)
+        )
     except DecodeError as exc:
         raise SpecError(
             source, "data.root", f"{exc.path}: {exc.reason}", "replace or remove the file"
         ) from None
+
+
+def _resize_crop(files: list[str], resize: int, size: int, channels: int, workers: int | None) -> np.ndarray:
+    """Shorter side to ``resize``, then the centre ``image_size`` square (torchvision's
+    ``Resize(resize)`` + ``CenterCrop(image_size)``, whose offset is ``round((resize - size) / 2)``).
+
+    The decoder already center-crops the longer side to a ``resize`` square; cropping its centre
+    again takes the same central region. Decoded chunk by chunk, so only one chunk at the larger
+    size is held at a time.
+    """
+    top = round((resize - size) / 2.0)
+    out = np.empty((len(files), channels, size, size), dtype=np.uint8)
+    for start in range(0, len(files), _CROP_CHUNK):
+        chunk = decode_images(files[start : start + _CROP_CHUNK], resize, workers, channels)
+        out[start : start + len(chunk)] = chunk[:, :, top : top + size, top : top + size]
+    return out
 
 
 def _layout(config: DataConfig) -> str:
@@ -289,7 +368,8 @@ def _place(data: ImageData, device: str) -> ImageData:
     if target.type == "cpu":
         return data
     if target.type == "cuda":
-        needed = sum(t.numel() * t.element_size() for t in (data.train_images, data.val_images))
+        held = (data.train_images, data.val_images, data.test_images)
+        needed = sum(t.numel() * t.element_size() for t in held if t is not None)
         free, _ = torch.cuda.mem_get_info(target)
         if needed > _GPU_SHARE * free:
             logger.warning(

@@ -12,7 +12,10 @@ Transfer modes (report 004) say which parts train:
 * ``features``: the convolutional part is frozen; the classifier (AlexNet/VGG's hidden FC layers,
   report 000's MLP head, and the new last layer) trains;
 * ``classifier``: AlexNet/VGG's hidden FC layers are frozen; the convolutional part and the new
-  last layer train (only models that have hidden FC layers).
+  last layer train (only models that have hidden FC layers): report 004's "all FC frozen except
+  FC[6]";
+* ``classifier_all``: every FC layer is frozen, the new (randomly initialised) last layer included;
+  only the convolutional part trains (report 004's "all FC frozen", table 9).
 
 Frozen parts get ``requires_grad=False``. What they do in training mode is ``frozen_mode``:
 ``train`` (the default, what the reports did: only ``requires_grad=False``, so dropout in frozen FC
@@ -46,7 +49,7 @@ from objectives.vision.losses import CenterLoss
 ModelName = Literal[
     "alexnet", "vgg16", "resnet18", "resnet50", "efficientnet_b0", "mlp", "attribute_mlp", "resnet18_mlp"
 ]
-TransferMode = Literal["scratch", "finetune", "features", "classifier"]
+TransferMode = Literal["scratch", "finetune", "features", "classifier", "classifier_all"]
 FrozenMode = Literal["train", "eval"]
 
 # ImageNet weights the reports used (torchvision's V1 weights for every model).
@@ -129,6 +132,7 @@ class ImageClassifier(nn.Module):
         frozen: tuple[nn.Module, ...] = (),
         xavier_head: bool = False,
         frozen_mode: FrozenMode = "train",
+        freeze_head: bool = False,
     ) -> None:
         super().__init__()
         self.backbone = backbone
@@ -139,6 +143,8 @@ class ImageClassifier(nn.Module):
             nn.init.zeros_(linear.bias)
         # Always Dropout + Linear (Dropout(0) is a no-op) so saved state dicts have the same keys.
         self.head = nn.Sequential(nn.Dropout(dropout), linear)
+        if freeze_head:  # transfer classifier_all: the new last layer keeps its random weights
+            frozen = (*frozen, self.head)
         self.feature_dim = feature_dim
         self.center_loss: CenterLoss | None = None
         self._frozen = frozen
@@ -183,18 +189,35 @@ def pretrained_weights_file(name: str) -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(url).path).name
 
 
+def _require_weights(name: str) -> None:
+    path = pretrained_weights_file(name)
+    if not path.is_file():
+        raise HpoError(
+            f"pretrained weights for {name} are not in the local torch cache: {path} is missing "
+            f"(fix: download {_WEIGHTS[name].url} on a machine with network access and copy it to "
+            f"{path.parent}/, or point $TORCH_HOME at a cache that has it, or set pretrained: false; "
+            "hpo never downloads weights)"
+        )
+
+
+def check_pretrained_weights(name: str, pretrained: bool, encoder_checkpoint: str | None = None) -> None:
+    """Raise :func:`build_model`'s missing-weights :class:`HpoError` now: the objective calls this
+    before decoding the dataset, which can take minutes, so a missing file is reported at once."""
+    if not pretrained:
+        return
+    if name == "resnet18_mlp":
+        if encoder_checkpoint:  # its own encoder, not ImageNet's weights
+            return
+        name = "resnet18"
+    if name in _WEIGHTS:
+        _require_weights(name)
+
+
 def _torchvision_model(name: str, pretrained: bool) -> nn.Module:
     weights = None
     if pretrained:
         weights = _WEIGHTS[name]
-        path = pretrained_weights_file(name)
-        if not path.is_file():
-            raise HpoError(
-                f"pretrained weights for {name} are not in the local torch cache: {path} is missing "
-                f"(fix: download {weights.url} on a machine with network access and copy it to "
-                f"{path.parent}/, or point $TORCH_HOME at a cache that has it, or set pretrained: false; "
-                "hpo never downloads weights)"
-            )
+        _require_weights(name)
     # With the file in the cache, torchvision loads it from there and does not download.
     return _BUILDERS[name](weights=weights)
 
@@ -286,9 +309,9 @@ def build_model(options: ModelOptions) -> ImageClassifier:
     """Build the classifier described by ``options`` (CPU, float32)."""
     name = options.name
     transfer = options.transfer
-    if transfer == "classifier" and name not in _HAS_HIDDEN_FC:
+    if transfer in ("classifier", "classifier_all") and name not in _HAS_HIDDEN_FC:
         raise HpoError(
-            f"transfer: classifier freezes hidden fully connected layers, which {name} does not have "
+            f"transfer: {transfer} freezes hidden fully connected layers, which {name} does not have "
             f"(fix: use it with {' or '.join(_HAS_HIDDEN_FC)}, or choose scratch, finetune or features)"
         )
     if name in MLP_MODELS:
@@ -329,7 +352,7 @@ def build_model(options: ModelOptions) -> ImageClassifier:
         frozen_parts: tuple[nn.Module, ...] = ()
         if transfer == "features":
             frozen_parts = (conv,)
-        elif transfer == "classifier" and hidden_fc is not None:
+        elif transfer in ("classifier", "classifier_all") and hidden_fc is not None:
             frozen_parts = (hidden_fc,)
         model = ImageClassifier(
             net,
@@ -339,6 +362,7 @@ def build_model(options: ModelOptions) -> ImageClassifier:
             options.dropout,
             frozen_parts,
             frozen_mode=options.frozen_mode,
+            freeze_head=transfer == "classifier_all",
         )
     if options.center_loss:
         model.center_loss = CenterLoss(options.num_outputs, model.feature_dim, options.center_alpha)

@@ -22,6 +22,7 @@ Every epoch reports ``train_loss``, ``train_acc``, ``val_loss``, ``val_acc`` and
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -41,6 +42,7 @@ from hpo.training import (
 )
 from objectives.vision.augment import Augmentation, AugmentPreset, prepare_batch
 from objectives.vision.data import DataConfig, ImageData, load_image_data
+from objectives.vision.features import FeatureCacheMode, use_feature_cache
 from objectives.vision.losses import Criterion
 from objectives.vision.metrics import EpochMeter, mean_average_precision, multilabel_correct, topk_correct
 from objectives.vision.models import (
@@ -51,6 +53,7 @@ from objectives.vision.models import (
     ModelOptions,
     TransferMode,
     build_model,
+    check_pretrained_weights,
 )
 
 _HIDDEN_FC_MODELS = ("alexnet", "vgg16")
@@ -96,6 +99,14 @@ class ImageClassifierConfig(BaseModel):
     )
     triplet_margin: float = Field(default=0.2, ge=0.0, description="triplet loss: the hinge's margin")
     # compute
+    feature_cache: FeatureCacheMode = Field(
+        default="auto",
+        description="auto: a frozen, deterministic backbone's features are computed once (features.py)",
+    )
+    test_metrics: bool = Field(
+        default=False,
+        description="also report test_loss/test_acc/test_top5 on data.test_list's split (never searched on)",
+    )
     precision: Literal["auto", "fp32", "bf16"] = Field(
         default="auto", description="auto: bf16 autocast on CUDA, fp32 on the CPU"
     )
@@ -104,9 +115,9 @@ class ImageClassifierConfig(BaseModel):
     def _consistent(self) -> ImageClassifierConfig:
         if self.transfer == "scratch" and self.pretrained:
             raise ValueError("transfer: scratch trains from random weights; drop pretrained: true")
-        if self.transfer == "classifier" and self.model not in _HIDDEN_FC_MODELS:
+        if self.transfer in ("classifier", "classifier_all") and self.model not in _HIDDEN_FC_MODELS:
             raise ValueError(
-                f"transfer: classifier freezes hidden FC layers, which {self.model} does not have "
+                f"transfer: {self.transfer} freezes hidden FC layers, which {self.model} does not have "
                 "(use alexnet or vgg16, or transfer scratch, finetune or features)"
             )
         if self.model in MLP_MODELS and self.transfer != "scratch":
@@ -308,6 +319,18 @@ def _optimizer(cfg: ImageClassifierConfig, model: ImageClassifier) -> torch.opti
     return build_optimizer(cfg.optimizer, groups, cfg.lr, cfg.weight_decay, cfg.momentum, cfg.nesterov)
 
 
+def _test_inputs(cfg: ImageClassifierConfig, data: ImageData, inputs: Inputs) -> Inputs | None:
+    """``inputs`` with the held-out test split in place of validation (``test_metrics: true``)."""
+    if not cfg.test_metrics:
+        return None
+    if data.test_images is None or data.test_targets is None or not inputs.images:
+        raise HpoError(
+            "test_metrics: true needs a held-out test split of images "
+            "(fix: data: {format: caltech101, train_list: ..., test_list: ...}, or drop test_metrics)"
+        )
+    return dataclasses.replace(inputs, val_x=data.test_images, val_y=data.test_targets)
+
+
 def train(run: TrialRun) -> float:
     """Train one configuration for ``run.max_epochs`` epochs, reporting every epoch."""
     cfg = _parse_config(run.config)
@@ -315,8 +338,11 @@ def train(run: TrialRun) -> float:
     on = Device.for_run(run.device, cfg.precision)
     if on.cuda:
         torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest kernels
-    data = load_image_data(data_cfg, run.seed, cache=run.cache, device=run.device)
+    # Missing ImageNet weights are reported before the dataset is decoded (minutes on Caltech101).
+    check_pretrained_weights(cfg.model, cfg.use_pretrained, cfg.encoder_checkpoint)
+    data = load_image_data(data_cfg, run.seed, cache=run.cache, device=run.device, test=cfg.test_metrics)
     inputs = make_inputs(cfg, data)
+    test_inputs = _test_inputs(cfg, data, inputs)
     criterion = make_criterion(cfg, inputs)
     augmentation = Augmentation.preset(cfg.augment) if inputs.images else None
 
@@ -349,7 +375,9 @@ def train(run: TrialRun) -> float:
 
     # A checkpoint is resumed only by the same configuration, data and seed (and epoch budget,
     # where the schedule depends on it: cosine's T_max is restored with the scheduler's state).
-    identity: dict[str, Any] = {"config": cfg.model_dump(), "data": data_cfg.model_dump(), "seed": run.seed}
+    # feature_cache is left out: cached and recomputed runs are the same run, either may resume the other.
+    config_id = cfg.model_dump(exclude={"feature_cache"})
+    identity: dict[str, Any] = {"config": config_id, "data": data_cfg.model_dump(), "seed": run.seed}
     if cfg.scheduler == "cosine":
         identity["max_epochs"] = run.max_epochs
     start_epoch = 1
@@ -359,10 +387,23 @@ def train(run: TrialRun) -> float:
     if restored is not None:
         start_epoch = run.resume(restored[1]) + 1
 
+    # A frozen, deterministic backbone runs once: ``net`` is then the trainable rest of ``model``
+    # (same parameters), trained on the cached features.
+    net, inputs = use_feature_cache(
+        cfg.feature_cache,
+        model,
+        inputs,
+        augmentation=augmentation,
+        cache=run.cache,
+        data_key=f"{data_cfg.model_dump_json()}:{run.seed}:{run.device}",
+        batch_size=cfg.eval_batch_size,
+        device=on.device,
+        bf16=on.bf16,
+    )
     for epoch in range(start_epoch, run.max_epochs + 1):
         lr = float(optimizer.param_groups[0]["lr"])
         metrics = train_one_epoch(
-            model,
+            net,
             optimizer,
             criterion,
             inputs,
@@ -373,7 +414,10 @@ def train(run: TrialRun) -> float:
         )
         if scheduler is not None:
             scheduler.step()
-        metrics |= evaluate(model, criterion, inputs, batch_size=cfg.eval_batch_size, on=on)
+        metrics |= evaluate(net, criterion, inputs, batch_size=cfg.eval_batch_size, on=on)
+        if test_inputs is not None:  # the whole model on the test images (never a feature cache)
+            test = evaluate(model, criterion, test_inputs, batch_size=cfg.eval_batch_size, on=on)
+            metrics |= {"test_" + name.removeprefix("val_"): value for name, value in test.items()}
         metrics["lr"] = lr
         stop = run.report(epoch, metrics)
         save_checkpoint(
@@ -396,5 +440,9 @@ IMAGE_CLASSIFIER = Objective(
     data=DataConfig,
     description="image classification with torchvision models or report 000's MLP (reports 000-004)",
     # The union over tasks: val_top5 is reported for single-label data, val_map for multi-label.
-    metrics=("val_loss", "val_acc", "val_top5", "val_map", "train_loss", "train_acc", "lr"),
+    # test_* only with test_metrics: true (report 004's held-out test list).
+    metrics=(
+        *("val_loss", "val_acc", "val_top5", "val_map", "train_loss", "train_acc", "lr"),
+        *("test_loss", "test_acc", "test_top5", "test_map"),
+    ),
 )

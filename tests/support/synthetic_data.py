@@ -30,6 +30,7 @@ Size = int | tuple[int, int]  # a square side, or (width, height)
 __all__ = [
     "class_color",
     "label_grid",
+    "make_caltech101",
     "make_celeba",
     "make_imagefolder",
     "make_tiny_imagenet",
@@ -263,3 +264,40 @@ def _voc_xml(image_id: str, labels: Sequence[str], size: int) -> str:
         f"<size><width>{size}</width><height>{size}</height><depth>3</depth></size>"
         f"<segmented>0</segmented>{objects}</annotation>\n"
     )
+
+
+def make_caltech101(
+    root: Path,
+    classes: int | Sequence[str] = 3,
+    per_class: int | Sequence[int] = 6,
+    background: int = 4,
+    size: Size = (30, 20),
+    seed: int = 0,
+) -> Path:
+    """Caltech101 as the homework ships it: ``root/101_ObjectCategories/<class>/image_NNNN.jpg``
+    with a ``BACKGROUND_Google`` folder of ``background`` noise images, and the split lists
+    ``root/train.txt`` / ``root/test.txt`` (``<class>/image_NNNN.jpg`` a line, every third image of
+    each class in test, the background's lines included as in the homework's files).
+
+    Class ``i`` of the sorted class names (background left out) has colour ``class_color(i)``.
+    """
+    names = _class_names(classes)
+    order = {name: i for i, name in enumerate(sorted(names))}
+    rng = np.random.default_rng(seed)
+    images = root / "101_ObjectCategories"
+    train: list[str] = []
+    test: list[str] = []
+    counts = [("BACKGROUND_Google", background), *zip(names, _per_class(per_class, len(names)), strict=True)]
+    for name, count in counts:
+        for j in range(1, count + 1):
+            entry = f"{name}/image_{j:04d}.jpg"
+            if name == "BACKGROUND_Google":
+                width, height = _wh(size)
+                image = Image.fromarray(rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8))
+            else:
+                image = _solid(order[name], size, rng)
+            _save(image, images / entry)
+            (test if j % 3 == 0 else train).append(entry)
+    (root / "train.txt").write_text("\n".join(train) + "\n")
+    (root / "test.txt").write_text("\n".join(test) + "\n")
+    return root
