@@ -32,11 +32,11 @@ quickstart: $(VENV)/.installed-runtime
 dashboard: $(VENV)/.installed-runtime
 	$(BIN)/hpo dashboard --storage $(STORAGE)
 
-# The browser and compose tests drive Debian's chromium and docker-compose; installing them
+# The browser and compose tests drive Debian's chromium, docker-compose and podman; installing them
 # needs root (CI runs as root). Without root the tests that need them skip locally with a reason.
 system-deps:
-	@if [ "$$(id -u)" = 0 ]; then bash scripts/ci-browser.sh && bash scripts/ci-compose.sh; \
-	else echo "not root: skipping apt-get install of chromium/docker-compose"; fi
+	@if [ "$$(id -u)" = 0 ]; then bash scripts/ci-browser.sh && bash scripts/ci-compose.sh && bash scripts/ci-podman.sh; \
+	else echo "not root: skipping apt-get install of chromium/docker-compose/podman"; fi
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check .

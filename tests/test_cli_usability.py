@@ -23,7 +23,7 @@ def test_mistyped_flags_and_commands_get_a_suggestion(args: list[str], suggestio
     assert suggestion in result.stderr.strip().splitlines()[-1], result.stderr
 
 
-@pytest.mark.parametrize("command", [["status"], ["best", "quad"], ["export", "quad"]])
+@pytest.mark.parametrize("command", [["status"], ["best", "quad"], ["export", "quad"], ["report", "quad"]])
 def test_read_only_commands_never_create_a_database(tmp_path: Path, command: list[str]) -> None:
     missing = tmp_path / "typo" / "hpo.db"
     result = run_cli([*command, "--storage", f"sqlite:///{missing}"])

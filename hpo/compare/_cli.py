@@ -172,7 +172,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     elif target.is_dir() and (target / "results.json").is_file():
         results = load_results(target / "results.json")
     else:
-        storage = open_storage(resolve_storage_url(args.storage))
+        # Drawing a report only reads: a mistyped path must not create an empty database.
+        storage = open_storage(resolve_storage_url(args.storage), read_only=True)
         results = collect_results(storage, args.comparison)
     report = write_report(results, _report_dir(args, results.name), _report_options(args))
     _print_report(report, args.reference)
