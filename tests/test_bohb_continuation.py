@@ -192,3 +192,12 @@ def test_a_promoted_trial_continues_its_parents_curve_through_the_worker(tmp_pat
     assert (epochs_trained(studies["continued"]), epochs_trained(studies["retrained"])) == (5, 6)
     # Nothing is left on disk once the bracket is done: released, taken over or finished.
     assert list(checkpoints.rglob(CHECKPOINT_FILE)) == []
+
+
+def test_a_bad_continuation_in_a_study_file_is_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(STUDY.format(name="bad", continuation='"yes"'))
+    result = run_cli(["create-study", str(path), "--storage", f"sqlite:///{tmp_path / 'hpo.db'}"])
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert "sampler.options" in line and "continuation must be true or false" in line, line
