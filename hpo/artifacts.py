@@ -9,8 +9,11 @@ folder (on one machine, or a shared volume as in ``docker-compose.yml``).
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
+from typing import Any
+from urllib.parse import quote
 
 import optuna
 from optuna.artifacts import FileSystemArtifactStore, upload_artifact
@@ -49,3 +52,76 @@ def upload_trial_artifact(trial: optuna.Trial, path: str | Path, directory: Path
         raise FileNotFoundError(f"cannot upload {str(file_path)!r} as an artifact: no such file")
     store = open_artifact_store(directory or resolve_artifact_dir())
     return upload_artifact(artifact_store=store, file_path=str(file_path), study_or_trial=trial)
+
+
+# --------------------------------------------------------------------------- published models
+
+# ``artifact:STUDY`` names the best model that ``hpo retrain STUDY`` stored. The model file is an
+# ordinary Optuna artifact of its retrain trial (the dashboard lists it); a small pointer file in
+# the same folder, ``hpo-models/<STUDY>/top<R>.json``, names it, so that the training code of any
+# worker that sees the artifact folder finds it by the study's name alone (a worker's training
+# process never opens the database, see hpo.trainer).
+ARTIFACT_PREFIX = "artifact:"
+_MODELS_FOLDER = "hpo-models"
+
+
+def _pointer(directory: Path, study_name: str, rank: int) -> Path:
+    # One folder per study; quoted, so a study name with "/" or ".." stays inside the folder.
+    return directory / _MODELS_FOLDER / quote(study_name, safe="") / f"top{rank}.json"
+
+
+def publish_model(
+    directory: Path, study_name: str, rank: int, artifact_id: str, meta: dict[str, Any]
+) -> Path:
+    """Name the artifact ``artifact_id`` as study ``study_name``'s rank-``rank`` retrained model
+    (replacing an earlier one, atomically); returns the pointer file."""
+    pointer = _pointer(directory, study_name, rank)
+    pointer.parent.mkdir(parents=True, exist_ok=True)
+    tmp = pointer.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps({"artifact_id": artifact_id, **meta}, default=str) + "\n")
+    os.replace(tmp, pointer)
+    return pointer
+
+
+def parse_model_reference(reference: str) -> tuple[str, int]:
+    """``artifact:STUDY`` (the best retrained model) or ``artifact:STUDY#topR``: (STUDY, R)."""
+    body = reference.removeprefix(ARTIFACT_PREFIX)
+    study, _, rank = body.partition("#top")
+    if not study or (rank and not rank.isdigit()) or (rank and int(rank) < 1):
+        raise HpoError(
+            f"{reference!r} is not a model reference "
+            "(fix: artifact:STUDY for the best model `hpo retrain STUDY` stored, or artifact:STUDY#top2)"
+        )
+    return study, int(rank) if rank else 1
+
+
+def resolve_model_reference(reference: str, directory: Path | None = None) -> Path:
+    """The local file of the model ``reference`` names (see :func:`parse_model_reference`), read
+    from the artifact folder (``directory``, default :func:`resolve_artifact_dir`). A missing one
+    is an :class:`HpoError` naming the study and the command that stores it."""
+    study, rank = parse_model_reference(reference)
+    directory = directory or resolve_artifact_dir()
+    pointer = _pointer(directory, study, rank)
+    fix = (
+        f"run `hpo retrain {study} --epochs N{' --top ' + str(rank) if rank > 1 else ''}` first, with this "
+        f"artifact folder (--artifact-dir or ${ENV_ARTIFACT_DIR}, here {str(directory)!r}), "
+        "or point the setting at a model file"
+    )
+    if not pointer.is_file():
+        raise HpoError(
+            f"{reference}: study {study!r} has no retrained top{rank} model in the artifact store "
+            f"(fix: {fix})"
+        )
+    try:
+        artifact_id = str(json.loads(pointer.read_text())["artifact_id"])
+        if not artifact_id or Path(artifact_id).name != artifact_id or artifact_id in (".", ".."):
+            raise ValueError(artifact_id)  # Optuna's ids are plain file names in the folder
+        path = directory / artifact_id
+    except (ValueError, KeyError, TypeError):
+        raise HpoError(f"{reference}: {pointer} is not a model pointer (fix: {fix})") from None
+    if not path.is_file():
+        raise HpoError(
+            f"{reference}: the artifact {artifact_id} of study {study!r}'s top{rank} model is missing "
+            f"from the artifact store (fix: {fix})"
+        )
+    return path

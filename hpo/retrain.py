@@ -14,6 +14,10 @@ What it records, for each retrained configuration (``topR`` is its rank, 1 = bes
 * ``OUTPUT/topR/model.pt``: the final model's ``state_dict`` with its resolved configuration
   (``torch.load(path, weights_only=True)``), taken from the objective's last checkpoint; objectives
   that do not checkpoint through :func:`hpo.training.save_checkpoint` get curves but no model.
+  The same file goes to the artifact store (``--artifact-dir``, ``$HPO_ARTIFACT_DIR``), as an
+  artifact of its retrain trial, and is published there as ``artifact:STUDY_NAME`` (``#topR``
+  for R > 1): another study's setting (e.g. ``encoder_checkpoint``) names it so, and any worker
+  that sees the artifact folder finds it (:func:`hpo.artifacts.resolve_model_reference`).
 
 Every retrain starts from scratch (a leftover checkpoint in ``OUTPUT/topR`` is removed first).
 """
@@ -24,6 +28,7 @@ import argparse
 import contextlib
 import csv
 import json
+import math
 import shutil
 import uuid
 from collections.abc import Mapping, Sequence
@@ -38,12 +43,17 @@ from rich.console import Console
 
 from hpo import _optuna
 from hpo._dashboard_data import store_records
-from hpo._objective_path import add_objective_path_argument, objective_path
+from hpo._objective_path import objective_path
+from hpo.artifacts import (
+    publish_model,
+    resolve_artifact_dir,
+    upload_trial_artifact,
+)
 from hpo.errors import HpoError
 from hpo.objective import Objective, TrialRun, resolve_objective
 from hpo.policy import ObjectivePolicy
 from hpo.spec import BudgetSpec, EarlyStoppingSpec, PrunerSpec, SamplerSpec, StudySpec
-from hpo.storage import add_storage_argument, open_storage, resolve_storage_url
+from hpo.storage import open_storage, resolve_storage_url
 from hpo.studies import UID_ATTR, load_study_spec
 
 RETRAIN_SUFFIX = "/retrain"
@@ -91,6 +101,7 @@ def retrain_spec(spec: StudySpec, epochs: int, n_trials: int) -> StudySpec:
             "pruner": PrunerSpec(),
             # Parameters are fixed per trial; a random sampler keeps the stored definition valid.
             "sampler": SamplerSpec(name="random", seed=spec.sampler.seed),
+            "enqueue": (),  # the retrained configurations are queued one by one
         }
     )
 
@@ -160,6 +171,7 @@ def retrain(
     console: Console | None = None,
     policy: ObjectivePolicy | None = None,
     search_path: Sequence[str] = (),
+    artifact_dir: Path | None = None,
 ) -> list[RetrainResult]:
     """Retrain the ``top`` best trials of ``study_name`` for ``epochs`` epochs (see module docstring).
 
@@ -183,6 +195,7 @@ def retrain(
         spec.objective, f"stored definition of study {study_name!r}", policy, search_path
     )
     output = output or DEFAULT_OUTPUT_ROOT / study_name.replace("/", "_")
+    artifact_dir = artifact_dir or resolve_artifact_dir()
 
     target = _retrain_study(storage, study_name, spec)
     already = len(target.get_trials(deepcopy=False))
@@ -205,7 +218,9 @@ def retrain(
             f"for {epochs} epochs on {device}: {source.params}"
         )
         results.append(
-            _retrain_one(target, definition_spec, objective, source, rank, folder, device, cache, console)
+            _retrain_one(
+                target, definition_spec, objective, source, rank, folder, device, cache, console, artifact_dir
+            )
         )
     return results
 
@@ -220,6 +235,7 @@ def _retrain_one(
     device: str,
     cache: dict[str, Any],
     console: Console,
+    artifact_dir: Path,
 ) -> RetrainResult:
     epochs = spec.budget.max_epochs
     source_study = spec.name.removesuffix(RETRAIN_SUFFIX)
@@ -245,16 +261,16 @@ def _retrain_one(
         on_epoch=on_epoch,
     )
     error = None
+    value = math.nan
     try:
         value = float(objective.train(run))
         run.flush()  # TrialRun writes the curves at most every few seconds; store the last epochs
-        frozen = study.tell(trial, value)
     except BaseException as exc:  # one failing configuration must not lose the others' results
         with contextlib.suppress(Exception):
             run.flush()  # keep the curve of a failing configuration
         error = f"{type(exc).__name__}: {exc}"
         _optuna.study_storage(study).set_trial_system_attr(_optuna.trial_id(trial), "fail_reason", error)
-        frozen = study.tell(trial, state=TrialState.FAIL)
+        study.tell(trial, state=TrialState.FAIL)
         if not isinstance(exc, Exception):  # KeyboardInterrupt, SystemExit: stop here
             raise
         console.print(f"  top{rank} FAILED: {error}")
@@ -264,7 +280,7 @@ def _retrain_one(
         "source_trial": source.number,
         "source_value": source.value,
         "retrain_study": study.study_name,
-        "retrain_trial": frozen.number,
+        "retrain_trial": trial.number,
         "objective": spec.objective,
         "metric": spec.metric,
         "direction": spec.direction,
@@ -279,10 +295,20 @@ def _retrain_one(
     if error is None:
         model_file = _save_model(checkpoint_dir / "checkpoint.pt", folder / "model.pt", meta)
         shutil.rmtree(checkpoint_dir, ignore_errors=True)  # optimizer state is not needed any more
+        stored = ""
+        if model_file is not None:
+            # Before tell: Optuna records an artifact with a trial that is still running.
+            artifact_id = upload_trial_artifact(trial, model_file, artifact_dir)
+            publish_model(artifact_dir, source_study, rank, artifact_id, meta)
+            stored = f" (artifact:{source_study}{'' if rank == 1 else f'#top{rank}'} in {artifact_dir})"
+        study.tell(trial, value)
         best = _best_epoch(history.get(spec.metric, []), spec.direction)
-        where = f"model {model_file}" if model_file else "no model (the objective wrote no checkpoint)"
+        where = (
+            f"model {model_file}{stored}" if model_file else "no model (the objective wrote no checkpoint)"
+        )
         best_text = f"; best {spec.metric}={best[1]:.6g} at epoch {best[0]}" if best else ""
         console.print(f"  top{rank} done: final {spec.metric}={value:.6g}{best_text}; curves and {where}")
+    frozen = _optuna.study_storage(study).get_trial(_optuna.trial_id(trial))
     return RetrainResult(rank, source, frozen.number, frozen.state, history, folder, model_file, error)
 
 
@@ -305,6 +331,7 @@ def cmd_retrain(args: argparse.Namespace) -> int:
         policy=ObjectivePolicy.from_sources(cli_patterns=args.allow_objective),
         # The current directory and --objective-path folders: never a folder from the storage.
         search_path=objective_path(None, args.objective_path),
+        artifact_dir=resolve_artifact_dir(args.artifact_dir),
     )
     failed = [r for r in results if r.error is not None]
     print(
@@ -312,32 +339,3 @@ def cmd_retrain(args: argparse.Namespace) -> int:
         f"curves in study {args.study_name + RETRAIN_SUFFIX!r} and under {results[0].folder.parent}"
     )
     return 1 if failed else 0
-
-
-def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add ``hpo retrain`` to the CLI."""
-    p = subparsers.add_parser(
-        "retrain",
-        help="train the best configuration(s) of a study for longer, record full curves, save the models",
-        description="Train the K best trials' configurations for N epochs (no pruning, no early stopping), "
-        "record their learning curves in STUDY_NAME/retrain and save the final models.",
-    )
-    p.add_argument("study_name", help="the searched study")
-    p.add_argument("--epochs", type=int, required=True, help="epochs to train each configuration, e.g. 40")
-    p.add_argument("--top", type=int, default=1, help="retrain the K best trials (default 1)")
-    add_storage_argument(p)
-    p.add_argument(
-        "--output",
-        default=None,
-        help=f"folder for topR/model.pt and curves (default {DEFAULT_OUTPUT_ROOT}/STUDY_NAME)",
-    )
-    p.add_argument("--device", default=None, help="cpu or cuda:N (default: cuda:0 when available, else cpu)")
-    p.add_argument(
-        "--allow-objective",
-        action="append",
-        default=[],
-        metavar="PATTERN",
-        help="also run objectives from modules matching PATTERN (as hpo worker; see $HPO_ALLOW_OBJECTIVES)",
-    )
-    add_objective_path_argument(p)
-    p.set_defaults(func=cmd_retrain)

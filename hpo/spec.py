@@ -31,7 +31,7 @@ from pydantic import (
     model_validator,
 )
 
-from hpo.errors import SpecError
+from hpo.errors import HpoError, SpecError
 from hpo.samplers import SAMPLER_BUILDERS, make_pruner, make_sampler
 from hpo.space import SearchSpace, grid_points, parse_space, space_to_dict
 
@@ -118,6 +118,17 @@ class StudySpec(_Frozen):
     sampler: SamplerSpec
     pruner: PrunerSpec = Field(default_factory=PrunerSpec)
     early_stopping: EarlyStoppingSpec = Field(default_factory=EarlyStoppingSpec)
+    # Known configurations (e.g. a report's own setting) queued as the study's first trials when it
+    # is created (hpo.studies); validated against the space at load time (_check_enqueue).
+    enqueue: tuple[dict[str, Any], ...] = ()
+
+    @model_serializer(mode="wrap")
+    def _without_empty_enqueue(self, handler: Callable[[Any], Any]) -> Any:
+        # Definitions stored before ``enqueue`` existed have no such key (see definition_diff).
+        data = handler(self)
+        if not self.enqueue and isinstance(data, dict):
+            data.pop("enqueue", None)
+        return data
 
     @field_serializer("metrics", "directions")
     def _one_or_list(self, value: tuple[str, ...]) -> str | list[str]:
@@ -158,8 +169,13 @@ class StudySpec(_Frozen):
 
 _TOP_LEVEL = (
     "name, description, objective, data, settings, search_space, metric, direction, n_trials, "
-    "budget, seed, sampler, pruner, early_stopping"
+    "budget, seed, sampler, pruner, early_stopping, enqueue"
 )
+# Settings holding a file path (by name): a relative one is resolved against the study file's
+# folder when the file is loaded, never against the current directory of whoever runs the study.
+# ``artifact:STUDY`` (a model that ``hpo retrain STUDY`` put in the artifact store) is left as is.
+PATH_SETTING_SUFFIX = "_checkpoint"
+ARTIFACT_PREFIX = "artifact:"
 
 
 def _read_yaml(path: Path, what: str) -> Any:
@@ -273,6 +289,10 @@ def parse_study(raw: Any, source: str, base_dir: Path | None = None) -> StudySpe
                 "remove n_trials for a grid study (it is the grid's size)",
             )
     _objectives(raw, source)
+    if "enqueue" in raw:
+        raw["enqueue"] = _check_enqueue(raw["enqueue"], space, sampler_name, source)
+    if base_dir is not None and isinstance(raw.get("settings"), Mapping):
+        raw["settings"] = _resolve_path_settings(raw["settings"], base_dir)
     if isinstance(raw.get("name"), str) and not _STUDY_NAME.match(raw["name"]):
         raise SpecError(
             source, "name", f"{raw['name']!r} is not a valid study name", "use letters, digits, _ . - /"
@@ -283,10 +303,72 @@ def parse_study(raw: Any, source: str, base_dir: Path | None = None) -> StudySpe
         raise _pydantic_error(source, exc) from None
     except TypeError as exc:
         raise SpecError(source, "", str(exc)) from None
+    if len(spec.enqueue) > spec.n_trials:
+        raise SpecError(
+            source,
+            "enqueue",
+            f"lists {len(spec.enqueue)} configurations but n_trials is {spec.n_trials}",
+            f"raise n_trials to at least {len(spec.enqueue)} (the enqueued trials are part of the budget)",
+        )
     if spec.is_multi_objective:
         _check_multi_objective(spec, source)
     _check_factories(spec, source)
     return spec
+
+
+def _check_enqueue(
+    value: Any, space: SearchSpace, sampler_name: str | None, source: str
+) -> list[dict[str, Any]]:
+    """``enqueue:`` validated point by point against the space, as ``hpo enqueue`` validates
+    ``--params`` (:func:`hpo.lifecycle.check_config`); the normalised points (ints made floats
+    for float parameters), so that the queued trials' fixed parameters compare equal."""
+    example = "e.g. enqueue: [{lr: 1.0e-3, weight_decay: 1.0e-2}]"
+    if sampler_name == "grid":
+        raise SpecError(
+            source,
+            "enqueue",
+            "a grid study already queues every grid point",
+            "remove enqueue, or add the values to the grid (grid: [...]) of its parameters",
+        )
+    if not isinstance(value, list) or not value:
+        raise SpecError(
+            source, "enqueue", f"must be a non-empty list of configurations, got {value!r}", example
+        )
+    from hpo.lifecycle import check_config  # local import: hpo.lifecycle imports this module
+
+    points: list[dict[str, Any]] = []
+    for i, config in enumerate(value):
+        where = f"{source}: enqueue[{i}]"
+        try:
+            point = check_config(space, config, where)
+        except SpecError:
+            raise
+        except HpoError as exc:
+            raise SpecError(source, f"enqueue[{i}]", str(exc).removeprefix(f"{where}: ")) from None
+        if point in points:
+            raise SpecError(
+                source,
+                f"enqueue[{i}]",
+                f"repeats enqueue[{points.index(point)}]",
+                "list each configuration once (each is queued as one trial)",
+            )
+        points.append(point)
+    return points
+
+
+def _resolve_path_settings(settings: Mapping[str, Any], base_dir: Path) -> dict[str, Any]:
+    """``settings`` with each relative ``*_checkpoint`` path made absolute against ``base_dir``."""
+    resolved = dict(settings)
+    for key, value in settings.items():
+        if (
+            key.endswith(PATH_SETTING_SUFFIX)
+            and isinstance(value, str)
+            and value
+            and not value.startswith(ARTIFACT_PREFIX)
+            and not Path(value).is_absolute()
+        ):
+            resolved[key] = str((base_dir / value).resolve())
+    return resolved
 
 
 def _names(value: Any, source: str, field: str, what: str, example: str) -> tuple[str, ...]:

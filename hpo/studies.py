@@ -3,8 +3,9 @@
 A study's definition (the resolved study file) lives in the study's system attribute
 ``hpo:definition`` (read through :mod:`hpo._records`; the dashboard's study note shows it as
 YAML). Its trial budget is materialised when the study is created: ``n_trials``
-WAITING trials are queued (the grid's points, with their parameters fixed, for grid search; empty
-slots for every other sampler, whose parameters the sampler picks when a worker claims the slot).
+WAITING trials are queued (the grid's points, with their parameters fixed, for grid search; for every
+other sampler, the study file's ``enqueue:`` points first, with their parameters fixed, then empty
+slots, whose parameters the sampler picks when a worker claims the slot).
 Workers only ever claim queued trials, with one conditional update (:mod:`hpo._rdb`), so the
 study gets exactly ``n_trials`` trials however many workers run, on any machine. Queueing is
 idempotent: a creation interrupted half-way is completed by the next ``create-study`` or worker.
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -37,6 +39,8 @@ UID_ATTR = "hpo:uid"
 # What was done to the study after its creation (hpo.lifecycle): a list of records such as
 # {"action": "extend", "n_trials": 10, "at": "..."}; extensions raise the stored n_trials.
 HISTORY_ATTR = _records.HISTORY_KEY
+# User attribute of the trials queued from the study file's ``enqueue:`` (the dashboard shows it).
+ENQUEUED_ATTR = "enqueued_from"
 
 
 def _load(storage: BaseStorage, study_name: str) -> optuna.Study | None:
@@ -76,7 +80,20 @@ def _queue_budget(study: optuna.Study, spec: StudySpec) -> int:
                 study.enqueue_trial(point, skip_if_exists=False)
                 queued += 1
     else:
-        for _ in range(max(0, spec.n_trials - len(slots))):
+        # The study file's ``enqueue:`` points first (so they are the first trials), each once:
+        # a point already fixed on a slot (by an earlier, maybe interrupted, creation, or by
+        # ``hpo enqueue``) is not queued again. Then empty slots up to n_trials.
+        fixed = Counter(
+            _point_key(t.system_attrs["fixed_params"]) for t in slots if t.system_attrs.get("fixed_params")
+        )
+        for point in spec.enqueue:
+            key = _point_key(point)
+            if fixed[key] > 0:
+                fixed[key] -= 1
+                continue
+            study.enqueue_trial(point, user_attrs={ENQUEUED_ATTR: "study file"}, skip_if_exists=False)
+            queued += 1
+        for _ in range(max(0, spec.n_trials - len(slots) - queued)):
             study.enqueue_trial({})
             queued += 1
     return queued
@@ -117,7 +134,8 @@ def _check_same(study_name: str, study: optuna.Study, spec: StudySpec) -> StudyS
         raise StudyDefinitionMismatch(
             f"study {study_name!r} exists with a different definition; refusing to resume it silently.\n"
             f"{diff}\n"
-            "(fix: restore the study file, or create a new study with --study-name NEW_NAME)"
+            "(fix: restore the study file; replace the stored study with hpo create-study STUDY_FILE "
+            "--replace; or create a new study with --study-name NEW_NAME)"
         )
     return spec
 

@@ -65,11 +65,14 @@ def short_copy(path: Path, directory: Path, datasets: dict[str, Path]) -> Path:
     settings = dict(raw.get("settings") or {})
     data = dict(raw["data"])
     data["root"] = str(datasets[data["format"]])
-    data["image_size"] = MIN_IMAGE_SIZE.get(settings.get("model", ""), 16)
+    if data.get("inputs") != "attributes":  # report 000's attribute MLP decodes no image
+        data["image_size"] = MIN_IMAGE_SIZE.get(settings.get("model", ""), 16)
     data.pop("subset", None)
     data.pop("resize", None)  # report 004's Resize(256) + CenterCrop(224): image_size is shrunk here
     settings["pretrained"] = False
-    settings.pop("encoder_checkpoint", None)  # the report-000 chain is tested in test_retrain.py
+    # The chains through a retrained model (report 000's encoder, report 002's pretext models) are
+    # tested in test_report_studies.py and test_retrain.py; here each study runs on its own.
+    settings.pop("encoder_checkpoint", None)
     raw.update(data=data, settings=settings, budget={"max_epochs": 1})
     if isinstance(raw["search_space"], str):
         raw["search_space"] = str((path.parent / raw["search_space"]).resolve())
@@ -105,6 +108,34 @@ def test_one_short_trial_of_the_study_through_hpo_worker(
     assert {"train_loss", "train_acc", "val_loss", "val_acc", spec.metric} <= set(metrics)
     assert trial.value == metrics[spec.metric][0]
     assert trial.intermediate_values == {1: trial.value}
+    if spec.enqueue:  # the report's own setting is the study's first trial
+        assert trial.number == 0 and trial.params == spec.enqueue[0]
+
+
+def test_report_settings_are_enqueued_where_the_report_had_them() -> None:
+    """Each report's own setting (000: sections 2.1-2.3; 001: its config listing; 002: Table 1)
+    is its study's first trial; 003 gives no learning rate (its files fix or search it)."""
+    expected = {
+        "r000_celeba_attribute_mlp": {"lr": 1e-3, "weight_decay": 1e-2, "gamma": 0.95},
+        "r000_celeba_resnet_encoder": {"lr": 1e-3, "weight_decay": 1e-2, "gamma": 0.95},
+        "r000_celeba_resnet_mlp": {"lr": 1e-3, "weight_decay": 1e-2, "gamma": 0.95},
+        "r001_voc_resnet18": {"lr": 5e-4, "step_size": 2, "gamma": 0.3},
+        "r002_scene15_full_tpe": {"lr": 2.405e-5, "batch_size": 16},
+        "r002_scene15_rotation_pretext": {"lr": 1.055e-4, "batch_size": 14},
+        "r002_scene15_after_rotation": {"lr": 1.320e-3, "batch_size": 16},
+        "r002_scene15_perturbation_pretext": {"lr": 1e-5, "batch_size": 15},
+        "r002_scene15_after_perturbation": {"lr": 2.018e-4, "batch_size": 13},
+    }
+    for name, point in expected.items():
+        spec = load_study_file(ROOT / "studies" / f"{name}.yaml")
+        assert spec.enqueue == (point,), name
+    for name in ("rotation", "perturbation"):
+        pretext = load_study_file(ROOT / "studies" / f"r002_scene15_{name}_pretext.yaml")
+        after = load_study_file(ROOT / "studies" / f"r002_scene15_after_{name}.yaml")
+        assert pretext.data["pretext"] == name and "pretext" not in after.data
+        assert after.settings["encoder_checkpoint"] == f"artifact:{pretext.name}"
+        assert after.settings["transfer"] == "features"  # "freezing the feature part" (section 3)
+        assert after.space.names == pretext.space.names == ("lr", "batch_size")
 
 
 @pytest.mark.slow

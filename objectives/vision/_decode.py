@@ -11,7 +11,8 @@ what torchvision's ``Grayscale`` does to a PIL image), so the array is a third o
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -25,6 +26,17 @@ class DecodeError(Exception):
         super().__init__(f"{path}: {reason}")
         self.path = path
         self.reason = reason
+
+
+_decoded = 0
+_decoded_lock = threading.Lock()
+
+
+def decoded_files() -> int:
+    """How many image files :func:`decode_images` has been asked to decode in this process so far.
+
+    A plain counter for checks such as "loading CelebA's attributes decodes no image"."""
+    return _decoded
 
 
 def default_workers() -> int:
@@ -52,9 +64,22 @@ def _load(path: str, size: int, channels: int = 3) -> np.ndarray:
         raise DecodeError(path, "file does not exist") from None
     except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as exc:
         raise DecodeError(path, f"cannot decode image ({exc})") from None
-    fitted = ImageOps.fit(rgb, (size, size), method=Image.Resampling.BILINEAR, centering=(0.5, 0.5))
+    return _fit(rgb, size)
+
+
+def _fit(image: Image.Image, size: int) -> np.ndarray:
+    """Shorter side to ``size``, centre ``size x size`` crop, as a (C, size, size) array."""
+    fitted = ImageOps.fit(image, (size, size), method=Image.Resampling.BILINEAR, centering=(0.5, 0.5))
     pixels = np.asarray(fitted)
     return pixels[np.newaxis] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
+
+
+def _fit_array(pixels: np.ndarray, size: int, channels: int) -> np.ndarray:
+    """One in-memory (3, H, W) uint8 image through the same conversions and resize as a file."""
+    if channels == 3 and pixels.shape[1] == pixels.shape[2] == size:
+        return pixels  # already the right size: ImageOps.fit would return the same pixels
+    image = Image.fromarray(np.ascontiguousarray(pixels.transpose(1, 2, 0)), mode="RGB")
+    return _fit(image.convert("L") if channels == 1 else image, size)
 
 
 def decode_images(
@@ -62,18 +87,35 @@ def decode_images(
 ) -> np.ndarray:
     """``(N, channels, size, size)`` uint8 array of ``files`` in order (``channels`` 3: RGB, 1: grey);
     raises :class:`DecodeError`."""
+    global _decoded
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 or 3, not {channels}")
-    out = np.empty((len(files), channels, size, size), dtype=np.uint8)
+    with _decoded_lock:
+        _decoded += len(files)
+    return _in_pool(len(files), lambda i: _load(files[i], size, channels), size, channels, workers)
+
+
+def fit_arrays(pixels: np.ndarray, size: int, workers: int | None = None, channels: int = 3) -> np.ndarray:
+    """In-memory ``(N, 3, H, W)`` uint8 images (STL-10's binaries) to ``(N, channels, size, size)``,
+    resized and cropped as :func:`decode_images` does to files (same PIL conversions and resampling)."""
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 or 3, not {channels}")
+    return _in_pool(len(pixels), lambda i: _fit_array(pixels[i], size, channels), size, channels, workers)
+
+
+def _in_pool(
+    n: int, one: Callable[[int], np.ndarray], size: int, channels: int, workers: int | None
+) -> np.ndarray:
+    out = np.empty((n, channels, size, size), dtype=np.uint8)
     workers = workers or default_workers()
 
     def fill(start: int, stop: int) -> None:
         for i in range(start, stop):
-            out[i] = _load(files[i], size, channels)
+            out[i] = one(i)
 
     # Chunks amortise the executor's per-task overhead; several per thread balance the load.
-    chunk = max(1, min(256, len(files) // (workers * 4) or 1))
-    bounds = [(s, min(s + chunk, len(files))) for s in range(0, len(files), chunk)]
+    chunk = max(1, min(256, n // (workers * 4) or 1))
+    bounds = [(s, min(s + chunk, n)) for s in range(0, n, chunk)]
     if workers == 1 or len(bounds) <= 1:
         for start, stop in bounds:
             fill(start, stop)

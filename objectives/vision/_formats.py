@@ -18,6 +18,7 @@ import numpy as np
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from hpo.errors import SpecError
+from objectives.vision import _celeba
 
 if TYPE_CHECKING:
     from objectives.vision.data import DataConfig
@@ -46,9 +47,13 @@ LAYOUTS = {
     "tiny_imagenet": "root/wnids.txt, root/train/<wnid>/images/*.JPEG, root/val/images/*.JPEG and "
     "root/val/val_annotations.txt (file<TAB>wnid<TAB>box)",
     "celeba": "root/img_align_celeba/*.jpg and root/list_attr_celeba.txt (count line, attribute names "
-    "line, then 'file 1 -1 ...'), optionally root/list_eval_partition.txt ('file 0|1|2')",
+    "line, then 'file 1 -1 ...'), optionally root/list_eval_partition.txt ('file 0|1|2'); or the archive's "
+    "own folders: root/Img/img_align_celeba/*.jpg (img_align_celeba.zip unzipped in Img/), "
+    "root/Anno/list_attr_celeba.txt and root/Eval/list_eval_partition.txt",
     "voc": "root/JPEGImages/<id>.jpg, root/Annotations/<id>.xml and root/ImageSets/Main/train.txt "
     "(optionally val.txt)",
+    "stl10": "root/stl10_binary/ (or root itself) with train_X.bin, train_y.bin, test_X.bin, test_y.bin "
+    "and class_names.txt, as stl10_binary.tar.gz unpacks",
     "caltech101": "root/101_ObjectCategories/<class>/<image>, optionally with the homework's split lists "
     "(e.g. root/train.txt and root/test.txt, one '<class>/<image file>' a line)",
 }
@@ -67,7 +72,8 @@ class Split:
 
     files: tuple[str, ...]
     targets: np.ndarray  # int64 (N,) multiclass, uint8 (N, K) 0/1 multilabel
-    pixels: np.ndarray | None = None  # (N, H, W) uint8 images held in memory (digits)
+    pixels: np.ndarray | None = None  # images held in memory: (N, H, W) digits, (N, 3, H, W) STL-10
+    ignore: np.ndarray | None = None  # bool (N, K): label k of image n is neither positive nor negative
 
     def __len__(self) -> int:
         return len(self.targets)
@@ -80,6 +86,7 @@ class Catalog:
     train: Split
     val: Split | None  # None: the dataset has no validation split; one is split off train
     test: Split | None = None  # a held-out test split (caltech101's test list), never searched on
+    unlabeled: Split | None = None  # images without labels (STL-10's unlabeled_X.bin), for pretext tasks
 
 
 class _Reader:
@@ -118,9 +125,10 @@ def read_catalog(config: DataConfig, root: Path, source: str) -> Catalog:
     readers = {
         "imagefolder": _imagefolder,
         "tiny_imagenet": _tiny_imagenet,
-        "celeba": _celeba,
+        "celeba": _celeba.read,
         "voc": _voc,
         "caltech101": _caltech101,
+        "stl10": _stl10,
     }
     return readers[config.format](reader)
 
@@ -323,100 +331,6 @@ def _tiny_imagenet(reader: _Reader) -> Catalog:
     return Catalog(classes, "multiclass", train, Split(tuple(val_files), np.asarray(val_targets, np.int64)))
 
 
-# --- CelebA ----------------------------------------------------------------------------------
-
-
-def _celeba(reader: _Reader) -> Catalog:
-    config, root = reader.config, reader.root
-    attr_file = root / "list_attr_celeba.txt"
-    lines = reader.text_lines(attr_file)
-    if len(lines) < 2 or not lines[0].strip().isdigit():
-        raise reader.fail(f"{attr_file}:1 must be the number of images")
-    names = lines[1].split()
-    expected = int(lines[0])
-    numbered = [(number, line) for number, line in enumerate(lines[2:], start=3) if line.strip()]
-    if len(numbered) != expected:
-        raise reader.fail(f"{attr_file} announces {expected} images on line 1 but lists {len(numbered)}")
-    values = _attribute_values([line for _, line in numbered], len(names))
-    if isinstance(values, int):
-        raise reader.fail(
-            f"{attr_file}:{numbered[values][0]} is not a file name followed by {len(names)} values 1/-1"
-        )
-    image_names = [line.split(maxsplit=1)[0] for _, line in numbered]
-
-    wanted = _chosen_attributes(reader, names)
-    columns = [names.index(a) for a in wanted]
-    positive = (values[:, columns] > 0).astype(np.uint8)
-    if config.target_attribute is not None:
-        targets: np.ndarray = positive[:, 0].astype(np.int64)
-        classes: tuple[str, ...] = (f"not_{config.target_attribute}", config.target_attribute)
-        task: Literal["multiclass", "multilabel"] = "multiclass"
-    else:
-        targets, classes, task = positive, tuple(wanted), "multilabel"
-
-    image_dir = reader.directory(root / "img_align_celeba")
-    prefix = f"{image_dir}{os.sep}"
-    files = np.asarray([prefix + name for name in image_names], dtype=object)
-    partition_file = root / "list_eval_partition.txt"
-    if not partition_file.exists():
-        return Catalog(classes, task, Split(tuple(files), targets), None)
-    partition: dict[str, str] = {}
-    for number, line in enumerate(reader.text_lines(partition_file), start=1):
-        if line.strip():
-            fields = line.split()
-            if len(fields) != 2 or fields[1] not in ("0", "1", "2"):
-                raise reader.fail(f"{partition_file}:{number} is not 'file 0|1|2'")
-            partition[fields[0]] = fields[1]
-    missing = [name for name in image_names if name not in partition]
-    if missing:
-        raise reader.fail(f"{partition_file} has no partition for {missing[0]} (and {len(missing) - 1} more)")
-    part = np.asarray([partition[name] for name in image_names])
-    train, val = part == "0", part == "1"  # "2" is CelebA's test split, kept out of the search
-    if not train.any() or not val.any():
-        raise reader.fail(f"{partition_file} must put images in both partition 0 (train) and 1 (val)")
-    return Catalog(
-        classes,
-        task,
-        Split(tuple(files[train]), targets[train]),
-        Split(tuple(files[val]), targets[val]),
-    )
-
-
-def _attribute_values(rows: list[str], n_attributes: int) -> np.ndarray | int:
-    """(N, K) int8 values of 'file v1 ... vK' rows, or the position of the first malformed row."""
-    # CelebA has 200k rows x 40 values: numpy's C parser reads them at once. Only when that fails
-    # are the rows parsed one by one, to name the line at fault.
-    try:
-        values = np.loadtxt(rows, dtype=np.int8, usecols=range(1, n_attributes + 1), ndmin=2)
-        # usecols ignores surplus columns, so the widths are checked here.
-        if np.isin(values, (-1, 0, 1)).all() and all(len(r.split()) == n_attributes + 1 for r in rows):
-            return values
-    except ValueError:
-        pass
-    parsed = np.empty((len(rows), n_attributes), dtype=np.int8)
-    for position, row in enumerate(rows):
-        tokens = row.split()
-        if len(tokens) != n_attributes + 1 or any(v not in ("1", "-1", "0") for v in tokens[1:]):
-            return position
-        parsed[position] = [int(v) for v in tokens[1:]]
-    return parsed
-
-
-def _chosen_attributes(reader: _Reader, names: list[str]) -> list[str]:
-    config = reader.config
-    field = "data.target_attribute" if config.target_attribute is not None else "data.attributes"
-    wanted = [config.target_attribute] if config.target_attribute is not None else config.attributes or names
-    unknown = [a for a in wanted if a not in names]
-    if unknown:
-        raise SpecError(
-            reader.source,
-            field,
-            f"{reader.root / 'list_attr_celeba.txt'} has no attribute {unknown[0]!r}",
-            f"use attributes from: {' '.join(names)}",
-        )
-    return list(wanted)
-
-
 # --- PASCAL VOC ------------------------------------------------------------------------------
 
 
@@ -437,7 +351,8 @@ def _voc_split(reader: _Reader, id_file: Path) -> Split:
     if not ids:
         raise reader.fail(f"{id_file} lists no image ids")
     index = {name: i for i, name in enumerate(VOC_CLASSES)}
-    targets = np.zeros((len(ids), len(VOC_CLASSES)), dtype=np.uint8)
+    present = np.zeros((len(ids), len(VOC_CLASSES)), dtype=bool)  # a non-difficult instance
+    difficult = np.zeros_like(present)  # a difficult instance
     for row, image_id in enumerate(ids):
         xml_file = root / "Annotations" / f"{image_id}.xml"
         try:
@@ -446,11 +361,80 @@ def _voc_split(reader: _Reader, id_file: Path) -> Split:
             raise reader.fail(f"{xml_file} does not exist (listed in {id_file})") from None
         except (ET.ParseError, OSError) as exc:
             raise reader.fail(f"{xml_file} is not a readable annotation ({exc})") from None
-        # Every object counts, "difficult" ones included: the image does show the class.
-        for name in tree.getroot().iterfind("object/name"):
-            label = (name.text or "").strip()
+        for obj in tree.getroot().iterfind("object"):
+            label = (obj.findtext("name") or "").strip()
             if label not in index:
                 raise reader.fail(f"{xml_file} has object {label!r}, not one of the 20 VOC classes")
-            targets[row, index[label]] = 1
+            flag = (obj.findtext("difficult") or "0").strip()
+            if flag not in ("0", "1"):
+                raise reader.fail(
+                    f"{xml_file} has object {label!r} marked <difficult>{flag}</difficult>, not 0/1"
+                )
+            (difficult if flag == "1" else present)[row, index[label]] = True
     files = tuple(str(root / "JPEGImages" / f"{image_id}.jpg") for image_id in ids)
-    return Split(files, targets)
+    # An image whose only instances of a class are difficult: what voc_difficult says it is.
+    only_difficult = difficult & ~present
+    rule = reader.config.voc_difficult
+    targets = (present | only_difficult) if rule == "positive" else present
+    ignore = only_difficult if rule == "ignore" else None
+    return Split(files, targets.astype(np.uint8), ignore=ignore)
+
+
+# --- STL-10 ----------------------------------------------------------------------------------
+
+STL10_SIDE = 96
+"""STL-10's images are 96x96 RGB."""
+
+
+def _stl10(reader: _Reader) -> Catalog:
+    """STL-10's binary files: train (5,000 labelled images) and test (8,000) as validation.
+
+    Each image is 3 x 96 x 96 bytes, every channel stored column by column (Fortran order, as the
+    dataset's MATLAB origins have it), so a channel is transposed to rows x columns here. Labels
+    are 1..10 on disk and 0..9 here, in class_names.txt's order. ``unlabeled_X.bin`` (100,000
+    images without labels) is read only with ``unlabeled: true``. The files are memory-mapped:
+    only the images a subset selects are read.
+    """
+    root = reader.root
+    folder = root / "stl10_binary" if (root / "stl10_binary").is_dir() else root
+    names_file = folder / "class_names.txt"
+    classes = tuple(line.strip() for line in reader.text_lines(names_file) if line.strip())
+    if not classes or len(set(classes)) != len(classes):
+        raise reader.fail(f"{names_file} must list distinct class names, one a line")
+    train = _stl10_split(reader, folder, "train", len(classes))
+    test = _stl10_split(reader, folder, "test", len(classes))
+    unlabeled = None
+    if reader.config.unlabeled:
+        x_file = folder / "unlabeled_X.bin"
+        if not x_file.is_file():
+            raise reader.fail(f"{x_file} " + ("is not a file" if x_file.exists() else "does not exist"))
+        pixels = _stl10_pixels(reader, x_file)
+        unlabeled = Split((), np.zeros(len(pixels), dtype=np.int64), pixels=pixels)
+    return Catalog(classes, "multiclass", train, test, unlabeled=unlabeled)
+
+
+def _stl10_pixels(reader: _Reader, x_file: Path) -> np.ndarray:
+    """(N, 3, 96, 96) view of a memory-mapped ``*_X.bin``: the bytes are read when images are selected."""
+    per_image = 3 * STL10_SIDE * STL10_SIDE
+    size = x_file.stat().st_size
+    if size == 0 or size % per_image:
+        raise reader.fail(f"{x_file} has {size} bytes, not a multiple of 3x96x96 = {per_image} (one image)")
+    raw = np.memmap(x_file, dtype=np.uint8, mode="r", shape=(size // per_image, 3, STL10_SIDE, STL10_SIDE))
+    return raw.transpose(0, 1, 3, 2)  # (N, C, W, H) on disk -> (N, C, H, W)
+
+
+def _stl10_split(reader: _Reader, folder: Path, name: str, n_classes: int) -> Split:
+    x_file, y_file = folder / f"{name}_X.bin", folder / f"{name}_y.bin"
+    for path in (x_file, y_file):
+        if not path.is_file():
+            raise reader.fail(f"{path} " + ("is not a file" if path.exists() else "does not exist"))
+    pixels = _stl10_pixels(reader, x_file)
+    labels = np.fromfile(y_file, dtype=np.uint8)
+    if len(pixels) != len(labels):
+        raise reader.fail(f"{x_file} holds {len(pixels)} images but {y_file} has {len(labels)} labels")
+    bad = np.flatnonzero((labels < 1) | (labels > n_classes))
+    if len(bad):
+        raise reader.fail(
+            f"{y_file} byte {bad[0]} is label {labels[bad[0]]}, not 1..{n_classes} (class_names.txt's lines)"
+        )
+    return Split((), (labels.astype(np.int64) - 1), pixels=pixels)

@@ -11,7 +11,8 @@ uint8 tensor, moved to the GPU when it fits, and kept in the worker's per-study 
 
 Formats and layouts (see ``docs/datasets.md``): ``imagefolder`` (15-Scene, STL-10 exported to
 folders), ``caltech101`` (its tree, optionally with the homework's split lists), ``tiny_imagenet``,
-``celeba``, ``voc`` and ``digits`` (scikit-learn's).
+``celeba``, ``voc``, ``stl10`` (its binary files) and ``digits`` (scikit-learn's). ``pretext`` turns any
+of them into a self-supervised task (report 002): see :mod:`objectives.vision._pretext`.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from collections.abc import MutableMapping
+from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -30,8 +31,8 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from hpo.errors import SpecError
-from objectives.vision import _split
-from objectives.vision._decode import DecodeError, decode_images
+from objectives.vision import _pretext, _split
+from objectives.vision._decode import DecodeError, decode_images, fit_arrays
 from objectives.vision._formats import (
     CALTECH_EXCLUDED,
     CELEBA_ATTRIBUTES,
@@ -64,6 +65,7 @@ DEFAULT_DIRS: dict[str, str] = {
     "celeba": "celeba",
     "voc": "VOCdevkit/VOC2012",
     "caltech101": "caltech101",
+    "stl10": "stl10_binary",
 }
 """Folder under ``$HPO_DATA_ROOT`` used when ``data.root`` is not given (the archives' own names)."""
 
@@ -82,7 +84,7 @@ class DataConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    format: Literal["imagefolder", "caltech101", "tiny_imagenet", "celeba", "voc", "digits"]
+    format: Literal["imagefolder", "caltech101", "tiny_imagenet", "celeba", "voc", "stl10", "digits"]
     root: str | None = None
     """Dataset folder: absolute, ``~/...``, or relative to ``$HPO_DATA_ROOT`` (else to the working
     directory). Left out: ``$HPO_DATA_ROOT/<DEFAULT_DIRS[format]>``; required for imagefolder."""
@@ -101,6 +103,25 @@ class DataConfig(BaseModel):
     """CelebA: the attribute columns that form the multilabel target (default: all 40)."""
     target_attribute: str | None = None
     """CelebA: one attribute as a 2-class multiclass target (``not_NAME``, ``NAME``)."""
+    inputs: Literal["images", "attributes"] = "images"
+    """CelebA: ``attributes`` loads the attribute table only and decodes no image (report 000's
+    attribute MLP, ``model: attribute_mlp``); the image tensors are then empty ``(N, 0, 0, 0)``
+    placeholders, ``ImageData.has_images`` is false, and the image folder need not exist."""
+    voc_difficult: Literal["ignore", "negative", "positive"] = "ignore"
+    """VOC: an image whose only instances of a class are marked ``difficult``. ``ignore`` (the VOC
+    devkit's rule; report 001 does not state one): neither positive nor negative, flagged in
+    ``ImageData.*_ignore`` for the loss and the mAP to leave out; ``negative``: a negative (what
+    ``ImageSets/Main/<class>_<split>.txt``'s label 0 read as "not 1" gives); ``positive``: a positive."""
+    pretext: Literal["none", "rotation", "perturbation"] = "none"
+    """Report 002's self-supervised pretext tasks, which replace the dataset's labels: ``rotation``
+    shows every image at 0/90/180/270 degrees (4 classes, the rotation index); ``perturbation``
+    pastes one solid black or white square at a random place in every image (2 classes, its colour).
+    See ``docs/datasets.md``."""
+    unlabeled: bool = False
+    """stl10 with a ``pretext`` task: add ``unlabeled_X.bin``'s 100,000 images (a ``subset`` share of
+    them) to the pretext task's training split; they have no class labels, so nothing else can use them."""
+    perturbation_size: float = Field(default=0.25, gt=0.0, le=1.0)
+    """pretext perturbation: the square's side as a share of ``image_size`` (the report gives none)."""
     train_split: str = "train"
     """imagefolder: the training folder's name (used when ``root/<train_split>/`` exists).
     voc: the ``ImageSets/Main/<train_split>.txt`` id list."""
@@ -121,7 +142,7 @@ class DataConfig(BaseModel):
 
     @model_validator(mode="after")
     def _options_fit_format(self) -> DataConfig:
-        celeba_only = {"attributes", "target_attribute"} & self.model_fields_set
+        celeba_only = {"attributes", "target_attribute", "inputs"} & self.model_fields_set
         if self.format != "celeba" and celeba_only:
             raise ValueError(f"{sorted(celeba_only)[0]} applies only to format celeba")
         split_names = {"train_split", "val_split"} & self.model_fields_set
@@ -147,6 +168,22 @@ class DataConfig(BaseModel):
             )
         if self.resize is not None and self.format == "digits":
             raise ValueError("resize does not apply to format digits (8x8 images are upscaled)")
+        if self.format != "voc" and "voc_difficult" in self.model_fields_set:
+            raise ValueError("voc_difficult applies only to format voc")
+        if self.unlabeled and (self.format != "stl10" or self.pretext == "none"):
+            raise ValueError(
+                "unlabeled applies only to format stl10 with a pretext task (its images have no class labels)"
+            )
+        if self.pretext != "perturbation" and "perturbation_size" in self.model_fields_set:
+            raise ValueError("perturbation_size applies only to pretext: perturbation")
+        if self.inputs == "attributes":
+            pixel_options = {"image_size", "resize", "channels"} & self.model_fields_set
+            if pixel_options:
+                raise ValueError(
+                    f"{sorted(pixel_options)[0]} does not apply with inputs: attributes (no image is decoded)"
+                )
+            if self.pretext != "none":
+                raise ValueError("pretext needs images; it does not apply with inputs: attributes")
         return self
 
 
@@ -168,17 +205,30 @@ class ImageData:
     task: Literal["multiclass", "multilabel"]
     test_images: torch.Tensor | None = None  # the held-out test split (caltech101's test_list)
     test_targets: torch.Tensor | None = None
+    # voc_difficult: ignore: bool (N, K), True where label k of image n counts neither as positive
+    # nor as negative (its target there is 0); None when every target counts.
+    train_ignore: torch.Tensor | None = None
+    val_ignore: torch.Tensor | None = None
+    test_ignore: torch.Tensor | None = None
+    has_images: bool = True  # False with inputs: attributes (image tensors are empty placeholders)
 
     def to(self, device: str | torch.device) -> ImageData:
         """The same data with every tensor on ``device`` (no copy for tensors already there)."""
+
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device)
+
         return dataclasses.replace(
             self,
             train_images=self.train_images.to(device),
             train_targets=self.train_targets.to(device),
             val_images=self.val_images.to(device),
             val_targets=self.val_targets.to(device),
-            test_images=None if self.test_images is None else self.test_images.to(device),
-            test_targets=None if self.test_targets is None else self.test_targets.to(device),
+            test_images=move(self.test_images),
+            test_targets=move(self.test_targets),
+            train_ignore=move(self.train_ignore),
+            val_ignore=move(self.val_ignore),
+            test_ignore=move(self.test_ignore),
         )
 
     @property
@@ -256,11 +306,13 @@ def load_image_data(
     train_idx = train_idx[_split.sample(train_split.targets[train_idx], config.subset, _stream(seed, 1))]
     val_idx = val_idx[_split.sample(val_split.targets[val_idx], config.subset, _stream(seed, 2))]
 
-    test_images = test_targets = None
+    test_images = test_targets = test_ignore = None
+    test_idx = np.arange(0)
     if test and catalog.test is not None:
         test_idx = _split.sample(catalog.test.targets, config.subset, _stream(seed, 3))
         test_images = _images(catalog.test, test_idx, config, workers, source)
         test_targets = _targets(catalog.test.targets[test_idx], catalog.task)
+        test_ignore = _ignore(catalog.test, test_idx)
 
     data = ImageData(
         train_images=_images(train_split, train_idx, config, workers, source),
@@ -271,7 +323,33 @@ def load_image_data(
         task=catalog.task,
         test_images=test_images,
         test_targets=test_targets,
+        train_ignore=_ignore(train_split, train_idx),
+        val_ignore=_ignore(val_split, val_idx),
+        test_ignore=test_ignore,
+        has_images=config.inputs == "images",
     )
+    extra: list[tuple[torch.Tensor, _pretext.Draw]] = []
+    if catalog.unlabeled is not None:  # stl10, unlabeled: true (pretext tasks only)
+        pool = catalog.unlabeled
+        unlabeled_idx = _split.sample(pool.targets, config.subset, _stream(seed, 7))
+        images = _images(pool, unlabeled_idx, config, workers, source)
+        extra.append((images, (_stream(seed, 8), len(pool), unlabeled_idx)))
+    if config.pretext != "none":
+        # Per-image draws are indexed by the image's position in its split on disk, so an image
+        # gets the same square whatever subset or validation split it ends up in.
+        # Validation split off train draws from train's stream: same image, same square.
+        val_purpose = 4 if val_split is catalog.train else 5
+        data = _pretext.apply(
+            data,
+            config.pretext,
+            (
+                (_stream(seed, 4), len(train_split), train_idx),
+                (_stream(seed, val_purpose), len(val_split), val_idx),
+                (_stream(seed, 6), len(catalog.test) if catalog.test is not None else 0, test_idx),
+            ),
+            config.perturbation_size,
+            extra_train=extra,
+        )
     data = _place(data, device)
     if cache is not None:
         cache[key] = data
@@ -280,7 +358,8 @@ def load_image_data(
 
 def _stream(seed: int, purpose: int) -> np.random.Generator:
     """An independent random stream per purpose (0: val split, 1: train subset, 2: val subset,
-    3: test subset)."""
+    3: test subset; 4, 5, 6: pretext draws for the train, val and test split on disk; 7: unlabeled
+    subset; 8: its pretext draws)."""
     return np.random.default_rng([seed % 2**63, purpose])
 
 
@@ -294,11 +373,26 @@ def _pools(
     return (catalog.train, train_idx), (catalog.train, val_idx)
 
 
+def _ignore(split: Split, indices: np.ndarray) -> torch.Tensor | None:
+    return None if split.ignore is None else torch.from_numpy(np.ascontiguousarray(split.ignore[indices]))
+
+
 def _images(
     split: Split, indices: np.ndarray, config: DataConfig, workers: int | None, source: str
 ) -> torch.Tensor:
-    if split.pixels is not None:
+    if config.inputs == "attributes":
+        return torch.empty((len(indices), 0, 0, 0), dtype=torch.uint8)
+    if split.pixels is not None and split.pixels.ndim == 3:  # digits: 8x8 grey
         return _upscale(split.pixels[indices], config.image_size, config.channels)
+    if split.pixels is not None:  # STL-10: (N, 3, 96, 96) in memory
+        chosen = split.pixels[indices]  # reads only the selected images of the memory-mapped file
+
+        def fit(start: int, stop: int, size: int) -> np.ndarray:
+            return fit_arrays(chosen[start:stop], size, workers, config.channels)
+
+        return torch.from_numpy(
+            _resize_crop(fit, len(indices), config.resize, config.image_size, config.channels)
+        )
     files = [split.files[i] for i in indices]
     missing = next((f for f in files if not os.path.isfile(f)), None)
     if missing is not None:  # fail before spending minutes decoding the rest
@@ -308,11 +402,13 @@ def _images(
             f"image {missing} is listed by the dataset but does not exist",
             _layout(config),
         )
+
+    def decode(start: int, stop: int, size: int) -> np.ndarray:
+        return decode_images(files[start:stop], size, workers, config.channels)
+
     try:
-        if config.resize is None or config.resize == config.image_size:
-            return torch.from_numpy(decode_images(files, config.image_size, workers, config.channels))
         return torch.from_numpy(
-            _resize_crop(files, config.resize, config.image_size, config.channels, workers)
+            _resize_crop(decode, len(files), config.resize, config.image_size, config.channels)
         )
     except DecodeError as exc:
         raise SpecError(
@@ -320,18 +416,24 @@ def _images(
         ) from None
 
 
-def _resize_crop(files: list[str], resize: int, size: int, channels: int, workers: int | None) -> np.ndarray:
+def _resize_crop(
+    decode: Callable[[int, int, int], np.ndarray], n: int, resize: int | None, size: int, channels: int
+) -> np.ndarray:
     """Shorter side to ``resize``, then the centre ``image_size`` square (torchvision's
     ``Resize(resize)`` + ``CenterCrop(image_size)``, whose offset is ``round((resize - size) / 2)``).
+    ``decode(start, stop, side)``: images ``start:stop`` at ``side x side``; ``resize`` None: straight
+    to ``size``.
 
     The decoder already center-crops the longer side to a ``resize`` square; cropping its centre
     again takes the same central region. Decoded chunk by chunk, so only one chunk at the larger
     size is held at a time.
     """
+    if resize is None or resize == size:
+        return decode(0, n, size)
     top = round((resize - size) / 2.0)
-    out = np.empty((len(files), channels, size, size), dtype=np.uint8)
-    for start in range(0, len(files), _CROP_CHUNK):
-        chunk = decode_images(files[start : start + _CROP_CHUNK], resize, workers, channels)
+    out = np.empty((n, channels, size, size), dtype=np.uint8)
+    for start in range(0, n, _CROP_CHUNK):
+        chunk = decode(start, min(start + _CROP_CHUNK, n), resize)
         out[start : start + len(chunk)] = chunk[:, :, top : top + size, top : top + size]
     return out
 

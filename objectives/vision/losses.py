@@ -53,7 +53,10 @@ class CenterLoss(nn.Module):
     @torch.no_grad()
     def _class_sums(self, features: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         sums = torch.zeros_like(self.centers).index_add_(0, targets, features.detach().float())
-        counts = torch.bincount(targets, minlength=len(self.centers)).to(sums.dtype)
+        # index_add_, not bincount: bincount syncs with the host on CUDA and is not deterministic.
+        counts = torch.zeros(len(self.centers), dtype=sums.dtype, device=sums.device).index_add_(
+            0, targets, torch.ones_like(targets, dtype=sums.dtype)
+        )
         return sums, counts
 
     @torch.no_grad()
@@ -136,9 +139,12 @@ class Criterion:
         features: torch.Tensor,
         targets: torch.Tensor,
         centers: CenterLoss | None,
+        ignore: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """The batch's training loss; with ``center`` this also moves the centres (training mode)."""
-        loss = self.eval_loss(logits, targets)
+        """The batch's training loss; with ``center`` this also moves the centres (training mode).
+
+        ``ignore``: see :meth:`eval_loss`."""
+        loss = self.eval_loss(logits, targets, ignore=ignore)
         if self.name == "center":
             if centers is None:
                 raise ValueError("center loss needs a model built with center_loss=True")
@@ -147,10 +153,29 @@ class Criterion:
             loss = loss + batch_hard_triplet_loss(features, targets, self.triplet_margin)
         return loss
 
-    def eval_loss(self, logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-        """The classification term: cross-entropy, or BCE with logits averaged over labels."""
-        if self.multilabel:
-            loss = F.binary_cross_entropy_with_logits(logits.float(), targets, reduction="none").mean(dim=1)
-        else:
+    def eval_loss(
+        self,
+        logits: torch.Tensor,
+        targets: torch.Tensor,
+        reduction: str = "mean",
+        ignore: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The classification term: cross-entropy, or BCE with logits averaged over labels.
+
+        ``ignore`` (BCE only; bool, the shape of ``targets``: VOC's ``difficult`` labels): the BCE is
+        the mean over the (sample, label) pairs not flagged, which neither push a logit up nor down
+        (no gradient). ``reduction="sum"`` is that mean times the number of samples, so that a sum
+        over samples divided by their number is the mean in either case (no host sync)."""
+        if not self.multilabel:
+            if ignore is not None:
+                raise ValueError("ignore flags apply to multi-label targets (loss: bce) only")
             loss = F.cross_entropy(logits.float(), targets, reduction="none")
-        return loss.sum() if reduction == "sum" else loss.mean()
+            return loss.sum() if reduction == "sum" else loss.mean()
+        entries = F.binary_cross_entropy_with_logits(logits.float(), targets, reduction="none")
+        if ignore is None:
+            loss = entries.mean(dim=1)
+            return loss.sum() if reduction == "sum" else loss.mean()
+        kept = ~ignore
+        # where, not a product: an ignored pair contributes an exact 0 and no gradient.
+        mean = torch.where(kept, entries, torch.zeros_like(entries)).sum() / kept.sum().clamp(min=1)
+        return mean * len(targets) if reduction == "sum" else mean

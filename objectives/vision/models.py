@@ -26,9 +26,14 @@ layers stays on and frozen batch-norm layers keep adapting their running statist
 input width) by a one-channel one: with ImageNet weights its kernel is the sum of the three colour
 kernels (a grey image repeated in three channels gives the same response); with random weights, the
 first channel's slice of the model's own initialisation. ResNet-18's ``conv1`` then has
-64 x 1 x 7 x 7 = 3,136 parameters, as in the report. Pretrained weights are read from the local torch
-cache only; :func:`pretrained_weights_file` names the file and :class:`HpoError` says where to put
-it when it is missing.
+64 x 1 x 7 x 7 = 3,136 parameters, as in the report.
+
+``encoder_checkpoint`` initialises the backbone from a model that ``hpo retrain`` saved instead of
+ImageNet's weights: report 000's combined model builds on its own fine-tuned ResNet-18, report 002's
+scene classifier on its rotation or perturbation pretext model; ``artifact:STUDY`` names the model
+``hpo retrain STUDY`` stored in the artifact store (any worker that sees the artifact folder finds
+it). Pretrained weights are read from the local torch cache only; :func:`pretrained_weights_file`
+names the file and :class:`HpoError` says where to put it when it is missing.
 """
 
 from __future__ import annotations
@@ -86,7 +91,9 @@ class ModelOptions:
     mlp_width: int = 256
     mlp_layers: int = 11
     in_features: int | None = None  # mlp / attribute_mlp: length of the (flattened) input
-    encoder_checkpoint: str | None = None  # resnet18_mlp: a saved image_classifier ResNet-18
+    # resnet18_mlp: its encoder; torchvision models: their initial backbone weights. A saved
+    # image_classifier of that model: a path, or artifact:STUDY (see encoder_file).
+    encoder_checkpoint: str | None = None
     center_loss: bool = False  # add class centres (report 003's center loss)
     center_alpha: float = 0.5  # the centres' own update rate (Wen et al.)
     in_channels: int = 3  # 1: greyscale input (report 003)
@@ -202,15 +209,35 @@ def _require_weights(name: str) -> None:
 
 def check_pretrained_weights(name: str, pretrained: bool, encoder_checkpoint: str | None = None) -> None:
     """Raise :func:`build_model`'s missing-weights :class:`HpoError` now: the objective calls this
-    before decoding the dataset, which can take minutes, so a missing file is reported at once."""
+    before decoding the dataset, which can take minutes, so a missing file (ImageNet weights, or
+    the ``encoder_checkpoint`` file or ``artifact:STUDY`` model) is reported at once."""
+    if encoder_checkpoint:  # its own weights, not ImageNet's
+        encoder_file(encoder_checkpoint)
+        return
     if not pretrained:
         return
     if name == "resnet18_mlp":
-        if encoder_checkpoint:  # its own encoder, not ImageNet's weights
-            return
         name = "resnet18"
     if name in _WEIGHTS:
         _require_weights(name)
+
+
+def encoder_file(reference: str) -> Path:
+    """The local file ``encoder_checkpoint`` names: ``artifact:STUDY`` (``#topR``) is the model that
+    ``hpo retrain STUDY`` stored in the artifact store (:func:`hpo.artifacts.resolve_model_reference`,
+    found by any worker that sees the artifact folder); anything else is a path (a relative one was
+    made absolute against the study file's folder when the study file was loaded)."""
+    from hpo.artifacts import ARTIFACT_PREFIX, resolve_model_reference
+
+    if reference.startswith(ARTIFACT_PREFIX):
+        return resolve_model_reference(reference)
+    file = Path(reference)
+    if not file.is_file():
+        raise HpoError(
+            f"encoder_checkpoint {reference} does not exist (fix: artifact:STUDY for the model that "
+            "`hpo retrain STUDY` stored, or the path of a model.pt it wrote, or remove the setting)"
+        )
+    return file
 
 
 def _torchvision_model(name: str, pretrained: bool) -> nn.Module:
@@ -274,22 +301,24 @@ def _split_torchvision(name: str, net: nn.Module) -> tuple[int, nn.Module, nn.Mo
     return linear.in_features, net, None
 
 
-def _load_encoder(path: str, in_channels: int) -> tuple[nn.Module, int]:
-    """A ResNet-18 image classifier saved by ``hpo retrain`` (report 000's encoder), its outputs."""
-    file = Path(path)
-    if not file.is_file():
-        raise HpoError(
-            f"encoder_checkpoint {path} does not exist (fix: point it at the model.pt that "
-            "`hpo retrain` wrote for a resnet18 image_classifier study, or remove it)"
-        )
+def _saved_classifier(reference: str, model: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(state dict, resolved config) of an image_classifier ``model`` saved by ``hpo retrain``."""
+    file = encoder_file(reference)
     saved = torch.load(file, map_location="cpu", weights_only=True)
     config = saved.get("config", {}) if isinstance(saved, dict) else {}
-    if config.get("model") != "resnet18" or "model" not in saved:
+    if not isinstance(saved, dict) or config.get("model") != model or "model" not in saved:
+        found = config.get("model") if isinstance(config, dict) else None
         raise HpoError(
-            f"encoder_checkpoint {path} is not a saved resnet18 image_classifier "
-            "(fix: use the model.pt written by `hpo retrain` for a study with model: resnet18)"
+            f"encoder_checkpoint {reference} ({file}) is not a saved {model} image_classifier"
+            f"{f' (it is a {found})' if found else ''} "
+            f"(fix: use the model that `hpo retrain` stored for a study with model: {model})"
         )
-    state = saved["model"]
+    return saved["model"], config
+
+
+def _load_encoder(path: str, in_channels: int) -> tuple[nn.Module, int]:
+    """A ResNet-18 image classifier saved by ``hpo retrain`` (report 000's encoder), its outputs."""
+    state, config = _saved_classifier(path, "resnet18")
     outputs = int(state["head.1.weight"].shape[0])
     dropout = float(config.get("dropout", 0.0))
     saved_channels = int(state["backbone.conv1.weight"].shape[1])
@@ -303,6 +332,22 @@ def _load_encoder(path: str, in_channels: int) -> tuple[nn.Module, int]:
     )
     encoder.load_state_dict({k: v for k, v in state.items() if not k.startswith("center_loss.")})
     return encoder, outputs
+
+
+def _init_backbone(net: nn.Module, name: str, reference: str) -> None:
+    """Load ``net``'s weights (last layer removed) from the backbone of a saved ``name`` classifier:
+    report 002's scene classifier starts from its pretext model (rotation: 4 classes, perturbation:
+    2), whose own head is dropped; the new head is initialised as usual."""
+    state, _ = _saved_classifier(reference, name)
+    backbone = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
+    try:
+        net.load_state_dict(backbone)
+    except RuntimeError as exc:  # e.g. saved for greyscale input, used with colour
+        first = str(exc).splitlines()[0]
+        raise HpoError(
+            f"encoder_checkpoint {reference} does not fit this {name}: {first} "
+            "(fix: use the same data.channels as the study that trained it)"
+        ) from None
 
 
 def build_model(options: ModelOptions) -> ImageClassifier:
@@ -346,9 +391,12 @@ def build_model(options: ModelOptions) -> ImageClassifier:
             frozen_mode=options.frozen_mode,
         )
     else:
-        net = _torchvision_model(name, options.pretrained)
+        from_checkpoint = bool(options.encoder_checkpoint)
+        net = _torchvision_model(name, options.pretrained and not from_checkpoint)
         _adapt_input_channels(net, options.in_channels, options.pretrained)
         dim, conv, hidden_fc = _split_torchvision(name, net)
+        if options.encoder_checkpoint:
+            _init_backbone(net, name, options.encoder_checkpoint)
         frozen_parts: tuple[nn.Module, ...] = ()
         if transfer == "features":
             frozen_parts = (conv,)
