@@ -37,8 +37,8 @@ member resumed from its checkpoint joins the group at its next epoch (members at
 cannot share batches, so the group starts at the earliest and members join as it reaches them).
 A ``BaseException`` (a killed worker) ends the whole group, as it ends an unfused trial.
 
-Claiming K trials (the next step, ``hpo worker --fuse K``; not implemented here)
------------------------------------------------------------------------------------
+Claiming K trials (``hpo worker --fuse K``: :mod:`hpo._fused_worker`)
+----------------------------------------------------------------------
 * The worker claims trials one at a time exactly as today (``study.ask()`` or a queued trial);
   each claimed trial is an ordinary Optuna trial with its own lease and heartbeat, renewed by the
   worker for every member while the group trains, and told its own state (COMPLETE, PRUNED,
@@ -374,25 +374,36 @@ TrainEpoch = Callable[[Stack, int], list[float]]
 Evaluate = Callable[[Stack], list[dict[str, float]]]
 
 
-def train_group(members: Sequence[Member], train_epoch: TrainEpoch, evaluate: Evaluate) -> None:
+OnLeave = Callable[[Member], None]
+
+
+def train_group(
+    members: Sequence[Member], train_epoch: TrainEpoch, evaluate: Evaluate, on_leave: OnLeave | None = None
+) -> None:
     """Train the members together, each reporting, checkpointing and leaving as it would alone.
 
     ``train_epoch(stack, epoch)`` trains one epoch of the stacked members (seeding the epoch as
     the unfused loop does) and returns each member's training loss; ``evaluate(stack)`` returns
-    each member's validation metrics. Each member ends with ``value`` or ``error`` set.
+    each member's validation metrics. Each member ends with ``value`` or ``error`` set, and
+    ``on_leave(member)`` is called the moment it does (the worker tells that trial's result
+    then, not when the group ends).
     """
+    leave = on_leave if on_leave is not None else (lambda member: None)
     for member in members:
         if member.next_epoch > member.run.max_epochs:  # its checkpoint already holds every epoch
             member.finish()
+            leave(member)
     epoch = min((m.next_epoch for m in members if not m.done), default=0)
     while any(not m.done for m in members):
         active = [m for m in members if not m.done and m.next_epoch == epoch]
         if active:
-            _train_epoch(active, epoch, train_epoch, evaluate)
+            _train_epoch(active, epoch, train_epoch, evaluate, leave)
         epoch += 1
 
 
-def _train_epoch(active: list[Member], epoch: int, train_epoch: TrainEpoch, evaluate: Evaluate) -> None:
+def _train_epoch(
+    active: list[Member], epoch: int, train_epoch: TrainEpoch, evaluate: Evaluate, leave: OnLeave
+) -> None:
     stack = Stack([m.model for m in active], [m.optimizer for m in active])
     train_losses = train_epoch(stack, epoch)
     stack.write_back()
@@ -411,6 +422,7 @@ def _train_epoch(active: list[Member], epoch: int, train_epoch: TrainEpoch, eval
             stop = member.run.report(epoch, metrics)
         except Exception as exc:  # pruned or a bad metric: this member leaves, the others go on
             member.done, member.error = True, exc
+            leave(member)
             continue
         save_checkpoint(
             member.run.checkpoint_dir,
@@ -424,6 +436,7 @@ def _train_epoch(active: list[Member], epoch: int, train_epoch: TrainEpoch, eval
         member.next_epoch = epoch + 1
         if stop or epoch >= member.run.max_epochs:
             member.finish()
+            leave(member)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, NoReturn
 
 # Only light modules at the top: `hpo --help` and `hpo COMMAND --help` must not import Optuna,
 # SQLAlchemy or pydantic. Each command imports what it runs in its own function.
+from hpo._commands import add_retry_arguments
 from hpo._objective_path import add_objective_path_argument, objective_path
 from hpo._objective_path import cli_args as objective_path_args
 from hpo._storage_url import add_storage_argument, resolve_storage_url
@@ -49,29 +50,35 @@ def cmd_create_study(args: argparse.Namespace) -> int:
     return 0
 
 
-def _worker_study(
-    args: argparse.Namespace, storage: optuna.storages.BaseStorage, search_path: Sequence[str] = ()
-) -> tuple[optuna.Study, StudySpec, list[str]]:
-    """The study, its definition, and the objectives trusted because a study file named them
-    (looked for in ``search_path`` too, see :mod:`hpo._objective_path`)."""
+def _worker_file(args: argparse.Namespace, search_path: Sequence[str] = ()) -> StudySpec | None:
+    """The study file given as STUDY_FILE or --spec, validated before any storage is opened, so a
+    bad file never leaves an empty database behind (objectives looked for in ``search_path`` too,
+    see :mod:`hpo._objective_path`)."""
     from hpo.spec import load_study_file
-    from hpo.studies import adopt_study, complete_queue, create_study, load_study_spec
 
     if args.study_file and args.spec:
         raise HpoError("give the study file either as STUDY_FILE or as --spec, not both")
-    if args.study_file:
-        spec = load_study_file(args.study_file, search_path)
-        create_study(storage, spec, args.study_name, skip_if_exists=True)
-        study, stored = load_study_spec(storage, args.study_name or spec.name)
-        return study, stored, [spec.objective]
-    if not args.study_name:
+    if not args.study_file and not args.study_name:
         raise HpoError(
             "hpo worker needs a STUDY_FILE or --study-name NAME "
             "(fix: e.g. hpo worker studies/digits_quickstart.yaml)"
         )
+    path = args.study_file or args.spec
+    return load_study_file(path, search_path) if path else None
+
+
+def _worker_study(
+    args: argparse.Namespace, storage: optuna.storages.BaseStorage, spec: StudySpec | None
+) -> tuple[optuna.Study, StudySpec, list[str]]:
+    """The study, its definition, and the objectives trusted because a study file named them."""
+    from hpo.studies import adopt_study, complete_queue, create_study, load_study_spec
+
+    if args.study_file and spec is not None:
+        create_study(storage, spec, args.study_name, skip_if_exists=True)
+        study, stored = load_study_spec(storage, args.study_name or spec.name)
+        return study, stored, [spec.objective]
     trusted = []
-    if args.spec:
-        spec = load_study_file(args.spec, search_path)
+    if spec is not None:
         adopt_study(storage, args.study_name, spec)
         trusted.append(spec.objective)
     study, stored = load_study_spec(storage, args.study_name)
@@ -147,15 +154,23 @@ def cmd_worker(args: argparse.Namespace) -> int:
         )
     if args.threads is not None and args.threads < 1:
         raise HpoError(f"--threads must be at least 1, got {args.threads}")
+    fuse_arg = str(args.fuse) if args.fuse is not None else None
+    if fuse_arg is not None and fuse_arg != "auto" and not (fuse_arg.isdigit() and int(fuse_arg) >= 2):
+        raise HpoError(
+            f"--fuse must be a number of trials >= 2 or auto, got {fuse_arg!r} (fix: e.g. --fuse 8)"
+        )
+    if fuse_arg is not None and args.backend == "ray":
+        raise HpoError("--fuse runs with the workers backend only (fix: drop --backend ray or --fuse)")
+    # Folders of the user's side only (the study file's, the current one, --objective-path);
+    # the stored definition never names a folder (hpo._objective_path).
+    search_path = objective_path(args.study_file or args.spec, args.objective_path)
+    from_file = _worker_file(args, search_path)
     storage = RetryingStorage(
         cached_storage(open_storage(url, heartbeat)),
         patience=args.storage_patience,
         describe=redact(url),
     )
-    # Folders of the user's side only (the study file's, the current one, --objective-path);
-    # the stored definition never names a folder (hpo._objective_path).
-    search_path = objective_path(args.study_file or args.spec, args.objective_path)
-    study, spec, trusted = _worker_study(args, storage, search_path)
+    study, spec, trusted = _worker_study(args, storage, from_file)
     policy = ObjectivePolicy.from_sources(cli_patterns=args.allow_objective, trusted=trusted)
     source = f"stored definition of study {study.study_name!r}"
     target = policy.check(spec.objective, source)
@@ -179,18 +194,26 @@ def cmd_worker(args: argparse.Namespace) -> int:
         if database is not None:
             check_sqlite_limit(database, len(slots))
         print(f"starting {len(slots)} worker processes: {', '.join(s.label for s in slots)}")
-        return run_children(slots, _child_args(args, study.study_name, policy, search_path), url)
+        fuse_child = ["--fuse", fuse_arg] if fuse_arg is not None else []
+        return run_children(slots, _child_args(args, study.study_name, policy, search_path) + fuse_child, url)
     slot = slots[0]
+    device = "cpu" if slot.gpu is None else f"cuda:{slot.gpu}"
+    if fuse_arg == "auto":
+        from hpo._fused_worker import auto_fuse
+
+        fuse_arg = str(auto_fuse(device))
+        print(f"--fuse auto: up to {fuse_arg} trials per fused group")
     options = WorkerOptions(
         n_trials=args.n_trials,
         timeout=args.timeout,
-        device="cpu" if slot.gpu is None else f"cuda:{slot.gpu}",
+        device=device,
         label=args.slot_label or "",
         max_consecutive_failures=args.max_consecutive_failures,
         checkpoint_root=Path(args.checkpoint_dir),
         show_progress=not args.no_progress,
         threads=args.threads,
         max_retry=args.max_retry,
+        fuse=1 if fuse_arg is None else int(fuse_arg),
     )
     with contextlib.ExitStack() as stack:
         if database is not None:
@@ -211,10 +234,15 @@ def cmd_status(args: argparse.Namespace) -> int:
     from hpo.storage import open_storage
     from hpo.studies import load_study_spec
 
+    if args.trial is not None and not args.study_name:
+        raise HpoError("--trial K needs a study name (fix: hpo status STUDY_NAME --trial K)")
     storage = open_storage(resolve_storage_url(args.storage), read_only=True)
     if args.study_name:
         study, spec = load_study_spec(storage, args.study_name)
-        inspect_.print_status(study, spec.n_trials)
+        if args.trial is not None:
+            inspect_.print_trial(study, args.trial)
+        else:
+            inspect_.print_status(study, spec.n_trials)
     else:
         inspect_.print_studies(storage)
     return 0
@@ -322,15 +350,7 @@ def build_parser(command: str | None = None, *, lazy: bool = False) -> _Parser:
     p.add_argument(
         "--heartbeat-interval", type=int, default=10, help="seconds between heartbeats (default 10)"
     )
-    p.add_argument(
-        "--grace-period",
-        type=int,
-        default=30,
-        help="seconds without heartbeat before a trial is failed and retried (default 30)",
-    )
-    p.add_argument(
-        "--max-retry", type=int, default=3, help="retries of a trial whose worker died (default 3)"
-    )
+    add_retry_arguments(p)
     p.add_argument(
         "--max-consecutive-failures",
         type=int,
@@ -373,6 +393,13 @@ def build_parser(command: str | None = None, *, lazy: bool = False) -> _Parser:
         default=None,
         help="PyTorch/OpenMP threads of each trainer (default: the cores available / the worker slots)",
     )
+    p.add_argument(
+        "--fuse",
+        default=None,
+        metavar="K",
+        help="train up to K queued trials that differ only in optimizer/schedule settings as one "
+        "batched model (K >= 2, or auto: from free memory); see docs/fused-trials.md",
+    )
     add_objective_path_argument(p)
     p.add_argument("--slot-label", default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_worker)
@@ -380,6 +407,13 @@ def build_parser(command: str | None = None, *, lazy: bool = False) -> _Parser:
     p = sub.add_parser("status", help="trials by state, best so far, running trials and their workers")
     p.add_argument("study_name", nargs="?", default=None, help="a study (default: list all studies)")
     add_storage_argument(p)
+    p.add_argument(
+        "--trial",
+        type=int,
+        default=None,
+        metavar="K",
+        help="show trial number K in full: parameters, values, metrics, a failure's reason and traceback",
+    )
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("best", help="the best trial's value and parameters")
@@ -395,7 +429,8 @@ def build_parser(command: str | None = None, *, lazy: bool = False) -> _Parser:
         "--format",
         choices=["csv", "csv-long", "json"],
         default="csv",
-        help="csv: one row per trial, each metric's curve as a JSON list in curve_METRIC; "
+        help="csv: one row per trial (a failed trial's traceback in its traceback column), each "
+        "metric's curve as a JSON list in curve_METRIC; "
         "csv-long: one row per trial and epoch, one column per metric (for pandas); json: everything",
     )
     p.add_argument("--output", "-o", default=None, help="file to write (default: standard output)")
@@ -412,16 +447,18 @@ def build_parser(command: str | None = None, *, lazy: bool = False) -> _Parser:
 
 # Modules that contribute sub-commands, each with ``register(subparsers) -> None``, and the one-line
 # help of each command they add, as `hpo --help` lists it without importing them (a test checks
-# these lines match what the modules register).
+# these lines match what the modules register). The modules are import-light (hpo._commands,
+# hpo.compare._args): they import the code that runs a command only when it runs, so that
+# `hpo COMMAND --help` is as quick as `optuna --help` for every command.
 COMMAND_MODULES: Mapping[str, Mapping[str, str]] = {
-    "hpo.dashboard": {
+    "hpo._commands.dashboard": {
         "dashboard": "watch studies live in optuna-dashboard (trials, every metric's curves, "
         "study definitions)",
     },
-    "hpo.serve_storage": {
+    "hpo._commands.serve_storage": {
         "serve-storage": "serve the study database to many workers through Optuna's gRPC storage proxy",
     },
-    "hpo.retrain": {
+    "hpo._commands.retrain": {
         "retrain": "train the best configuration(s) of a study for longer, record full curves, "
         "save the models",
     },
@@ -430,7 +467,7 @@ COMMAND_MODULES: Mapping[str, Mapping[str, str]] = {
         "report": "write the report of a comparison (HTML, PNG, Markdown)",
         "tabulate": "train a grid once with full learning curves into a replay table",
     },
-    "hpo.lifecycle": {
+    "hpo._commands.lifecycle": {
         "extend": "queue N more trials of a study (its stored n_trials grows by N)",
         "enqueue": "run known configurations next (they take the oldest empty queued slots)",
         "delete-study": "delete a study, its checkpoints and its artifacts",

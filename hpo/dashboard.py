@@ -30,11 +30,9 @@ from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
 from hpo import _listen
-from hpo.artifacts import ENV_ARTIFACT_DIR, open_artifact_store, resolve_artifact_dir
-from hpo.storage import add_storage_argument, open_storage, redact, resolve_storage_url
-
-DEFAULT_HOST = "127.0.0.1"
-DEFAULT_PORT = 8080
+from hpo._commands.dashboard import DEFAULT_HOST, DEFAULT_PORT
+from hpo.artifacts import open_artifact_store, resolve_artifact_dir
+from hpo.storage import open_storage, redact, resolve_storage_url
 
 
 class _Server(socketserver.ThreadingMixIn, WSGIServer):
@@ -111,25 +109,3 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
 
     serve(url, args.host, args.port, artifact_dir, on_ready=announce)
     return 0
-
-
-def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add ``hpo dashboard`` to the CLI."""
-    p = subparsers.add_parser(
-        "dashboard",
-        help="watch studies live in optuna-dashboard (trials, every metric's curves, study definitions)",
-        description="Start optuna-dashboard on the study storage, with the trials' artifact store.",
-    )
-    add_storage_argument(p)
-    p.add_argument(
-        "--host",
-        default=DEFAULT_HOST,
-        help=f"address to listen on (default {DEFAULT_HOST}: this machine only; 0.0.0.0 exposes it)",
-    )
-    p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
-    p.add_argument(
-        "--artifact-dir",
-        default=None,
-        help=f"folder of the trials' artifacts (default ${ENV_ARTIFACT_DIR}, then storage/artifacts)",
-    )
-    p.set_defaults(func=cmd_dashboard)

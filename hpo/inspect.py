@@ -17,7 +17,7 @@ from hpo._progress import count_trials, report_console
 from hpo._records import definition_from_attrs, trial_curves, trial_metrics
 from hpo.errors import HpoError
 from hpo.studies import stored_definition
-from hpo.worker import WORKER_ATTR
+from hpo.worker import TRACEBACK_ATTR, WORKER_ATTR
 
 
 def load(storage: BaseStorage, study_name: str) -> optuna.Study:
@@ -107,6 +107,7 @@ def trial_record(trial: FrozenTrial) -> dict[str, Any]:
         "intermediate_values": {str(k): v for k, v in sorted(trial.intermediate_values.items())},
         "metrics": trial_metrics(trial),
         "fail_reason": trial.system_attrs.get("fail_reason"),
+        "traceback": trial.system_attrs.get(TRACEBACK_ATTR),  # a failed trial's, as the worker stored it
         "worker": trial.system_attrs.get(WORKER_ATTR),
         "retried_from": trial.system_attrs.get("failed_trial"),
     }
@@ -141,7 +142,8 @@ def export(study: optuna.Study, fmt: str) -> str:
     """The study's trials as ``json``, ``csv`` or ``csv-long``.
 
     ``csv`` is one row per trial (number, state, value, times, ``params_NAME`` as in Optuna's
-    ``trials_dataframe``, fail_reason, worker) plus ``curve_METRIC`` per metric: that trial's
+    ``trials_dataframe``, a failed trial's traceback and fail_reason, worker) plus ``curve_METRIC``
+    per metric: that trial's
     values by epoch from epoch 1, as a JSON list (``json.loads`` it). ``csv-long`` is tidy: one
     row per trial and epoch (number, state, ``params_NAME``..., epoch, then one column per metric,
     the study's metric first, empty where a metric has no value that epoch); a trial with no epoch
@@ -194,6 +196,7 @@ def export(study: optuna.Study, fmt: str) -> str:
         "datetime_start",
         "datetime_complete",
         *param_columns,
+        "traceback",
         "fail_reason",
         "worker",
         *[f"curve_{m}" for m in metric_names],
@@ -215,6 +218,7 @@ def export(study: optuna.Study, fmt: str) -> str:
                 record["datetime_start"],
                 record["datetime_complete"],
                 *[params.get(n, "") for n in param_names],
+                record["traceback"] or "",
                 record["fail_reason"] or "",
                 record["worker"] or "",
                 *[
@@ -277,7 +281,9 @@ def print_status(study: optuna.Study, n_trials: int, console: Console | None = N
     else:
         try:
             best = study.best_trial
-            console.print(f"  best: trial {best.number} value={best.value:.6g} params={best.params}")
+            console.print(
+                f"  best: trial {best.number} value={best.value:.6g} params={best.params}", markup=False
+            )
         except ValueError:
             console.print("  best: no completed trial yet")
     trials = study.get_trials(deepcopy=False)
@@ -296,4 +302,48 @@ def print_status(study: optuna.Study, n_trials: int, console: Console | None = N
         console.print(table)
     failed = [t for t in trials if t.state == TrialState.FAIL]
     for t in failed[-5:]:
-        console.print(f"  trial {t.number} FAIL: {t.system_attrs.get('fail_reason', 'unknown reason')}")
+        reason = t.system_attrs.get("fail_reason", "unknown reason")  # may hold [brackets]: no markup
+        console.print(f"  trial {t.number} FAIL: {reason}", markup=False)
+    if failed:
+        hint = f"  (a failed trial's traceback: hpo status {study.study_name} --trial K)"
+        console.print(hint, markup=False)
+
+
+def print_trial(study: optuna.Study, number: int, console: Console | None = None) -> None:
+    """One trial in full (``hpo status NAME --trial K``): state, parameters, value(s), worker, the
+    last epoch's metrics, and for a failed trial its reason and stored traceback."""
+    console = console or report_console()
+    trials = study.get_trials(deepcopy=False)
+    trial = next((t for t in trials if t.number == number), None)
+    if trial is None:
+        raise HpoError(
+            f"study {study.study_name!r} has no trial {number} (fix: --trial 0 to {len(trials) - 1})"
+            if trials
+            else f"study {study.study_name!r} has no trials yet"
+        )
+    record = trial_record(trial)
+    lines = [f"trial {number} of study {study.study_name}: {record['state']}"]
+    if record["values"] is not None:
+        values = "  ".join(
+            f"{n}={v:.6g}" for n, v in zip(objective_names(study), record["values"], strict=True)
+        )
+        lines.append(f"  values: {values}")
+    lines.append(f"  params: {json.dumps(record['params'])}")
+    if record["duration_s"] is not None:
+        lines.append(f"  duration: {record['duration_s']:.1f} s")
+    if record["worker"]:
+        lines.append(f"  worker: {record['worker']}")
+    if record["retried_from"] is not None:
+        lines.append(f"  retries trial {record['retried_from']} (whose worker died)")
+    curves = trial_curves(trial, _study_metric(study))  # a failed trial's too: kept as reported
+    if curves:
+        epochs = max(max(c) for c in curves.values() if c)
+        last = "  ".join(f"{n}={c[max(c)]:.6g}" for n, c in curves.items() if c)
+        lines.append(f"  epochs reported: {epochs}; last: {last}")
+    if record["fail_reason"]:
+        lines.append(f"  fail reason: {record['fail_reason']}")
+    if record["traceback"]:
+        lines.append("  traceback (as the worker stored it):")
+        lines += ["    " + line for line in str(record["traceback"]).rstrip().splitlines()]
+    for line in lines:
+        console.print(line, markup=False, soft_wrap=True)

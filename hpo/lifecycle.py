@@ -37,13 +37,14 @@ from optuna.storages import BaseStorage
 from optuna.trial import TrialState
 
 from hpo import _optuna
+from hpo._commands.lifecycle import DEFAULT_CHECKPOINT_ROOT
 from hpo._dashboard_data import store_records
 from hpo._rdb import rdb_of
-from hpo.artifacts import ENV_ARTIFACT_DIR, resolve_artifact_dir
+from hpo.artifacts import resolve_artifact_dir
 from hpo.errors import HpoError
 from hpo.space import SearchSpace
 from hpo.spec import StudySpec, definition_diff
-from hpo.storage import add_storage_argument, open_storage, redact, resolve_storage_url, study_lock
+from hpo.storage import open_storage, redact, resolve_storage_url, study_lock
 from hpo.studies import (
     _load,
     _queue_budget,
@@ -54,7 +55,6 @@ from hpo.studies import (
     stored_definition,
 )
 
-DEFAULT_CHECKPOINT_ROOT = Path("storage/checkpoints")
 ARTIFACTS_ATTR_PREFIX = "artifacts:"  # optuna.artifacts._upload.ARTIFACTS_ATTR_PREFIX
 
 
@@ -377,47 +377,3 @@ def cmd_delete_study(args: argparse.Namespace) -> int:
         f"and {removed} artifact file(s)"
     )
     return 0
-
-
-def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add ``hpo extend``, ``hpo enqueue`` and ``hpo delete-study`` to the CLI."""
-    p = subparsers.add_parser(
-        "extend", help="queue N more trials of a study (its stored n_trials grows by N)"
-    )
-    p.add_argument("study_name")
-    p.add_argument("--n-trials", type=int, required=True, help="how many trials to add")
-    add_storage_argument(p, grpc=False)
-    p.set_defaults(func=cmd_extend)
-
-    p = subparsers.add_parser(
-        "enqueue", help="run known configurations next (they take the oldest empty queued slots)"
-    )
-    p.add_argument("study_name")
-    group = p.add_mutually_exclusive_group(required=True)
-    group.add_argument("--params", default=None, help="a configuration as JSON, e.g. '{\"lr\": 0.01}'")
-    group.add_argument(
-        "--from",
-        dest="from_file",
-        default=None,
-        metavar="FILE",
-        help="YAML/JSON: a mapping or a list of them",
-    )
-    add_storage_argument(p, grpc=False)
-    p.set_defaults(func=cmd_enqueue)
-
-    p = subparsers.add_parser("delete-study", help="delete a study, its checkpoints and its artifacts")
-    p.add_argument("study_name")
-    p.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
-    p.add_argument("--force", action="store_true", help="delete even while trials are RUNNING")
-    p.add_argument(
-        "--checkpoint-dir",
-        default=str(DEFAULT_CHECKPOINT_ROOT),
-        help=f"where the study's trials checkpoint (default {DEFAULT_CHECKPOINT_ROOT})",
-    )
-    p.add_argument(
-        "--artifact-dir",
-        default=None,
-        help=f"folder of the trials' artifacts (default ${ENV_ARTIFACT_DIR}, then storage/artifacts)",
-    )
-    add_storage_argument(p, grpc=False)
-    p.set_defaults(func=cmd_delete_study)

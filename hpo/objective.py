@@ -68,6 +68,13 @@ class Objective:
     them. All three are checked when the study file is loaded, before any training starts; an
     empty ``metrics`` (the default) declares nothing and leaves ``metric:`` unchecked, and the
     runtime KeyError in :meth:`TrialRun.report` stays the backstop either way.
+
+    Fused trials (``hpo worker --fuse K``, :mod:`hpo._fused`), optional: ``fused_train(runs,
+    on_leave)`` trains several trials as one batched model and calls ``on_leave(member)`` (an
+    :class:`hpo._fused.Member`, with ``value`` or ``error`` set) as each trial leaves the group;
+    ``may_differ`` names the options fused trials may differ in (every other option must be
+    equal); ``why_not_fusable(config, device)`` says why a trial (its validated configuration,
+    defaults filled in) cannot fuse at all, or None. Without ``fused_train`` every trial runs alone.
     """
 
     train: Callable[[TrialRun], float]
@@ -75,6 +82,9 @@ class Objective:
     data: type[BaseModel] | None = None
     description: str = ""
     metrics: tuple[str, ...] = ()
+    fused_train: Callable[[Sequence[TrialRun], Callable[[Any], None]], Sequence[Any]] | None = None
+    may_differ: frozenset[str] = frozenset()
+    why_not_fusable: Callable[[Mapping[str, Any], str], str | None] | None = None
 
 
 class EarlyStopping:

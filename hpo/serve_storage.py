@@ -32,21 +32,19 @@ from optuna.storages import BaseStorage, GrpcStorageProxy
 from optuna.trial import FrozenTrial
 
 from hpo import _listen, _optuna
+from hpo._commands.serve_storage import DEFAULT_HOST, DEFAULT_PORT
 from hpo._optuna import api_pb2, api_pb2_grpc
 from hpo._rdb import fail_stale
 from hpo.errors import HpoError, StorageError
 from hpo.resilient import TransientErrorInterceptor
 from hpo.storage import (
     HeartbeatSettings,
-    add_storage_argument,
     is_grpc,
     open_storage,
     redact,
     resolve_storage_url,
 )
 
-DEFAULT_HOST = "127.0.0.1"
-DEFAULT_PORT = 13000
 # The trial system attribute a ProxyStorage client sets to beat; the server turns it into a
 # heartbeat row and never stores it.
 HEARTBEAT_ATTR = "hpo:heartbeat"
@@ -214,37 +212,3 @@ def cmd_serve_storage(args: argparse.Namespace) -> int:
 
     serve(url, args.host, args.port, heartbeat, args.threads, on_ready=announce)
     return 0
-
-
-def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add ``hpo serve-storage`` to the CLI."""
-    p = subparsers.add_parser(
-        "serve-storage",
-        help="serve the study database to many workers through Optuna's gRPC storage proxy",
-        description="Run Optuna's gRPC storage proxy in front of the study database; workers then "
-        "use --storage grpc://HOST:PORT. Worth it from a few hundred worker processes on.",
-    )
-    add_storage_argument(p, grpc=False)
-    p.add_argument(
-        "--host",
-        default=DEFAULT_HOST,
-        help=f"address to listen on (default {DEFAULT_HOST}; 0.0.0.0 for workers on other machines)",
-    )
-    p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
-    p.add_argument(
-        "--heartbeat-interval",
-        type=int,
-        default=10,
-        help="seconds between checks for trials whose worker died (default 10)",
-    )
-    p.add_argument(
-        "--grace-period",
-        type=int,
-        default=30,
-        help="seconds without heartbeat before a trial is failed and retried (default 30)",
-    )
-    p.add_argument(
-        "--max-retry", type=int, default=3, help="retries of a trial whose worker died (default 3)"
-    )
-    p.add_argument("--threads", type=int, default=16, help="threads answering workers' calls (default 16)")
-    p.set_defaults(func=cmd_serve_storage)

@@ -11,6 +11,7 @@ The trainer never opens the database. It talks to the supervisor over a pipe, in
 are plain tuples of built-in types (no pickled objects come back from training code):
 
     supervisor -> trainer   ("trial", TrialJob fields as a dict)  |  ("exit",)
+                            ("group", [TrialJob fields as a dict, ...])   fused trials (hpo._fused)
     trainer -> supervisor   ("ready", pid)
                             ("report", value, step)          intermediate value of the study metric
                             ("should_prune",)                answered ("prune", bool) or ("abort",)
@@ -20,6 +21,10 @@ are plain tuples of built-in types (no pickled objects come back from training c
                             ("done", value)  |  ("pruned", message)  |  ("aborted",)
                                 (a multi-objective study's "done" carries a list of values)
                             ("failed", exception type, message, traceback)
+
+A fused group's messages are each of these tagged with its member's trial number,
+``("member", number, message)``, the member's last one (``done``, ``pruned``, ``failed``,
+``aborted``) sent the moment it leaves the group; ``("group_done",)`` follows the last member's.
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from hpo.objective import Objective
+    from hpo.objective import Objective, TrialRun
 
 # Environment variable for the number of intra-op threads of a trainer (set by the worker).
 THREADS_ENV = "HPO_TRAINER_THREADS"
@@ -82,13 +87,16 @@ class RemoteTrial:
         self.number = number
         self._prunes = prunes
 
+    def _send(self, message: tuple[Any, ...]) -> None:
+        self._conn.send(message)
+
     def report(self, value: float, step: int) -> None:
-        self._conn.send(("report", float(value), int(step)))
+        self._send(("report", float(value), int(step)))
 
     def should_prune(self) -> bool:
         if not self._prunes:
             return False
-        self._conn.send(("should_prune",))
+        self._send(("should_prune",))
         answer = self._conn.recv()
         if answer[0] == "abort":
             raise TrialAborted("the worker gave this trial up (its lease was lost)")
@@ -97,18 +105,25 @@ class RemoteTrial:
     def set_user_attr(self, key: str, value: Any) -> None:
         # Round-trip through JSON here, so a value the storage could not take fails in the
         # training code that set it, with its own traceback.
-        self._conn.send(("user_attr", str(key), json.loads(json.dumps(value))))
+        self._send(("user_attr", str(key), json.loads(json.dumps(value))))
 
     def set_system_attr(self, key: str, value: Any) -> None:
         """For hpo's long records (:mod:`hpo._records`), kept out of the user attributes."""
-        self._conn.send(("system_attr", str(key), json.loads(json.dumps(value))))
+        self._send(("system_attr", str(key), json.loads(json.dumps(value))))
 
     def upload_artifact(self, path: str | Path) -> str:
-        self._conn.send(("artifact", str(Path(path).resolve())))
+        self._send(("artifact", str(Path(path).resolve())))
         answer = self._conn.recv()
         if answer[0] == "error":
             raise RuntimeError(answer[1])
         return str(answer[1])
+
+
+class MemberTrial(RemoteTrial):
+    """A fused group member's trial: its messages tagged with its number (one pipe for all)."""
+
+    def _send(self, message: tuple[Any, ...]) -> None:
+        self._conn.send(("member", self.number, message))
 
 
 def _die_with_parent() -> None:
@@ -163,6 +178,9 @@ def trainer_main(conn: Connection, parent_pid: int) -> None:
         if message[0] == "trial":
             job = TrialJob(**message[1])
             conn.send(_run(conn, job, cache, specs))
+        elif message[0] == "group":
+            _run_group(conn, [TrialJob(**fields) for fields in message[1]], cache, specs)
+            conn.send(("group_done",))
 
 
 def inline_main(conn: Connection, objective: Objective, cache: dict[str, Any]) -> None:
@@ -182,6 +200,9 @@ def inline_main(conn: Connection, objective: Objective, cache: dict[str, Any]) -
             if message[0] == "trial":
                 job = TrialJob(**message[1])
                 conn.send(_run(conn, job, cache, specs, objective))
+            elif message[0] == "group":
+                _run_group(conn, [TrialJob(**fields) for fields in message[1]], cache, specs, objective)
+                conn.send(("group_done",))
 
 
 def _run(
@@ -194,33 +215,10 @@ def _run(
     """Run one trial; the final message for the supervisor."""
     import optuna
 
-    from hpo.objective import TrialRun, resolve_objective
-    from hpo.spec import canonical, spec_from_definition
-
     run = None
     try:
-        key = canonical(job.definition)
-        if key not in specs:
-            specs.clear()
-            specs[key] = spec_from_definition(job.definition, "stored definition")
-        spec = specs[key]
-        if objective is None:
-            # Resolved once per trainer: looking names up (entry points) costs milliseconds.
-            key = f"objective:{job.objective}:{job.objective_path}"
-            if key not in specs:
-                specs[key] = resolve_objective(
-                    job.objective, "stored definition", search_path=job.objective_path
-                )
-            objective = specs[key]
-        run = TrialRun(
-            trial=RemoteTrial(conn, job.number, job.prunes),  # type: ignore[arg-type]
-            spec=spec,
-            params=dict(job.params),
-            max_epochs=job.max_epochs,
-            device=job.device,
-            checkpoint_dir=Path(job.checkpoint_dir),
-            cache=cache,
-        )
+        spec, objective = _resolve(job, specs, objective)
+        run = _trial_run(RemoteTrial(conn, job.number, job.prunes), job, spec, cache)
         result = objective.train(run)
         if spec.is_multi_objective:
             # Each study metric at the scored epoch (TrialRun.final_values); what train()
@@ -240,6 +238,112 @@ def _run(
     except BaseException as exc:  # SystemExit, KeyboardInterrupt from training code included
         _flush_quietly(run)
         return ("failed", type(exc).__name__, _describe(exc), traceback.format_exc())
+
+
+def _trial_run(trial: Any, job: TrialJob, spec: Any, cache: dict[str, Any]) -> TrialRun:
+    """What the objective's ``train`` gets for ``job``; ``trial`` stands in for an ``optuna.Trial``
+    (its reports and prune checks travel to the supervisor)."""
+    from hpo.objective import TrialRun
+
+    return TrialRun(
+        trial=trial,
+        spec=spec,
+        params=dict(job.params),
+        max_epochs=job.max_epochs,
+        device=job.device,
+        checkpoint_dir=Path(job.checkpoint_dir),
+        cache=cache,
+    )
+
+
+def _resolve(job: TrialJob, specs: dict[str, Any], objective: Objective | None) -> tuple[Any, Objective]:
+    """The job's study spec and objective, kept in ``specs`` from one trial to the next."""
+    from hpo.objective import resolve_objective
+    from hpo.spec import canonical, spec_from_definition
+
+    key = canonical(job.definition)
+    if key not in specs:
+        specs.clear()
+        specs[key] = spec_from_definition(job.definition, "stored definition")
+    spec = specs[key]
+    if objective is None:
+        # Resolved once per trainer: looking names up (entry points) costs milliseconds.
+        key = f"objective:{job.objective}:{job.objective_path}"
+        if key not in specs:
+            specs[key] = resolve_objective(job.objective, "stored definition", search_path=job.objective_path)
+        objective = specs[key]
+    return spec, objective
+
+
+def _run_group(
+    conn: Connection,
+    jobs: list[TrialJob],
+    cache: dict[str, Any],
+    specs: dict[str, Any],
+    objective: Objective | None = None,
+) -> None:
+    """Run fused trials (one group, :mod:`hpo._fused`): each member's last message is sent as it
+    leaves; whatever ends the group early ends every member still in it, as it ends a trial."""
+
+    runs: list[Any] = []
+    left: set[int] = set()
+
+    def send_final(number: int, message: tuple[Any, ...]) -> None:
+        left.add(number)
+        conn.send(("member", number, message))
+
+    try:
+        spec, objective = _resolve(jobs[0], specs, objective)
+        if objective.fused_train is None:
+            raise TypeError(f"objective {jobs[0].objective} has no fused trainer")
+        runs = [_trial_run(MemberTrial(conn, job.number, job.prunes), job, spec, cache) for job in jobs]
+
+        def on_leave(member: Any) -> None:
+            send_final(member.run.number, _member_result(member.run, member.error, spec.is_multi_objective))
+
+        objective.fused_train(runs, on_leave)
+        ended: BaseException = RuntimeError("the fused trainer returned before this trial left its group")
+    except TrialAborted:
+        for job in jobs:
+            if job.number not in left:
+                send_final(job.number, ("aborted",))
+        return
+    except BaseException as exc:  # SystemExit, KeyboardInterrupt from training code included
+        ended = exc
+    for run in runs:
+        if run.number not in left:
+            send_final(run.number, _member_result(run, ended, False))
+    for job in jobs:  # the group failed before its runs were made
+        if job.number not in left:
+            send_final(job.number, _failed(ended))
+
+
+def _member_result(run: Any, error: BaseException | None, multi_objective: bool) -> tuple[Any, ...]:
+    """A member's last message, as :func:`_run` ends an unfused trial."""
+    import optuna
+
+    if error is None:
+        try:
+            value: float | list[float]
+            if multi_objective:
+                value = run.final_values()
+            else:
+                value = float(run.final_value())
+                if not math.isfinite(value):
+                    raise FloatingPointError(f"objective returned {value}")
+            run.flush()
+            return ("done", value)
+        except Exception as exc:
+            error = exc
+    _flush_quietly(run)
+    if isinstance(error, optuna.TrialPruned):
+        return ("pruned", str(error))
+    return _failed(error)
+
+
+def _failed(exc: BaseException) -> tuple[Any, ...]:
+    details = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    return ("failed", type(exc).__name__, _describe(exc), details)
 
 
 def _describe(exc: BaseException) -> str:

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
 from types import FrameType
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import optuna
 from optuna.storages import BaseStorage
@@ -53,6 +53,7 @@ from hpo._dashboard_data import CurvePublisher
 from hpo._first_failures import BROKEN_NOTE, FirstFailures, TrialError
 from hpo._progress import EpochBar, StudyCounts, better, finish_note, read_counts
 from hpo._rdb import ATTEMPT_ATTRS, RETRY_HISTORY_ATTR, WORKER_ATTR, FailOutcome, fail_stale, rdb_of
+from hpo._trial_note import save_failure_note
 from hpo.errors import HpoError
 from hpo.objective import BUDGET_ATTR, Objective
 from hpo.resilient import StorageUnavailable, is_transient
@@ -61,6 +62,9 @@ from hpo.space import suggest
 from hpo.spec import StudySpec
 from hpo.studies import checkpoint_folder, trial_checkpoint_dir
 from hpo.trainer import THREADS_ENV, TrialJob, describe_exit, inline_main, trainer_main
+
+if TYPE_CHECKING:
+    from hpo._fused_worker import FusedGroups
 
 T = TypeVar("T")
 TRACEBACK_ATTR = "hpo:traceback"
@@ -89,6 +93,8 @@ class WorkerOptions:
     show_progress: bool = True
     threads: int | None = None  # intra-op threads of the trainer (None: PyTorch's default; the CLI sizes it)
     max_retry: int = 3  # retries of a trial whose attempt died (over its chain of retries)
+    # Fused trials (hpo._fused_worker): up to this many fusable trials train as one group; 1: off.
+    fuse: int = 1
 
 
 @dataclass
@@ -560,6 +566,7 @@ class Worker:
         self.identity = worker_identity(options.label)
         self.interrupts = Interrupts()
         self.trainer: Trainer
+        self._objective_object = objective if isinstance(objective, Objective) else None
         if isinstance(objective, Objective):
             self.objective = spec.objective
             self.trainer = InlineTrainer(objective, cache if cache is not None else {})
@@ -584,6 +591,11 @@ class Worker:
         self._after_trial = after_trial
         self._counts: StudyCounts | None = None  # the study when the current trial was claimed
         study.pruner = make_pruner(spec.pruner, spec.budget.max_epochs)
+        self._groups: FusedGroups | None = None
+        if options.fuse > 1:
+            from hpo._fused_worker import FusedGroups
+
+            self._groups = FusedGroups(self, options.fuse)
 
     @property
     def _direction(self) -> object:
@@ -610,6 +622,8 @@ class Worker:
                 summary.stopped_because = f"interrupted by {interrupt}"
                 summary.signal_name = str(interrupt)
             finally:
+                if self._groups is not None:  # a trial claimed for the next group: back to the queue
+                    self._groups.release(f"worker stopped: {summary.stopped_because}")
                 self.trainer.shutdown()
         self._curves.finish()
         self._say(f"worker {self.identity} stopped: {summary.stopped_because}")
@@ -625,7 +639,13 @@ class Worker:
             if self.options.n_trials is not None and summary.total >= self.options.n_trials:
                 summary.stopped_because = f"ran its {self.options.n_trials} trial(s)"
                 return
-            if self.options.timeout is not None and time.monotonic() - started >= self.options.timeout:
+            holds_next = self._groups is not None and self._groups.carry is not None
+            # (a trial claimed for the next fused group, before the timeout, still runs)
+            if (
+                self.options.timeout is not None
+                and time.monotonic() - started >= self.options.timeout
+                and not holds_next
+            ):
                 summary.stopped_because = f"timeout of {self.options.timeout:g}s reached"
                 return
             if interval is not None and time.monotonic() - stale_checked >= interval:
@@ -635,29 +655,35 @@ class Worker:
                     self._say(f"failed a stale trial of a dead worker: {outcome.reason[:120]}")
                 stale_checked = time.monotonic()
             self.trainer.ensure_started(self.interrupts)  # warm before the first claim
-            claimed = claim_trial(self.study, self.identity)
-            if claimed is None:
+            results: list[tuple[int, TrialState | None]] | None
+            if self._groups is not None:
+                left = None if self.options.n_trials is None else self.options.n_trials - summary.total
+                results = self._groups.run_next(left)
+            else:
+                claimed = claim_trial(self.study, self.identity)
+                results = None if claimed is None else [(claimed[0], self._run_trial(*claimed))]
+            if results is None:
                 stale_checked = -math.inf  # before concluding the study is done, look again
                 if self._study_done(interval is not None):
                     summary.stopped_because = "no trials left in the study"
                     return
                 self.interrupts.sleep(self.options.poll_interval)  # others' trials may be retried
                 continue
-            state = self._run_trial(*claimed)
-            if state is None:
-                continue  # given up (lease lost): not this worker's result
-            summary.finished[state.name] += 1
-            if self._first_failures.ended(claimed[0]):
-                summary.stopped_because = self._first_failures.stop_message()
-                summary.objective_broken = True
-                return
-            consecutive_failures = consecutive_failures + 1 if state == TrialState.FAIL else 0
-            if consecutive_failures >= self.options.max_consecutive_failures:
-                summary.stopped_because = (
-                    f"{consecutive_failures} consecutive trials failed; stopping this worker "
-                    "(see each trial's fail_reason with `hpo status`)"
-                )
-                return
+            for trial_id, state in results:
+                if state is None:
+                    continue  # given up (lease lost): not this worker's result
+                summary.finished[state.name] += 1
+                if self._first_failures.ended(trial_id):
+                    summary.stopped_because = self._first_failures.stop_message()
+                    summary.objective_broken = True
+                    return
+                consecutive_failures = consecutive_failures + 1 if state == TrialState.FAIL else 0
+                if consecutive_failures >= self.options.max_consecutive_failures:
+                    summary.stopped_because = (
+                        f"{consecutive_failures} consecutive trials failed; stopping this worker "
+                        "(see each trial's fail_reason with `hpo status`)"
+                    )
+                    return
 
     def _fail_stale(self) -> list[FailOutcome]:
         storage = _optuna.study_storage(self.study)
@@ -694,6 +720,12 @@ class Worker:
         return outcome.state
 
     def _prepare_and_supervise(self, trial_id: int, number: int) -> _Outcome:
+        prepared = self._prepare(trial_id, number)
+        return prepared if isinstance(prepared, _Outcome) else self._supervise(*prepared)
+
+    def _prepare(self, trial_id: int, number: int) -> _Outcome | tuple[optuna.Trial, TrialJob]:
+        """The claimed trial's parameters (asked of the sampler) and its job; an outcome when
+        preparing it failed (recorded)."""
         storage = _optuna.study_storage(self.study)
         try:
             # A sampler per trial, seeded from (study seed, trial number): reproducible for one
@@ -723,7 +755,7 @@ class Worker:
             prunes=not isinstance(self.study.pruner, optuna.pruners.NopPruner),
             objective_path=self._objective_path,
         )
-        return self._supervise(trial, job)
+        return trial, job
 
     def _supervise(self, trial: optuna.Trial, job: TrialJob) -> _Outcome:
         trial_id = _optuna.trial_id(trial)
@@ -796,11 +828,15 @@ class Worker:
             if not self._printed_traceback:
                 self._printed_traceback = True  # the first failure in full, the rest in one line
                 self._say(details.rstrip())
-            with contextlib.suppress(Exception):
-                _optuna.study_storage(self.study).set_trial_system_attr(
-                    trial_id, TRACEBACK_ATTR, details[-TRACEBACK_LIMIT:]
-                )
             reason = f"{exc_type}: {text}"
+            storage = _optuna.study_storage(self.study)
+            # Best effort: the failure itself is recorded below whether or not these two writes land.
+            with contextlib.suppress(Exception):
+                storage.set_trial_system_attr(trial_id, TRACEBACK_ATTR, details[-TRACEBACK_LIMIT:])
+            with contextlib.suppress(Exception):  # the dashboard shows neither system attrs nor long ones
+                save_failure_note(
+                    storage, _optuna.study_id(self.study), trial_id, reason, details[-TRACEBACK_LIMIT:]
+                )
             if self._first_failures.failed(trial_id, trial.number, TrialError(exc_type, text, details)):
                 # This worker's first trials all failed alike: re-queue them, don't spend the budget.
                 reason = f"{reason}; {BROKEN_NOTE}"

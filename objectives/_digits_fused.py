@@ -9,7 +9,7 @@ members at once, so every member's metrics, checkpoints and value equal its unfu
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -24,12 +24,10 @@ from hpo._fused import (
 )
 from hpo.objective import TrialRun
 from hpo.training import seed_epoch
-from objectives.digits import DigitsConfig, prepare
+from objectives.digits import MAY_DIFFER, DigitsConfig, prepare
 
-# What may differ between fused members: the optimizer's and the schedule's hyperparameters.
-# Everything else (architecture, dropout, optimizer kind, Nesterov, batch size), the data and the
-# seed must be equal: they decide the batches, the masks and the shapes.
-DIGITS_MAY_DIFFER = frozenset({"lr", "weight_decay", "momentum", "scheduler", "step_size", "gamma"})
+# What may differ between fused members (declared with the objective: objectives.digits).
+DIGITS_MAY_DIFFER = MAY_DIFFER
 
 
 def _reference(stack: Stack) -> nn.Sequential:
@@ -39,10 +37,10 @@ def _reference(stack: Stack) -> nn.Sequential:
     return model
 
 
-def train_fused(runs: Sequence[TrialRun]) -> list[Member]:
+def train_fused(runs: Sequence[TrialRun], on_leave: Callable[[Member], None] | None = None) -> list[Member]:
     """Train the trials of ``runs`` as one fused group; each returned member holds its trial's
     ``value`` or its ``error`` (``optuna.TrialPruned``, a NaN metric), as the unfused ``train``
-    would have returned or raised it."""
+    would have returned or raised it. ``on_leave(member)``: called as each member leaves."""
     reason = why_not_fusable_runs(
         runs, DIGITS_MAY_DIFFER, lambda run: DigitsConfig(**run.config).model_dump()
     )
@@ -81,5 +79,5 @@ def train_fused(runs: Sequence[TrialRun]) -> list[Member]:
             for loss, acc in zip(losses, accuracy, strict=True)
         ]
 
-    train_group(members, train_epoch, evaluate)
+    train_group(members, train_epoch, evaluate, on_leave)
     return members

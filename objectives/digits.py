@@ -11,6 +11,7 @@ continues exactly as the uninterrupted run did: same metrics, same final value.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -189,10 +190,32 @@ def train(run: TrialRun) -> float:
     return run.final_value()
 
 
+# Fused trials (hpo worker --fuse K): what may differ between the members of one fused group, the
+# optimizer's and the schedule's hyperparameters. Everything else (architecture, dropout,
+# optimizer kind, Nesterov, batch size), the data and the seed must be equal: they decide the
+# batches, the dropout masks and the shapes.
+MAY_DIFFER = frozenset({"lr", "weight_decay", "momentum", "scheduler", "step_size", "gamma"})
+
+
+def _train_fused(runs: Sequence[TrialRun], on_leave: Callable[[Any], None]) -> Sequence[Any]:
+    from objectives._digits_fused import train_fused  # imports this module: loaded on first use
+
+    return train_fused(runs, on_leave)
+
+
+def _why_not_fusable(config: Mapping[str, Any], device: str) -> str | None:
+    if config.get("dropout", 0.0) > 0 and not device.startswith("cpu"):
+        return "fused dropout matches the unfused masks on the CPU only"
+    return None
+
+
 DIGITS_MLP = Objective(
     train=train,
     config=DigitsConfig,
     data=DigitsData,
     description="MLP on scikit-learn's handwritten digits (no download)",
     metrics=("val_loss", "val_acc", "train_loss"),
+    fused_train=_train_fused,
+    may_differ=MAY_DIFFER,
+    why_not_fusable=_why_not_fusable,
 )

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -78,6 +79,8 @@ def cli_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     env["PYTHONUNBUFFERED"] = "1"
     # Workers run only objectives their own side allows (hpo.policy): the tests' support modules.
     env["HPO_ALLOW_OBJECTIVES"] = "hpo_test_objectives,hpo_*_objectives"
+    # Models a test retrains go to this run's temporary folder, never into the checkout's storage/.
+    env.setdefault("HPO_ARTIFACT_DIR", str(Path(tempfile.gettempdir()) / f"hpo-test-artifacts-{os.getpid()}"))
     if extra:
         env.update(extra)
     return env

@@ -41,9 +41,8 @@ def _modules_after(argv: list[str]) -> list[str]:
     return loaded
 
 
-@pytest.mark.parametrize(
-    "argv", [["--help"], ["worker", "--help"], ["status", "--help"], ["compare", "--help"], ["wroker"]]
-)
+# Each command's --help: tests/test_cli_usability.py.
+@pytest.mark.parametrize("argv", [["--help"], ["wroker"]])
 def test_help_imports_no_heavy_module(argv: list[str]) -> None:
     assert _modules_after(argv) == []
 
@@ -149,6 +148,14 @@ def test_read_only_commands_read_a_database_this_user_cannot_write(
 
     status = _as_user(["status", "quad", *storage])
     assert status.returncode == 0, status.stderr
+
+    trial = _as_user(["status", "quad", "--trial", "1", *storage])
+    assert trial.returncode == 0, trial.stderr
+    assert trial.stdout.startswith("trial 1 of study quad: COMPLETE")
+
+    long_form = _as_user(["export", "quad", "--format", "csv-long", *storage])
+    assert long_form.returncode == 0, long_form.stderr
+    assert long_form.stdout.startswith("number,state,params_x,params_y,epoch,loss\n")
     assert hashlib.sha256(db.read_bytes()).hexdigest() == before
 
 

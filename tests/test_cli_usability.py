@@ -2,10 +2,73 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
-from conftest import run_cli
+from conftest import ROOT, cli_env, run_cli
+
+from hpo.cli import build_parser
+
+HEAVY = ("optuna", "sqlalchemy", "scipy", "torch", "pydantic", "grpc", "plotly")
+COMMANDS = sorted(build_parser(lazy=True).commands)
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_a_commands_help_imports_no_heavy_module(command: str) -> None:
+    """`hpo COMMAND --help` builds that command's parser in full (hpo.cli.main) and prints its help
+    without importing Optuna, SQLAlchemy, SciPy, torch, pydantic, gRPC or plotly: that is what keeps
+    it as quick as `optuna --help` (timed in benchmarks/cli_startup.py)."""
+    code = (
+        "import contextlib, io, json, sys\nfrom hpo.cli import main\n"
+        f"with contextlib.redirect_stdout(io.StringIO()) as out:\n"
+        f"    try:\n        main([{command!r}, '--help'])\n    except SystemExit:\n        pass\n"
+        "loaded = sorted({m.split('.')[0] for m in sys.modules} & set(json.loads(sys.argv[1])))\n"
+        "print(json.dumps({'help': out.getvalue(), 'heavy': loaded}))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code, json.dumps(HEAVY)],
+        cwd=ROOT,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    shown = json.loads(result.stdout)
+    assert shown["help"].startswith(f"usage: hpo {command} "), shown["help"][:200]
+    assert shown["heavy"] == []
+
+
+def test_help_defaults_agree_with_the_modules_that_use_them() -> None:
+    """The light parsers (hpo._commands) restate a few defaults of modules that import Optuna."""
+    from hpo import _commands, artifacts, retrain
+    from hpo._commands import retrain as retrain_flags
+
+    assert _commands.ENV_ARTIFACT_DIR == artifacts.ENV_ARTIFACT_DIR
+    assert retrain_flags.DEFAULT_OUTPUT_ROOT == retrain.DEFAULT_OUTPUT_ROOT
+
+
+def test_every_lazy_command_resolves_to_its_modules_function() -> None:
+    """A lazily imported command's run function names a function that exists in the module that does
+    the work (a renamed function would otherwise fail only when a user runs the command)."""
+    import importlib
+
+    parser = build_parser()
+    runs = {
+        ("dashboard",): "hpo.dashboard:cmd_dashboard",
+        ("serve-storage",): "hpo.serve_storage:cmd_serve_storage",
+        ("retrain", "s", "--epochs", "1"): "hpo.retrain:cmd_retrain",
+        ("extend", "s", "--n-trials", "1"): "hpo.lifecycle:cmd_extend",
+        ("enqueue", "s", "--params", "{}"): "hpo.lifecycle:cmd_enqueue",
+        ("delete-study", "s"): "hpo.lifecycle:cmd_delete_study",
+    }
+    for argv, target in runs.items():
+        module, name = target.split(":")
+        assert parser.parse_args(list(argv)).func.__name__ == name
+        assert callable(getattr(importlib.import_module(module), name))
 
 
 @pytest.mark.parametrize(
@@ -62,3 +125,114 @@ def test_a_non_positive_trial_timeout_is_refused_at_load(tmp_path: Path) -> None
     assert result.returncode == 2 and "Traceback" not in result.stderr
     (line,) = result.stderr.strip().splitlines()
     assert "budget.trial_timeout" in line, line
+
+
+def test_a_failed_trials_traceback_is_shown_by_status_and_export(tmp_path: Path) -> None:
+    """From a failure to its traceback without reading code: `hpo status NAME` names the failed trial
+    and how to see it, `hpo status NAME --trial K` prints its traceback, `hpo export` (CSV and JSON)
+    carries it."""
+    import csv
+    import io
+
+    from studyfiles import quadratic_study
+
+    path = quadratic_study(
+        tmp_path,
+        name="crashy",
+        sampler="grid",
+        n_trials=None,
+        grid_x=[-1.0, 1.0],
+        grid_y=[0.0],
+        objective="hpo_test_objectives:crash_when_negative",
+    )
+    storage = ["--storage", f"sqlite:///{tmp_path / 'hpo.db'}"]
+    worker = run_cli(["worker", str(path), *storage, "--no-progress"])
+    assert worker.returncode == 0, worker.stdout + worker.stderr
+
+    status = run_cli(["status", "crashy", *storage])
+    assert status.returncode == 0, status.stderr
+    (failed,) = [line for line in status.stdout.splitlines() if " FAIL: " in line]
+    number = int(failed.split()[1])
+    # The reason is printed as stored (rich markup would eat "[...]"), with the way to the traceback.
+    assert "simulated CUDA out of memory for x=-1.0" in failed
+    assert "hpo status crashy --trial K" in status.stdout
+
+    shown = run_cli(["status", "crashy", "--trial", str(number), *storage])
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.startswith(f"trial {number} of study crashy: FAIL\n")
+    assert "Traceback (most recent call last):" in shown.stdout
+    assert "in crash_when_negative" in shown.stdout
+    assert "RuntimeError: simulated CUDA out of memory for x=-1.0" in shown.stdout
+
+    missing = run_cli(["status", "crashy", "--trial", "7", *storage])
+    assert missing.returncode == 2 and "has no trial 7 (fix: --trial 0 to 1)" in missing.stderr
+
+    rows = list(csv.DictReader(io.StringIO(run_cli(["export", "crashy", *storage]).stdout)))
+    by_state = {row["state"]: row for row in rows}
+    assert "in crash_when_negative" in by_state["FAIL"]["traceback"]
+    assert by_state["COMPLETE"]["traceback"] == ""
+    records = json.loads(run_cli(["export", "crashy", "--format", "json", *storage]).stdout)["trials"]
+    assert ["RuntimeError: simulated" in (r["traceback"] or "") for r in records] == [
+        r["state"] == "FAIL" for r in records
+    ]
+
+
+def test_status_prints_failure_reasons_and_parameters_as_stored() -> None:
+    """A reason like "KeyError: [x=1] ..." is text, not rich markup (which would drop "[x=1]")."""
+    import io
+
+    import optuna
+    from optuna.trial import TrialState
+    from rich.console import Console
+
+    from hpo import inspect as inspect_
+
+    study = optuna.create_study()
+    study.add_trial(
+        optuna.trial.create_trial(
+            state=TrialState.FAIL,
+            params={"x": 1.0},
+            distributions={"x": optuna.distributions.FloatDistribution(0, 2)},
+            system_attrs={"fail_reason": "KeyError: [x=1] [bold]not bold[/bold]"},
+        )
+    )
+    out = io.StringIO()
+    inspect_.print_status(study, 1, console=Console(file=out, width=200, highlight=False))
+    assert "  trial 0 FAIL: KeyError: [x=1] [bold]not bold[/bold]\n" in out.getvalue()
+
+
+def test_a_failure_note_is_the_trials_note_in_the_dashboard(tmp_path: Path) -> None:
+    """hpo._trial_note writes optuna-dashboard's trial-note format; the dashboard's own API serves it
+    as the failed trial's note (what its trial page shows), long tracebacks included."""
+    from typing import Any
+    from wsgiref.util import setup_testing_defaults
+
+    import optuna
+    import optuna_dashboard
+    from optuna.trial import TrialState
+
+    from hpo._trial_note import save_failure_note
+
+    url = f"sqlite:///{tmp_path / 'notes.db'}"
+    storage = optuna.storages.RDBStorage(url)
+    study = optuna.create_study(storage=storage, study_name="notes")
+    for _ in range(2):
+        study.add_trial(optuna.trial.create_trial(state=TrialState.FAIL))
+    failed = study.trials[1]
+    traceback = (
+        "Traceback (most recent call last):\n" + "  frame\n" * 600 + "ZeroDivisionError: division by zero"
+    )
+    save_failure_note(
+        storage, study._study_id, failed._trial_id, "ZeroDivisionError: division by zero", traceback
+    )
+
+    app = optuna_dashboard.wsgi(storage)
+    environ: dict[str, Any] = {}
+    setup_testing_defaults(environ)
+    environ.update(PATH_INFO=f"/api/studies/{study._study_id}", REQUEST_METHOD="GET")
+    body = b"".join(app(environ, lambda status, headers, *_: None))
+    notes = {t["number"]: t["note"] for t in json.loads(body)["trials"]}
+    assert notes[0] == {"version": 0, "body": ""}
+    assert notes[1]["version"] == 1
+    assert notes[1]["body"].startswith("**Failed**: ZeroDivisionError: division by zero\n\n```text\n")
+    assert traceback in notes[1]["body"]  # all of it, across several attribute chunks

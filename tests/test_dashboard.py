@@ -183,6 +183,81 @@ def test_browser_sees_the_running_study_its_trial_count_grow_and_learning_curves
     assert worker.poll() is None or worker.returncode == 0, worker_out.text
 
 
+PARETO_STUDY = """\
+name: pareto
+objective: hpo_pareto_objectives:two_metrics
+search_space:
+  x: {type: float, low: -3, high: 5}
+metric: [left, right]
+direction: [minimize, minimize]
+budget: {max_epochs: 2}
+sampler: {name: random, seed: 3}
+n_trials: 12
+"""
+
+
+@pytest.mark.slow
+def test_browser_shows_a_multi_objective_studys_pareto_front_by_metric_name(
+    sqlite_url: str, tmp_path: Path, procs: list[subprocess.Popen[str]]
+) -> None:
+    """A finished two-metric study (left = x^2, right = (x-2)^2, both minimised) on the dashboard:
+    the Pareto Front card names the metrics on its axes' selectors and plots every trial, the front
+    (what `optuna best-trials` reads) highlighted; the Best Trials card lists the front."""
+    if shutil.which(CHROMIUM) is None:
+        require_real(f"Debian's chromium is not installed at {CHROMIUM} (run scripts/ci-browser.sh)")
+    try:
+        from playwright.sync_api import expect, sync_playwright
+    except ImportError:
+        require_real("playwright is not installed (pip install -e '.[dev]')")
+
+    study_file = tmp_path / "pareto.yaml"
+    study_file.write_text(PARETO_STUDY)
+    worker = run_cli(["worker", str(study_file), "--storage", sqlite_url, "--no-progress"])
+    assert worker.returncode == 0, worker.stdout + worker.stderr
+    study = optuna.load_study(study_name="pareto", storage=sqlite_url)
+    front = sorted(study.best_trials, key=lambda t: t.number)
+    assert 1 < len(front) < len(study.trials) == 12  # a front worth drawing, and trials off it
+    _, url = start_dashboard(procs, "--storage", sqlite_url, "--port", str(free_port()))
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch_persistent_context(
+            tmp_path / "chromium-profile",
+            executable_path=CHROMIUM,
+            headless=True,
+            args=CHROMIUM_ARGS,
+            viewport={"width": VIEWPORT_WIDTH, "height": 1000},
+        )
+        try:
+            page = browser.new_page()
+            page.set_default_timeout(60_000)
+            expect.set_options(timeout=60_000)
+            page.goto(url)
+            page.get_by_text(re.compile(r"^\d+\. pareto$")).click()
+
+            # The metric names, not "Objective 0" and "Objective 1", on the axes' selectors.
+            card = page.locator(".MuiCard-root", has_text="Pareto Front")
+            expect(card.locator("fieldset", has_text="Objective X:")).to_contain_text("left")
+            expect(card.locator("fieldset", has_text="Objective Y:")).to_contain_text("right")
+            expect(card).not_to_contain_text("Objective 0")
+
+            # Every trial is a point; the front's points are the "Best Trial" trace, with the
+            # values Optuna's best_trials has (plotly keeps the drawn data on the graph's div).
+            plot = card.locator("#graph-pareto-front")
+            expect(plot.locator(".scatterlayer .point")).to_have_count(len(study.trials))
+            drawn = plot.evaluate("gd => gd.data.map(t => ({kind: t.hovertemplate, x: t.x, y: t.y}))")
+            (best,) = [t for t in drawn if "Best Trial" in t["kind"]]
+            assert sorted(zip(best["x"], best["y"], strict=True)) == sorted(
+                (t.values[0], t.values[1]) for t in front
+            )
+            best_card = page.locator(".MuiCard-root", has_text="Best Trials")
+            for trial in front:
+                expect(best_card.get_by_text(f"Trial {trial.number}", exact=True)).to_be_visible()
+            page.screenshot(path=str(tmp_path / "pareto.png"), full_page=True)
+            assert page_width(page) <= VIEWPORT_WIDTH, "the study page overflows sideways"
+        finally:
+            browser.close()
+
+
 @pytest.mark.slow
 def test_api_serves_the_definition_learning_curves_and_artifacts_of_a_study(
     sqlite_url: str, tmp_path: Path, procs: list[subprocess.Popen[str]]

@@ -108,16 +108,26 @@ def attempt(
 
 
 def check_resume_is_exact(
-    train: Train, spec: StudySpec, tmp_path: Path, *, epochs: int, crash_after: int
+    train: Train,
+    spec: StudySpec,
+    tmp_path: Path,
+    *,
+    epochs: int,
+    crash_after: int,
+    checkpoint_every: int = 1,
+    retry_spec: StudySpec | None = None,
 ) -> None:
+    """``checkpoint_every``: the crashed attempt's last checkpoint is the last multiple of it before
+    epoch k, and the retry replays the epochs after it. ``retry_spec``: the retry's own spec."""
     storage = f"sqlite:///{tmp_path / 'hpo.db'}"
     whole = attempt(train, spec, storage, tmp_path / "whole", epochs=epochs)
     crashed = attempt(train, spec, storage, tmp_path / "trial", epochs=epochs, crash_after=crash_after)
-    assert crashed.checkpoint_epoch == crash_after - 1  # the crash came before epoch k's checkpoint
+    resumed_from = (crash_after - 1) // checkpoint_every * checkpoint_every
+    assert crashed.checkpoint_epoch == resumed_from  # the crash came before epoch k's checkpoint
     assert len(crashed.history["val_loss"]) == crash_after
-    retry = attempt(train, spec, storage, tmp_path / "trial", epochs=epochs)
+    retry = attempt(train, retry_spec or spec, storage, tmp_path / "trial", epochs=epochs)
 
-    assert retry.trial.user_attrs["resumed_from_epoch"] == crash_after - 1
+    assert retry.trial.user_attrs["resumed_from_epoch"] == resumed_from
     assert retry.checkpoint_epoch == whole.checkpoint_epoch == epochs
     assert set(retry.history) == set(whole.history)
     for name, values in whole.history.items():
@@ -252,3 +262,33 @@ def test_vision_triplet_greyscale_resume_is_exact(tmp_path: Path) -> None:
     settings = {**MLP, "optimizer": "sgd", "loss": "triplet", "triplet_margin": 0.5, "dropout": 0.1}
     spec = make_spec("image_classifier", data, settings, epochs=3)
     check_resume_is_exact(train_vision, spec, tmp_path, epochs=3, crash_after=2)
+
+
+@pytest.mark.parametrize("async_write", [False, True], ids=["sync", "async"])
+def test_vision_resume_with_checkpoint_every_replays_the_epochs_since_the_last_checkpoint(
+    colours: Path, tmp_path: Path, async_write: bool
+) -> None:
+    """checkpoint_every: 3, killed after epoch 5: the checkpoint is epoch 3's, the retry replays
+    epochs 4 and 5 with their own seeds (dropout, augmentation, SGD momentum) and ends exactly as
+    the uninterrupted run. The retry checkpoints every epoch, synchronously: when and how to save is
+    not part of the run. (A SIGKILL during an asynchronous write: test_checkpoint_every.py.)"""
+    data = {"format": "imagefolder", "root": str(colours), "image_size": 16, "val_fraction": 0.3}
+    settings = {
+        **MLP,
+        "optimizer": "sgd",
+        "momentum": 0.9,
+        "dropout": 0.2,
+        "scheduler": "step",
+        "step_size": 2,
+        "augment": "flip_jitter",
+    }
+    spec = make_spec(
+        "image_classifier",
+        data,
+        {**settings, "checkpoint_every": 3, "checkpoint_async": async_write},
+        epochs=7,
+    )
+    retry_spec = make_spec("image_classifier", data, settings, epochs=7)
+    check_resume_is_exact(
+        train_vision, spec, tmp_path, epochs=7, crash_after=5, checkpoint_every=3, retry_spec=retry_spec
+    )

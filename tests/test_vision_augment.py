@@ -7,9 +7,14 @@ import torch
 import torchvision.transforms.v2.functional as TF
 
 from objectives.vision.augment import (
+    GREY_MEAN,
+    GREY_STD,
     IMAGENET_MEAN,
+    IMAGENET_STD,
     Augmentation,
     adjust_colors,
+    normalization_stats,
+    normalize,
     prepare_batch,
     random_flip,
     rotate,
@@ -78,3 +83,16 @@ def test_prepare_batch_normalises_uint8_with_imagenet_statistics() -> None:
     assert float(out.abs().max()) < 0.01  # ImageNet's mean colour maps to ~0
     with pytest.raises(ValueError, match="generator"):
         prepare_batch(batch, Augmentation.preset("flip_jitter"), None)
+
+
+@pytest.mark.parametrize("channels", [3, 1])
+def test_normalize_equals_torchvision_bit_for_bit_with_constants_built_once(channels: int) -> None:
+    """The device-resident constants change no value: the result is torchvision's, exactly, and
+    the constants are built once per device (torchvision builds them twice per call)."""
+    images = torch.rand(5, channels, 7, 9, generator=torch.Generator().manual_seed(3))
+    mean, std = (IMAGENET_MEAN, IMAGENET_STD) if channels == 3 else (GREY_MEAN, GREY_STD)
+    assert torch.equal(normalize(images), TF.normalize(images, list(mean), list(std)))
+    first = normalization_stats(images.device, images.dtype, channels)
+    again = normalization_stats(images.device, images.dtype, channels)
+    assert first[0] is again[0] and first[1] is again[1]
+    assert first[0].shape == (1, channels, 1, 1)

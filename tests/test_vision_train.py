@@ -6,12 +6,14 @@ bad data goes through ``hpo worker`` to check what the user sees.
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any, Literal
 
 import optuna
 import pytest
 import torch
+import torchvision.transforms.v2.functional as TF
 import yaml
 from conftest import run_cli
 from sklearn.metrics import average_precision_score
@@ -21,11 +23,22 @@ from hpo._records import trial_metrics
 from hpo.errors import HpoError, SpecError
 from hpo.objective import TrialRun
 from hpo.spec import load_study_file, parse_study
-from hpo.training import CHECKPOINT_FILE
-from objectives.vision.augment import prepare_batch
+from hpo.training import CHECKPOINT_FILE, build_optimizer
+from objectives.vision.augment import IMAGENET_MEAN, IMAGENET_STD, Augmentation, prepare_batch
 from objectives.vision.data import DataConfig, load_image_data
-from objectives.vision.models import ModelOptions, build_model
-from objectives.vision.train import train
+from objectives.vision.losses import Criterion
+from objectives.vision.models import ImageClassifier, ModelOptions, build_model
+from objectives.vision.train import (
+    IMAGE_CLASSIFIER,
+    Device,
+    ImageClassifierConfig,
+    Inputs,
+    evaluate,
+    make_criterion,
+    make_inputs,
+    train,
+    train_one_epoch,
+)
 
 MLP = {"model": "mlp", "mlp_width": 32, "mlp_layers": 2, "batch_size": 16, "optimizer": "adam"}
 
@@ -185,9 +198,18 @@ def test_multilabel_voc_reports_map_equal_to_scikit_learn(tmp_path: Path) -> Non
     with torch.no_grad():
         scores = model.eval()(prepare_batch(images.val_images, None, None)).numpy()
     targets = images.val_targets.numpy()
-    present = targets.sum(axis=0) > 0  # classes without a positive have no AP (VOC ignores them)
-    expected = average_precision_score(targets[:, present], scores[:, present], average="macro")
-    assert run.history["val_map"][-1] == pytest.approx(expected, abs=1e-6)
+    # voc_difficult: ignore (the default): make_voc marks every second object difficult; a flagged
+    # (image, class) pair is left out of that class's AP, and a class without a positive has none.
+    assert images.val_ignore is not None and bool(images.val_ignore.any())
+    kept = (~images.val_ignore).numpy()
+    aps = [
+        average_precision_score(targets[kept[:, j], j], scores[kept[:, j], j])
+        for j in range(targets.shape[1])
+        if targets[kept[:, j], j].sum() > 0
+    ]
+    assert run.history["val_map"][-1] == pytest.approx(sum(aps) / len(aps), abs=1e-6)
+    right = ((scores > 0) == (targets > 0.5)) & kept
+    assert run.history["val_acc"][-1] == pytest.approx(right.sum() / kept.sum(), abs=1e-12)
 
 
 def test_center_loss_centres_are_checkpointed_buffers_moved_by_their_own_rule(tmp_path: Path) -> None:
@@ -349,3 +371,180 @@ def test_bad_data_section_is_one_line_error(tmp_path: Path, sqlite_url: str) -> 
     assert result.returncode == 2
     assert result.stderr.startswith("error: ") and "data.format" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def _reference_epoch(
+    model: ImageClassifier,
+    optimizer: torch.optim.Optimizer,
+    criterion: Criterion,
+    inputs: Inputs,
+    augmentation: Augmentation,
+    batch_size: int,
+    seed: int,
+) -> dict[str, float]:
+    """The loop as it was: torchvision's normalize, and each batch's loss and hits read back."""
+    model.train()
+    torch.manual_seed(seed)
+    order = torch.randperm(len(inputs.train_y), generator=torch.Generator().manual_seed(seed))
+    generator = torch.Generator().manual_seed(seed)
+    loss_sum, hits, count = 0.0, 0, 0
+    for start in range(0, len(order), batch_size):
+        index = order[start : start + batch_size]
+        x = augmentation(inputs.train_x[index].float().div_(255.0), generator)
+        x = TF.normalize(x, list(IMAGENET_MEAN), list(IMAGENET_STD))
+        y = inputs.train_y[index]
+        logits, features = model.forward_with_features(x)
+        loss = criterion(logits, features, y, None)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        loss_sum += loss.item() * len(index)
+        hits += int((logits.argmax(1) == y).sum().item())
+        count += len(index)
+    return {"train_loss": loss_sum / count, "train_acc": hits / count}
+
+
+def test_device_side_metrics_equal_the_per_batch_read_back(colours: Path) -> None:
+    """An epoch that reads nothing back until its end (device-side sums, cached normalisation
+    constants) trains the same weights, bit for bit, and reports the same means as the old loop that
+    read every batch's loss back (``loss.item()``) and normalised with torchvision."""
+    data = load_image_data(DataConfig(format="imagefolder", root=str(colours), image_size=12), 5)
+    cfg = ImageClassifierConfig(**{**MLP, "dropout": 0.2, "batch_size": 20, "augment": "flip_jitter"})
+    inputs = make_inputs(cfg, data)
+    assert len(inputs.train_y) % 20 not in (0, 1)  # a partial last batch, which is trained on
+    options = ModelOptions(name="mlp", num_outputs=6, mlp_width=32, mlp_layers=2, in_features=3 * 12 * 12)
+    torch.manual_seed(0)
+    model = build_model(options)
+    reference = copy.deepcopy(model)
+    optimizer = build_optimizer("adam", model.trainable_parameters(), 1e-2)
+    ref_optimizer = build_optimizer("adam", reference.trainable_parameters(), 1e-2)
+    augmentation = Augmentation.preset("flip_jitter")
+    on = Device.for_run("cpu")
+    for epoch in (1, 2):
+        got = train_one_epoch(
+            model,
+            optimizer,
+            make_criterion(cfg, inputs),
+            inputs,
+            batch_size=20,
+            augmentation=augmentation,
+            seed=epoch,
+            on=on,
+        )
+        want = _reference_epoch(
+            reference, ref_optimizer, make_criterion(cfg, inputs), inputs, augmentation, 20, epoch
+        )
+        assert got["train_loss"] == pytest.approx(want["train_loss"], rel=1e-12, abs=0)
+        assert got["train_acc"] == want["train_acc"]
+        for name, tensor in model.state_dict().items():
+            assert torch.equal(tensor, reference.state_dict()[name]), name
+
+    # validation in batches of 7 against per-batch sums read back one by one
+    got = evaluate(model, make_criterion(cfg, inputs), inputs, batch_size=7, on=on)
+    model.eval()
+    loss_sum, hits, top5 = 0.0, 0, 0
+    with torch.no_grad():
+        for start in range(0, len(inputs.val_y), 7):
+            logits = model(prepare_batch(inputs.val_x[start : start + 7], None, None))
+            y = inputs.val_y[start : start + 7]
+            loss_sum += torch.nn.functional.cross_entropy(logits, y, reduction="sum").item()
+            hits += int((logits.argmax(1) == y).sum().item())
+            top5 += int((logits.topk(5, dim=1).indices == y[:, None]).any(dim=1).sum().item())
+    n = len(inputs.val_y)
+    assert got["val_loss"] == pytest.approx(loss_sum / n, rel=1e-6)
+    assert (got["val_acc"], got["val_top5"]) == (hits / n, top5 / n)
+
+
+def test_ignored_labels_change_nothing_in_training_or_evaluation() -> None:
+    """VOC's difficult labels (``Inputs.train_ignore`` / ``val_ignore``): the loss, ``train_acc``,
+    ``val_acc`` and ``val_map`` leave flagged pairs out, so what their targets say changes neither
+    the trained weights nor a metric, and the metrics are those of the pairs left."""
+    g = torch.Generator().manual_seed(0)
+    n, k, d = 50, 5, 12
+    x = torch.randn(n, d, generator=g)  # feature vectors: images=False
+    y = (torch.rand(n, k, generator=g) < 0.4).float()
+    ignore = torch.rand(n, k, generator=g) < 0.25
+    flipped = torch.where(ignore, 1.0 - y, y)
+    on = Device.for_run("cpu")
+    criterion = Criterion("bce")
+
+    def run(targets: torch.Tensor, flags: torch.Tensor | None) -> tuple[dict[str, float], ImageClassifier]:
+        inputs = Inputs(
+            *(x[:30], targets[:30], x[30:], targets[30:]),
+            images=False,
+            multilabel=True,
+            num_outputs=k,
+            train_ignore=flags[:30] if flags is not None else None,
+            val_ignore=flags[30:] if flags is not None else None,
+        )
+        torch.manual_seed(0)
+        model = build_model(
+            ModelOptions(name="mlp", num_outputs=k, in_features=d, mlp_width=16, mlp_layers=2)
+        )
+        optimizer = build_optimizer("adam", model.trainable_parameters(), 1e-2)
+        metrics: dict[str, float] = {}
+        for epoch in (1, 2):
+            metrics = train_one_epoch(
+                model, optimizer, criterion, inputs, batch_size=8, augmentation=None, seed=epoch, on=on
+            )
+        return metrics | evaluate(model, criterion, inputs, batch_size=7, on=on), model
+
+    got, model = run(y, ignore)
+    same, other = run(flipped, ignore)
+    assert got == same
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, other.state_dict()[name]), name
+    assert run(flipped, None)[0] != got  # without the flags the flipped targets do count
+
+    model.eval()
+    with torch.no_grad():
+        logits = model(x[30:])
+    vy, kept = y[30:], ~ignore[30:]
+    right = ((logits > 0) == (vy > 0.5)) & kept
+    assert got["val_acc"] == pytest.approx(int(right.sum()) / int(kept.sum()), abs=1e-12)
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(logits[kept], vy[kept])
+    assert got["val_loss"] == pytest.approx(float(bce), rel=1e-6)
+    aps = [
+        average_precision_score(vy[kept[:, j], j].numpy(), logits[kept[:, j], j].numpy())
+        for j in range(k)
+        if vy[kept[:, j], j].sum() > 0
+    ]
+    assert got["val_map"] == pytest.approx(sum(aps) / len(aps), abs=1e-9)
+
+
+def test_every_option_is_classified_for_fused_attribute_mlp_trials() -> None:
+    """Each option of the config either may differ within a fused group or must be equal; a new
+    option must be put in one of the two (objectives/vision/_fused_mlp.py). One left out fuses
+    only at its default."""
+    from objectives.vision import _fused_mlp
+    from objectives.vision._fused_mlp import ATTRIBUTE_MLP_MAY_DIFFER, ATTRIBUTE_MLP_MUST_EQUAL
+
+    assert not ATTRIBUTE_MLP_MAY_DIFFER & ATTRIBUTE_MLP_MUST_EQUAL
+    assert set(ImageClassifierConfig.model_fields) == ATTRIBUTE_MLP_MAY_DIFFER | ATTRIBUTE_MLP_MUST_EQUAL
+    assert IMAGE_CLASSIFIER.fused_train is _fused_mlp.train_fused
+    assert IMAGE_CLASSIFIER.may_differ == ATTRIBUTE_MLP_MAY_DIFFER
+    why_not = IMAGE_CLASSIFIER.why_not_fusable
+    assert why_not is not None
+
+    base = ImageClassifierConfig(**{**MLP, "model": "attribute_mlp", "target_attribute": "Smiling"})
+    assert why_not(base.model_dump(), "cpu") is None
+    assert why_not({**base.model_dump(), "checkpoint_every": 3, "checkpoint_async": True}, "cpu") is None
+    assert why_not({**base.model_dump(), "precision": "fp32", "compile_mode": "max-autotune"}, "cpu") is None
+    refused = {
+        "precision": "bf16",
+        "compile": True,
+        "test_metrics": True,
+        "loss": "center",
+        "model": "mlp",
+    }
+    for option, value in refused.items():
+        assert why_not({**base.model_dump(), option: value}, "cpu") is not None, option
+    assert why_not(base.model_dump(), "cuda") is not None
+
+    # An option nobody classified: fusable at its default, refused otherwise.
+    unclassified = ATTRIBUTE_MLP_MUST_EQUAL - {"eval_batch_size"}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(_fused_mlp, "ATTRIBUTE_MLP_MUST_EQUAL", unclassified)
+        assert why_not(base.model_dump(), "cpu") is None
+        reason = why_not({**base.model_dump(), "eval_batch_size": 7}, "cpu")
+        assert reason is not None and "eval_batch_size=7" in reason

@@ -8,20 +8,55 @@ K * H channels of one ``F.batch_norm`` call, so each member's batch statistics, 
 statistics (updated in place in the stacked buffers) and affine parameters are its own. The
 head's dropout mask is drawn once per batch, as the unfused member draws it (CPU).
 
-This is the model part only: the vision training loop (``objectives.vision.train``) has no fused
-counterpart yet.
+:func:`train_fused` is the fused trainer of report 000's attribute MLP (``model: attribute_mlp``,
+CPU): each member is set up as :func:`objectives.vision.train.train` sets the unfused trial up,
+and each epoch replays its training loop (seeded order and dropout, batch-norm batches, BCE loss,
+``train_loss``/``train_acc``, the schedule) and evaluation (``val_loss``/``val_acc``/``val_map``,
+``lr``) for all members at once. Checkpoints are written every epoch (``checkpoint_every`` is
+ignored), in the unfused format and identity, so either run resumes the other.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hpo._fused import dropout_noise
-from objectives.vision.models import LEAKY_SLOPE, ImageClassifier, ResidualMLP
+from hpo._fused import Member, Stack, dropout_noise, train_group, why_not_fusable_runs
+from hpo.objective import TrialRun
+from hpo.training import build_scheduler, epoch_seed, load_checkpoint, seed_everything
+from objectives.vision._inputs import make_criterion, make_inputs
+from objectives.vision.data import DataConfig, load_image_data
+from objectives.vision.metrics import mean_average_precision, multilabel_correct
+from objectives.vision.models import LEAKY_SLOPE, ImageClassifier, ModelOptions, ResidualMLP, build_model
+
+# Every option of ImageClassifierConfig is in exactly one of the two sets below (tests/test_vision_train.py
+# checks it against the config's fields). An option in neither, i.e. one added to the config and not
+# classified here, fuses only at its default value (why_not_fusable), so it is never silently dropped.
+
+# What may differ between fused members: the optimizer's and the schedule's hyperparameters (each
+# member keeps its own optimizer and schedule), and options with no effect on a fused group:
+# checkpoint_every and checkpoint_async (the fused trainer writes every epoch's checkpoint itself,
+# in the unfused format; neither changes what is trained), feature_cache (an MLP on attributes has
+# no frozen backbone to cache), compile_mode (compile: true is refused) and precision (bf16 is
+# refused and fusing is CPU-only, where auto is fp32).
+ATTRIBUTE_MLP_MAY_DIFFER = frozenset(
+    {"lr", "weight_decay", "momentum", "scheduler", "step_size", "gamma"}
+    | {"checkpoint_every", "checkpoint_async", "feature_cache", "compile_mode", "precision"}
+)
+# What must be equal: the architecture, the batches, the loss and the evaluation the fused trainer
+# replays for every member, and the options it only fuses at some values (why_not_fusable: model,
+# loss, compile, test_metrics) or that do not apply to the attribute MLP (transfer, pretrained,
+# encoder_checkpoint, frozen_mode, augment, the center and triplet losses' parameters).
+ATTRIBUTE_MLP_MUST_EQUAL = frozenset(
+    {"model", "mlp_width", "mlp_layers", "dropout", "target_attribute"}
+    | {"optimizer", "nesterov", "batch_size", "eval_batch_size", "loss", "test_metrics", "compile"}
+    | {"transfer", "pretrained", "encoder_checkpoint", "frozen_mode", "augment"}
+    | {"center_loss_lambda", "center_alpha", "triplet_margin"}
+)
 
 
 def _linear(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -91,3 +126,156 @@ def residual_mlp_forward(
     if training and isinstance(dropout, nn.Dropout) and dropout.p > 0:
         h = h * dropout_noise(h.shape[-2:], dropout.p, h)  # the unfused member's (B, H) mask
     return _linear(h, params["head.1.weight"], params["head.1.bias"])
+
+
+def why_not_fusable(config: Mapping[str, Any], device: str) -> str | None:
+    """Why a trial of the image classifier (its validated configuration) cannot fuse, or None."""
+    if config.get("model") != "attribute_mlp":
+        return f"model {config.get('model')} has no fused trainer (only attribute_mlp: report 000's MLP)"
+    if not device.startswith("cpu"):
+        return "fused attribute_mlp trials match the unfused dropout masks on the CPU only"
+    if config.get("loss") not in ("auto", "bce"):
+        return f"loss {config.get('loss')} cannot be fused (auto or bce can)"
+    if config.get("compile") or config.get("test_metrics") or config.get("precision") == "bf16":
+        return "compile, test_metrics and bf16 cannot be fused"
+    return _unclassified_option(config)
+
+
+def _unclassified_option(config: Mapping[str, Any]) -> str | None:
+    """Why not, where an option that this module does not classify is not at its default."""
+    from objectives.vision.train import ImageClassifierConfig  # imports this module
+
+    fields = ImageClassifierConfig.model_fields
+    known = ATTRIBUTE_MLP_MAY_DIFFER | ATTRIBUTE_MLP_MUST_EQUAL
+    for name in sorted(set(config) - known):
+        default = fields[name].default if name in fields else None
+        if name not in fields or config[name] != default:
+            return (
+                f"option {name}={config[name]!r} is not known to the fused attribute_mlp trainer "
+                "(it fuses only at its default)"
+            )
+    return None
+
+
+def _member(run: TrialRun) -> tuple[Member, Any]:
+    """One trial set up as ``objectives.vision.train.train`` sets it up (seeded weights, its own
+    optimizer and schedule, restored from its checkpoint); with its inputs."""
+    from objectives.vision.train import _optimizer, _parse_config
+
+    cfg = _parse_config(run.config)
+    data_cfg = DataConfig(**run.data)
+    data = load_image_data(data_cfg, run.seed, cache=run.cache, device=run.device, test=False)
+    inputs = make_inputs(cfg, data)
+    criterion = make_criterion(cfg, inputs)
+    seed_everything(run.seed)
+    model = build_model(
+        ModelOptions(
+            name=cfg.model,
+            num_outputs=inputs.num_outputs,
+            transfer=cfg.transfer,
+            pretrained=cfg.use_pretrained,
+            dropout=cfg.dropout,
+            mlp_width=cfg.mlp_width,
+            mlp_layers=cfg.mlp_layers,
+            in_features=int(inputs.train_x.shape[1]),
+            encoder_checkpoint=cfg.encoder_checkpoint,
+            center_loss=criterion.name == "center",
+            center_alpha=cfg.center_alpha,
+            in_channels=3,
+            frozen_mode=cfg.frozen_mode,
+        )
+    ).to(run.device)
+    optimizer = _optimizer(cfg, model)
+    scheduler = build_scheduler(
+        cfg.scheduler, optimizer, step_size=cfg.step_size, gamma=cfg.gamma, epochs=run.max_epochs
+    )
+    # The unfused trial's checkpoint identity (objectives.vision.train.train), so either resumes the other.
+    # (Kept in step by hand: objectives.vision.train has no function for it yet.)
+    left_out = {"feature_cache", "checkpoint_every", "checkpoint_async", "compile", "compile_mode"}
+    identity: dict[str, Any] = {
+        "config": cfg.model_dump(exclude=left_out),
+        "data": data_cfg.model_dump(),
+        "seed": run.seed,
+    }
+    if cfg.scheduler == "cosine":
+        identity["max_epochs"] = run.max_epochs
+    start_epoch = 1
+    restored = load_checkpoint(
+        run.checkpoint_dir, model=model, optimizer=optimizer, scheduler=scheduler, config=identity
+    )
+    if restored is not None:
+        start_epoch = run.resume(restored[1]) + 1
+    member = Member(run, model, optimizer, scheduler, identity, next_epoch=start_epoch)
+    return member, (cfg, inputs, criterion)
+
+
+def train_fused(runs: Sequence[TrialRun], on_leave: Callable[[Member], None] | None = None) -> list[Member]:
+    """Train attribute-MLP trials that differ only in ``ATTRIBUTE_MLP_MAY_DIFFER`` as one group."""
+    from objectives.vision.train import _parse_config
+
+    reason = why_not_fusable_runs(
+        runs, ATTRIBUTE_MLP_MAY_DIFFER, lambda r: _parse_config(r.config).model_dump()
+    )
+    for run in runs:
+        reason = reason or why_not_fusable(_parse_config(run.config).model_dump(), run.device)
+    if reason is not None:
+        raise ValueError(f"these image_classifier trials cannot be fused: {reason}")
+    built = [_member(run) for run in runs]
+    members = [member for member, _ in built]
+    cfg, inputs, criterion = built[0][1]  # equal for every member: same data, seed and options
+    pending: dict[int, dict[str, float]] = {}  # each model's train_acc and lr, until evaluated
+
+    def reference(stack: Stack) -> ImageClassifier:
+        model = stack.reference
+        if not isinstance(model, ImageClassifier):
+            raise TypeError("the attribute MLP is an ImageClassifier")
+        return model
+
+    def train_epoch(stack: Stack, epoch: int) -> list[float]:
+        model = reference(stack)
+        for m in stack.models:
+            m.train()
+        seed = epoch_seed(runs[0].seed, epoch)
+        torch.manual_seed(seed)  # dropout masks, as the unfused epoch draws them
+        n = len(inputs.train_y)
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+        # a last batch of one sample is skipped, as unfused (batch norm cannot normalise it)
+        stop_at = n - 1 if n % cfg.batch_size == 1 and n > 1 else n
+        loss_sum, correct, seen = torch.zeros(stack.size, dtype=torch.float64), torch.zeros(stack.size), 0
+        lrs = [float(opt.param_groups[0]["lr"]) for opt in stack.optimizers]
+        for start in range(0, stop_at, cfg.batch_size):
+            index = order[start : min(start + cfg.batch_size, stop_at)]
+            x, y = inputs.train_x[index].float(), inputs.train_y[index]
+            logits = residual_mlp_forward(model, stack.params, stack.buffers, x, True)
+            bce = F.binary_cross_entropy_with_logits(logits, y.expand(stack.size, -1, -1), reduction="none")
+            losses = bce.mean(dim=2).mean(dim=1)  # each member's Criterion.eval_loss
+            losses.sum().backward()
+            stack.step()
+            loss_sum += losses.detach().double() * len(index)
+            correct += torch.stack([multilabel_correct(logits[k].detach(), y) for k in range(stack.size)])
+            seen += len(index)
+        labels = seen * inputs.train_y.shape[1]
+        for k, m in enumerate(stack.models):
+            pending[id(m)] = {"train_acc": float(correct[k]) / max(labels, 1), "lr": lrs[k]}
+        return [float(total) / max(seen, 1) for total in loss_sum]
+
+    @torch.no_grad()
+    def evaluate(stack: Stack) -> list[dict[str, float]]:
+        for m in stack.models:
+            m.eval()
+        logits = residual_mlp_forward(
+            reference(stack), stack.params, stack.buffers, inputs.val_x.float(), False
+        )
+        y = inputs.val_y
+        out = []
+        for k, m in enumerate(stack.models):
+            metrics = {
+                "val_loss": float(criterion.eval_loss(logits[k], y, reduction="sum")) / len(y),
+                "val_acc": float(multilabel_correct(logits[k], y)) / y.numel(),
+                "val_map": float(mean_average_precision(logits[k], y)),
+            }
+            out.append({**metrics, **pending.pop(id(m))})
+        return out
+
+    train_group(members, train_epoch, evaluate, on_leave)
+    return members

@@ -113,11 +113,38 @@ def rotate(images: torch.Tensor, degrees: torch.Tensor) -> torch.Tensor:
     return out.to(images.dtype)
 
 
+# Normalisation constants, one (1, C, 1, 1) tensor pair per (device, dtype, channels), built once.
+# torchvision's ``normalize`` builds them with ``torch.as_tensor(list, device=...)`` on every call:
+# on CUDA that is a blocking host-to-device copy (a host sync) twice per batch (pytorch#120996).
+_STATS: dict[tuple[torch.device, torch.dtype, int], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def normalization_stats(
+    device: torch.device, dtype: torch.dtype = torch.float32, channels: int = 3
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """ImageNet mean and std as ``(1, C, 1, 1)`` tensors on ``device``, cached (C = 3, or 1 for grey).
+
+    The first call for a device copies them there; every later call returns the same tensors, so
+    normalising a batch never touches the host."""
+    key = (torch.device(device), dtype, channels)
+    stats = _STATS.get(key)
+    if stats is None:
+        mean, std = (GREY_MEAN, GREY_STD) if channels == 1 else (IMAGENET_MEAN, IMAGENET_STD)
+        stats = (
+            torch.tensor(mean, dtype=dtype).view(1, -1, 1, 1).to(device),
+            torch.tensor(std, dtype=dtype).view(1, -1, 1, 1).to(device),
+        )
+        _STATS[key] = stats
+    return stats
+
+
 def normalize(images: torch.Tensor) -> torch.Tensor:
-    """ImageNet mean/std normalisation of float images in [0, 1] (RGB, or one grey channel)."""
-    if images.shape[1] == 1:
-        return TF.normalize(images, list(GREY_MEAN), list(GREY_STD))
-    return TF.normalize(images, list(IMAGENET_MEAN), list(IMAGENET_STD))
+    """ImageNet mean/std normalisation of float images in [0, 1] (RGB, or one grey channel).
+
+    The same arithmetic as torchvision's ``normalize`` (``(x - mean) / std``, bit for bit) with
+    device-resident constants (:func:`normalization_stats`): no host sync per batch."""
+    mean, std = normalization_stats(images.device, images.dtype, images.shape[1])
+    return images.sub(mean).div_(std)
 
 
 def prepare_batch(

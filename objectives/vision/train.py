@@ -15,36 +15,56 @@ augmentation and dropout come from a seed derived from (study seed, epoch), so a
 from its checkpoint continues exactly as if it had never stopped.
 
 Every epoch reports ``train_loss``, ``train_acc``, ``val_loss``, ``val_acc`` and ``lr``, plus
-``val_top5`` (single-label) or ``val_map`` (multi-label) to the study, and writes a checkpoint
-(model, optimizer, scheduler, epoch, config) that a retried trial resumes from.
+``val_top5`` (single-label) or ``val_map`` (multi-label) to the study. A checkpoint (model,
+optimizer, scheduler, epoch, config) that a retried trial resumes from is written every
+``checkpoint_every`` epochs and always at the trial's last epoch (the budget's end, early stopping
+or pruning); a trial killed between two checkpoints resumes from the earlier one and replays the
+missing epochs with their own seeds, so its result equals the uninterrupted run's.
+
+The GPU loop never waits for the device inside an epoch: normalisation constants live on the
+device, metrics are summed there (one read-back per epoch), ``order`` and targets move with
+``non_blocking`` copies, optimizers are fused on CUDA (:func:`hpo.training.build_optimizer`), and
+data kept on the host is gathered into pinned memory and copied on a side stream one batch ahead
+(:mod:`objectives.vision._gpu`). ``compile: true`` runs the model through ``torch.compile``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import optuna
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from hpo.errors import HpoError
 from hpo.objective import Objective, TrialRun
 from hpo.training import (
+    CheckpointWriter,
     build_optimizer,
     build_scheduler,
+    checkpoint_due,
     epoch_seed,
     load_checkpoint,
-    save_checkpoint,
     seed_everything,
 )
+from objectives.vision._fused_mlp import ATTRIBUTE_MLP_MAY_DIFFER, train_fused, why_not_fusable
+from objectives.vision._gpu import Forward, compiled_forward, device_batches
+from objectives.vision._inputs import Inputs, make_criterion, make_inputs, split_ignore, with_ignore
+from objectives.vision._inputs import held_out_inputs as _test_inputs
 from objectives.vision.augment import Augmentation, AugmentPreset, prepare_batch
-from objectives.vision.data import DataConfig, ImageData, load_image_data
+from objectives.vision.data import DataConfig, load_image_data
 from objectives.vision.features import FeatureCacheMode, use_feature_cache
 from objectives.vision.losses import Criterion
-from objectives.vision.metrics import EpochMeter, mean_average_precision, multilabel_correct, topk_correct
+from objectives.vision.metrics import (
+    EpochMeter,
+    counted_labels,
+    mean_average_precision,
+    multilabel_correct,
+    topk_correct,
+)
 from objectives.vision.models import (
     MLP_MODELS,
     FrozenMode,
@@ -74,7 +94,9 @@ class ImageClassifierConfig(BaseModel):
     mlp_width: int = Field(default=256, ge=2, le=16384)
     mlp_layers: int = Field(default=11, ge=1, le=128)
     target_attribute: str | None = Field(default=None, description="attribute_mlp: the attribute predicted")
-    encoder_checkpoint: str | None = Field(default=None, description="resnet18_mlp: saved ResNet-18 encoder")
+    encoder_checkpoint: str | None = Field(
+        default=None, description="a saved encoder: a path or artifact:STUDY[#topR] (hpo retrain)"
+    )
     frozen_mode: FrozenMode = Field(
         default="train",
         description="frozen parts in training mode (dropout on, BN statistics adapt: the reports) or eval",
@@ -110,6 +132,17 @@ class ImageClassifierConfig(BaseModel):
     precision: Literal["auto", "fp32", "bf16"] = Field(
         default="auto", description="auto: bf16 autocast on CUDA, fp32 on the CPU"
     )
+    compile: bool = Field(default=False, description="torch.compile the model's forward (and backward)")
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = Field(
+        default="default",
+        description="torch.compile mode; reduce-overhead records CUDA graphs (one per batch shape)",
+    )
+    checkpoint_every: int = Field(
+        default=1, ge=1, description="write a checkpoint every N epochs (and always at the trial's last)"
+    )
+    checkpoint_async: bool = Field(
+        default=False, description="write checkpoints in a background thread (training goes on meanwhile)"
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> ImageClassifierConfig:
@@ -129,68 +162,6 @@ class ImageClassifierConfig(BaseModel):
     @property
     def use_pretrained(self) -> bool:
         return self.pretrained if self.pretrained is not None else self.transfer != "scratch"
-
-
-@dataclass(frozen=True)
-class Inputs:
-    """What the loop trains on: images (uint8) or feature vectors (float), targets, and the task."""
-
-    train_x: torch.Tensor
-    train_y: torch.Tensor
-    val_x: torch.Tensor
-    val_y: torch.Tensor
-    images: bool
-    multilabel: bool
-    num_outputs: int
-
-
-def make_inputs(cfg: ImageClassifierConfig, data: ImageData) -> Inputs:
-    """Turn the dataset into the model's inputs and targets (see ``attribute_mlp``)."""
-    multilabel = data.task == "multilabel"
-    if cfg.model != "attribute_mlp":
-        return Inputs(
-            data.train_images,
-            data.train_targets,
-            data.val_images,
-            data.val_targets,
-            images=True,
-            multilabel=multilabel,
-            num_outputs=len(data.classes),
-        )
-    # Report 000: predict one CelebA attribute from the other attributes (no pixels).
-    if not multilabel:
-        raise HpoError(
-            "model attribute_mlp reads CelebA's attributes, but this dataset is single-label "
-            "(fix: data: {format: celeba}, with all attributes and no data.target_attribute)"
-        )
-    if cfg.target_attribute not in data.classes:
-        raise HpoError(
-            f"target_attribute {cfg.target_attribute!r} is not an attribute of this dataset "
-            f"(fix: use data format celeba and one of: {', '.join(data.classes)})"
-        )
-    target = data.classes.index(cfg.target_attribute)
-    others = [i for i in range(len(data.classes)) if i != target]
-
-    def split(targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        targets = targets.float()
-        return targets[:, others], targets[:, target : target + 1]
-
-    train_x, train_y = split(data.train_targets)
-    val_x, val_y = split(data.val_targets)
-    return Inputs(train_x, train_y, val_x, val_y, images=False, multilabel=True, num_outputs=1)
-
-
-def make_criterion(cfg: ImageClassifierConfig, inputs: Inputs) -> Criterion:
-    loss = cfg.loss
-    if loss == "auto":
-        loss = "bce" if inputs.multilabel else "cross_entropy"
-    if inputs.multilabel and loss != "bce":
-        raise HpoError(
-            f"loss: {loss} needs single-label classes, but this dataset is multi-label (fix: loss: bce)"
-        )
-    if not inputs.multilabel and loss == "bce":
-        raise HpoError("loss: bce is for multi-label datasets (voc, celeba) (fix: loss: cross_entropy)")
-    return Criterion(loss, cfg.center_loss_lambda, cfg.triplet_margin)
 
 
 @dataclass(frozen=True)
@@ -251,57 +222,118 @@ def train_one_epoch(
     augmentation: Augmentation | None,
     seed: int,
     on: Device,
+    forward: Forward | None = None,
 ) -> dict[str, float]:
-    """One pass over the training set in a seeded random order; mean loss and accuracy."""
+    """One pass over the training set in a seeded random order; mean loss and accuracy.
+
+    ``forward``: what computes ``(logits, features)`` (default ``model.forward_with_features``; a
+    compiled one with ``compile: true``). Reads nothing back from the device until the epoch's
+    end (:meth:`EpochMeter.compute`)."""
+    return train_epoch_sums(
+        model,
+        optimizer,
+        criterion,
+        inputs,
+        batch_size=batch_size,
+        augmentation=augmentation,
+        seed=seed,
+        on=on,
+        forward=forward,
+    ).compute()
+
+
+def train_epoch_sums(
+    model: ImageClassifier,
+    optimizer: torch.optim.Optimizer,
+    criterion: Criterion,
+    inputs: Inputs,
+    *,
+    batch_size: int,
+    augmentation: Augmentation | None,
+    seed: int,
+    on: Device,
+    forward: Forward | None = None,
+) -> EpochMeter:
+    """:func:`train_one_epoch` without the read-back: the epoch's sums, still on the device."""
     model.train()
     torch.manual_seed(seed)  # dropout masks
     order = torch.randperm(len(inputs.train_y), generator=torch.Generator().manual_seed(seed))
-    order = order.to(inputs.train_x.device)
+    order = order.to(inputs.train_x.device, non_blocking=True)
     generator = on.generator(seed) if augmentation is not None and augmentation.active else None
+    forward = forward if forward is not None else model.forward_with_features
+    detach_head = criterion.name == "triplet"
     meter = EpochMeter()
-    for start, stop in _batches(len(order), batch_size, drop_single=True):
-        index = order[start:stop]
-        x = _model_input(inputs.train_x[index], inputs.images, on, augmentation, generator)
-        y = inputs.train_y[index].to(on.device, non_blocking=True)
+    spans = list(_batches(len(order), batch_size, drop_single=True))
+    targets, width = with_ignore(inputs.train_y, inputs.train_ignore)
+    for (start, stop), (bx, by) in zip(
+        spans, device_batches(inputs.train_x, targets, spans, order, on.device), strict=True
+    ):
+        y, ignore = split_ignore(by, width)
+        x = _model_input(bx, inputs.images, on, augmentation, generator)
         with on.autocast():
             # Triplet: the read-out head learns from the detached embedding (see losses.py).
-            logits, features = model.forward_with_features(x, detach_head=criterion.name == "triplet")
+            logits, features = forward(x, detach_head=detach_head)
             # Center loss also moves its centres here (their own update, not the optimizer's).
-            loss = criterion(logits, features, y, model.center_loss)
+            loss = criterion(logits, features, y, model.center_loss, ignore=ignore)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         n = stop - start
-        meter.add("train_loss", loss.detach() * n, n)
+        meter.add("train_loss", loss.detach().double() * n, n)  # float64: no rounding of the product
         if inputs.multilabel:
-            meter.add("train_acc", multilabel_correct(logits.detach(), y), y.numel())
+            meter.add("train_acc", multilabel_correct(logits.detach(), y, ignore), counted_labels(y, ignore))
         else:
             meter.add("train_acc", topk_correct(logits.detach(), y, 1), n)
-    return meter.compute()
+    return meter
 
 
 @torch.no_grad()
 def evaluate(
-    model: ImageClassifier, criterion: Criterion, inputs: Inputs, *, batch_size: int, on: Device
+    model: ImageClassifier,
+    criterion: Criterion,
+    inputs: Inputs,
+    *,
+    batch_size: int,
+    on: Device,
+    forward: Forward | None = None,
 ) -> dict[str, float]:
     """Validation loss (the classification term), accuracy, and top-5 accuracy or mAP."""
+    return evaluate_sums(model, criterion, inputs, batch_size=batch_size, on=on, forward=forward).compute()
+
+
+@torch.no_grad()
+def evaluate_sums(
+    model: ImageClassifier,
+    criterion: Criterion,
+    inputs: Inputs,
+    *,
+    batch_size: int,
+    on: Device,
+    forward: Forward | None = None,
+) -> EpochMeter:
+    """:func:`evaluate` without the read-back: the sums, still on the device."""
     model.eval()
     n = len(inputs.val_y)
     logits = torch.empty(n, inputs.num_outputs, device=on.device, dtype=torch.float32)
-    for start, stop in _batches(n, batch_size, drop_single=False):
-        x = _model_input(inputs.val_x[start:stop], inputs.images, on, None, None)
+    spans = list(_batches(n, batch_size, drop_single=False))
+    for (start, stop), (bx, _) in zip(
+        spans, device_batches(inputs.val_x, inputs.val_y, spans, None, on.device), strict=True
+    ):
+        x = _model_input(bx, inputs.images, on, None, None)
         with on.autocast():
-            logits[start:stop] = model(x).float()
-    y = inputs.val_y.to(on.device)
+            out = forward(x)[0] if forward is not None else model(x)
+            logits[start:stop] = out.float()
+    y = inputs.val_y.to(on.device, non_blocking=True)
+    ignore = inputs.val_ignore.to(on.device, non_blocking=True) if inputs.val_ignore is not None else None
     meter = EpochMeter()
-    meter.add("val_loss", criterion.eval_loss(logits, y, reduction="sum"), n)
+    meter.add("val_loss", criterion.eval_loss(logits, y, reduction="sum", ignore=ignore), n)
     if inputs.multilabel:
-        meter.add("val_acc", multilabel_correct(logits, y), y.numel())
-        meter.add("val_map", mean_average_precision(logits, y), 1)
+        meter.add("val_acc", multilabel_correct(logits, y, ignore), counted_labels(y, ignore))
+        meter.add("val_map", mean_average_precision(logits, y, ignore), 1)
     else:
         meter.add("val_acc", topk_correct(logits, y, 1), n)
         meter.add("val_top5", topk_correct(logits, y, 5), n)
-    return meter.compute()
+    return meter
 
 
 def _parse_config(config: dict[str, Any]) -> ImageClassifierConfig:
@@ -317,18 +349,6 @@ def _optimizer(cfg: ImageClassifierConfig, model: ImageClassifier) -> torch.opti
     # Center loss's centres are buffers with their own update rule: the optimizer never sees them.
     groups: list[dict[str, Any]] = [{"params": model.trainable_parameters()}]
     return build_optimizer(cfg.optimizer, groups, cfg.lr, cfg.weight_decay, cfg.momentum, cfg.nesterov)
-
-
-def _test_inputs(cfg: ImageClassifierConfig, data: ImageData, inputs: Inputs) -> Inputs | None:
-    """``inputs`` with the held-out test split in place of validation (``test_metrics: true``)."""
-    if not cfg.test_metrics:
-        return None
-    if data.test_images is None or data.test_targets is None or not inputs.images:
-        raise HpoError(
-            "test_metrics: true needs a held-out test split of images "
-            "(fix: data: {format: caltech101, train_list: ..., test_list: ...}, or drop test_metrics)"
-        )
-    return dataclasses.replace(inputs, val_x=data.test_images, val_y=data.test_targets)
 
 
 def train(run: TrialRun) -> float:
@@ -375,8 +395,12 @@ def train(run: TrialRun) -> float:
 
     # A checkpoint is resumed only by the same configuration, data and seed (and epoch budget,
     # where the schedule depends on it: cosine's T_max is restored with the scheduler's state).
-    # feature_cache is left out: cached and recomputed runs are the same run, either may resume the other.
-    config_id = cfg.model_dump(exclude={"feature_cache"})
+    # feature_cache is left out: cached and recomputed runs are the same run, either may resume the other;
+    # so is checkpoint_every (when to save changes nothing trained). compile counts when on (compiled
+    # kernels round differently) and is left out when off, so checkpoints from before it still resume.
+    left_out = {"feature_cache", "checkpoint_every", "checkpoint_async"}
+    left_out |= set() if cfg.compile else {"compile", "compile_mode"}
+    config_id = cfg.model_dump(exclude=left_out)
     identity: dict[str, Any] = {"config": config_id, "data": data_cfg.model_dump(), "seed": run.seed}
     if cfg.scheduler == "cosine":
         identity["max_epochs"] = run.max_epochs
@@ -400,37 +424,51 @@ def train(run: TrialRun) -> float:
         device=on.device,
         bf16=on.bf16,
     )
-    for epoch in range(start_epoch, run.max_epochs + 1):
-        lr = float(optimizer.param_groups[0]["lr"])
-        metrics = train_one_epoch(
-            net,
-            optimizer,
-            criterion,
-            inputs,
-            batch_size=cfg.batch_size,
-            augmentation=augmentation,
-            seed=epoch_seed(run.seed, epoch),
-            on=on,
-        )
-        if scheduler is not None:
-            scheduler.step()
-        metrics |= evaluate(net, criterion, inputs, batch_size=cfg.eval_batch_size, on=on)
-        if test_inputs is not None:  # the whole model on the test images (never a feature cache)
-            test = evaluate(model, criterion, test_inputs, batch_size=cfg.eval_batch_size, on=on)
-            metrics |= {"test_" + name.removeprefix("val_"): value for name, value in test.items()}
-        metrics["lr"] = lr
-        stop = run.report(epoch, metrics)
-        save_checkpoint(
-            run.checkpoint_dir,
-            model=model,
-            optimizer=optimizer,
-            scheduler=scheduler,
-            epoch=epoch,
-            config=identity,
-            history=run.history,
-        )
-        if stop:
-            break
+    forward = compiled_forward(net, cfg.compile_mode) if cfg.compile else None
+    # Leaving the block waits for the write in flight, however the trial ends.
+    with CheckpointWriter(cfg.checkpoint_async) as writer:
+
+        def checkpoint(epoch: int) -> None:
+            writer.save(
+                run.checkpoint_dir,
+                model=model,
+                optimizer=optimizer,
+                scheduler=scheduler,
+                epoch=epoch,
+                config=identity,
+                history=run.history,
+            )
+
+        for epoch in range(start_epoch, run.max_epochs + 1):
+            lr = float(optimizer.param_groups[0]["lr"])
+            metrics = train_one_epoch(
+                net,
+                optimizer,
+                criterion,
+                inputs,
+                batch_size=cfg.batch_size,
+                augmentation=augmentation,
+                seed=epoch_seed(run.seed, epoch),
+                on=on,
+                forward=forward,
+            )
+            if scheduler is not None:
+                scheduler.step()
+            batch_size = cfg.eval_batch_size
+            metrics |= evaluate(net, criterion, inputs, batch_size=batch_size, on=on, forward=forward)
+            if test_inputs is not None:  # the whole model on the test images (never a feature cache)
+                test = evaluate(model, criterion, test_inputs, batch_size=cfg.eval_batch_size, on=on)
+                metrics |= {"test_" + name.removeprefix("val_"): value for name, value in test.items()}
+            metrics["lr"] = lr
+            try:
+                stop = run.report(epoch, metrics)
+            except optuna.TrialPruned:
+                checkpoint(epoch)  # the trial ends here: its checkpoint holds where it ended
+                raise
+            if stop or checkpoint_due(epoch, run.max_epochs, cfg.checkpoint_every):
+                checkpoint(epoch)
+            if stop:
+                break
     return run.final_value()
 
 
@@ -445,4 +483,9 @@ IMAGE_CLASSIFIER = Objective(
         *("val_loss", "val_acc", "val_top5", "val_map", "train_loss", "train_acc", "lr"),
         *("test_loss", "test_acc", "test_top5", "test_map"),
     ),
+    # hpo worker --fuse K: report 000's attribute MLP trials on the CPU train as one batched model
+    # (objectives/vision/_fused_mlp.py); every other trial runs alone.
+    fused_train=train_fused,
+    may_differ=ATTRIBUTE_MLP_MAY_DIFFER,
+    why_not_fusable=why_not_fusable,
 )

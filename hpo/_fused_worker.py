@@ -1,0 +1,300 @@
+"""``hpo worker --fuse K``: claim up to K fusable trials and train them as one group (:mod:`hpo._fused`).
+
+Contract (what :class:`FusedGroups` guarantees on top of :mod:`hpo.worker`'s):
+
+* trials are claimed one at a time exactly as without ``--fuse`` (a queued trial, its parameters
+  asked of the sampler at claim time, so a TPE study's constant liar sees the group's earlier
+  members as running and the K asks differ); each claimed trial gets its own heartbeat from the
+  moment it is claimed until its own result is told;
+* after the first claim the worker keeps claiming while the group has fewer than K members (and
+  this worker's ``--n-trials`` allows) and the next trial can fuse with the first
+  (:func:`hpo._fused.why_not_fusable` over the objective's ``may_differ``; the objective's
+  ``why_not_fusable`` for the trial itself). A trial that cannot fuse is not put back: it is held,
+  beating, and starts the next group (or runs alone), so the queue is never reordered or starved.
+  A group of one runs as an ordinary trial;
+* each member is an ordinary trial: its own intermediate values and metric history, pruning
+  decision, early stopping, checkpoint, and its own final state, told the moment it leaves the
+  group (a pruned member leaves; the others go on);
+* the group's trainer process dying (a crash, the OOM killer) fails every member still in it with
+  the cause and re-queues it (``max_retry`` as for any trial): each retry resumes from its own
+  checkpoint, alone or in a new group. ``budget.trial_timeout`` applies to the group as a whole;
+  a member whose lease was lost (the database was unreachable past the grace period) stops the
+  group, and the others are re-queued to resume from their checkpoints;
+* the worker killed at any line (SIGKILL included) leaves its members and its held trial RUNNING
+  without heartbeats: they turn stale and are failed and re-queued by other workers, exactly as
+  an unfused trial; SIGTERM/SIGINT fails and re-queues each of them at once. A trial held for the
+  next group when the worker stops for another reason (its failure limit) is re-queued the same way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
+
+import optuna
+from optuna.trial import TrialState
+
+from hpo import _optuna
+from hpo._fused import why_not_fusable
+from hpo._progress import read_counts
+from hpo.objective import Objective, resolve_objective
+from hpo.trainer import TrialJob
+from hpo.worker import (
+    POLL_S,
+    Heartbeat,
+    Recorder,
+    TrainerDied,
+    WorkerInterrupted,
+    _inner,
+    _Outcome,
+    claim_trial,
+)
+
+if TYPE_CHECKING:
+    from hpo.worker import Worker
+
+# --fuse auto: one member per GiB of available memory, at most this many. Why: the digits and
+# report 000 MLPs need a few MiB a member, so memory never binds on a CPU; the cap is where
+# benchmarks/fused_worker.py measured the gain (per-op overhead shared K ways stops paying once
+# the stacked weights leave the cache).
+AUTO_MAX = 8
+AUTO_BYTES_PER_MEMBER = 1 << 30
+
+
+def available_memory(device: str) -> int:
+    """Bytes free for training on ``device``: the GPU's free memory, or the host's MemAvailable."""
+    if device.startswith("cuda"):
+        import torch
+
+        free, _total = torch.cuda.mem_get_info(torch.device(device))
+        return int(free)
+    with contextlib.suppress(OSError, ValueError), open("/proc/meminfo") as meminfo:
+        for line in meminfo:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
+
+
+def auto_fuse(device: str) -> int:
+    """K for ``--fuse auto``: a member per GiB available on ``device``, between 2 and :data:`AUTO_MAX`."""
+    return max(2, min(AUTO_MAX, available_memory(device) // AUTO_BYTES_PER_MEMBER))
+
+
+@dataclass
+class Claim:
+    """A trial this worker claimed and has not told yet: it beats until then."""
+
+    trial_id: int
+    number: int
+    claimed_at: float
+    heartbeat: Heartbeat
+    trial: optuna.Trial | None = None
+    job: TrialJob | None = None
+    config: dict[str, Any] | None = None  # validated, for the fusion check
+    alone: str | None = None  # why it cannot fuse with any trial, if so
+
+
+class FusedGroups:
+    """The claiming and supervising of fused groups for one :class:`hpo.worker.Worker`."""
+
+    def __init__(self, worker: Worker, size: int) -> None:
+        if size < 2:
+            raise ValueError(f"a fused group needs at least 2 members, not {size}")
+        self.worker = worker
+        self.size = size
+        self.carry: Claim | None = None  # claimed, could not join the last group: starts the next
+        self._held: dict[int, Claim] = {}  # claimed and not told, by number
+        self._objective: Objective | None = worker._objective_object
+
+    # ------------------------------------------------------------------ claiming
+    def objective(self) -> Objective:
+        if self._objective is None:  # the supervisor imports it only with --fuse
+            w = self.worker
+            self._objective = resolve_objective(
+                w.objective, "stored definition", search_path=w._objective_path
+            )
+        return self._objective
+
+    def _claim(self) -> Claim | None:
+        w = self.worker
+        claimed = claim_trial(w.study, w.identity)
+        if claimed is None:
+            return None
+        heartbeat = Heartbeat(_optuna.study_storage(w.study), claimed[0])
+        heartbeat.__enter__()
+        claim = Claim(claimed[0], claimed[1], time.monotonic(), heartbeat)
+        self._held[claim.number] = claim
+        return claim
+
+    def _prepare(self, claim: Claim, results: list[tuple[int, TrialState | None]]) -> bool:
+        """Ask the claim's parameters; False when that failed (recorded)."""
+        prepared = self.worker._prepare(claim.trial_id, claim.number)
+        if isinstance(prepared, _Outcome):
+            self._end(claim, prepared, results)
+            return False
+        claim.trial, claim.job = prepared
+        claim.alone = self._config(claim)
+        return True
+
+    def _config(self, claim: Claim) -> str | None:
+        """Sets ``claim.config``; why the trial cannot fuse at all, or None."""
+        objective = self.objective()
+        if objective.fused_train is None:
+            return f"objective {self.worker.spec.objective} has no fused trainer"
+        assert claim.job is not None
+        config = self.worker.spec.config_for(claim.job.params)
+        if objective.config is not None:
+            try:
+                config = objective.config(**config).model_dump()
+            except Exception as exc:  # the trainer fails it with the full message
+                return f"its configuration is invalid: {type(exc).__name__}"
+        claim.config = config
+        if objective.why_not_fusable is not None:
+            return objective.why_not_fusable(config, self.worker.options.device)
+        return None
+
+    def _why_not(self, first: Claim, other: Claim) -> str | None:
+        if other.alone is not None:
+            return other.alone
+        assert first.config is not None and other.config is not None
+        return why_not_fusable([first.config, other.config], self.objective().may_differ)
+
+    def run_next(self, limit: int | None) -> list[tuple[int, TrialState | None]] | None:
+        """Claim and run the next group (or lone trial); each trial's (id, state), None when no
+        trial could be claimed. ``limit``: at most this many trials (this worker's ``--n-trials``)."""
+        w = self.worker
+        results: list[tuple[int, TrialState | None]] = []
+        try:
+            first, self.carry = self.carry or self._claim(), None
+            if first is None:
+                return None
+            self._read_counts()
+            if first.trial is None and not self._prepare(first, results):
+                return results
+            members = [first]
+            if first.alone is not None:
+                w._say(f"trial {first.number} runs alone: {first.alone}")
+            while first.alone is None and len(members) < self.size:
+                if limit is not None and len(members) + len(results) >= limit:
+                    break
+                claim = self._claim()
+                if claim is None:
+                    break
+                if not self._prepare(claim, results):
+                    continue
+                reason = self._why_not(first, claim)
+                if reason is not None:
+                    self.carry = claim
+                    w._say(f"trial {claim.number} starts the next group, not {first.number}'s: {reason}")
+                    break
+                members.append(claim)
+            if len(members) == 1:
+                self._alone(first, results)
+            else:
+                self._group(members, results)
+        except WorkerInterrupted as interrupt:
+            w.trainer.stop()
+            self.release(f"worker interrupted by {interrupt}")
+            raise
+        return results
+
+    def _read_counts(self) -> None:
+        w = self.worker
+        storage = _inner(_optuna.study_storage(w.study))  # for show: never waits out an outage
+        w._counts = read_counts(storage, _optuna.study_id(w.study), w.spec.n_trials, w._direction)
+
+    def release(self, reason: str) -> None:
+        """Fail and re-queue every trial still held (each resumes from its checkpoint)."""
+        self.carry = None
+        for claim in list(self._held.values()):
+            outcome = self.worker._record_failure(claim.trial_id, reason, retry=True, keep_checkpoint=True)
+            self._end(claim, outcome, [])
+
+    def _end(self, claim: Claim, outcome: _Outcome, results: list[tuple[int, TrialState | None]]) -> None:
+        """The trial's result is told: stop its heartbeat, print its line."""
+        self._held.pop(claim.number, None)
+        claim.heartbeat.__exit__(None, None, None)
+        self.worker._finished(claim.number, outcome, time.monotonic() - claim.claimed_at)
+        self.worker._curves.trial_ended()
+        results.append((claim.trial_id, outcome.state))
+
+    # ------------------------------------------------------------------ training
+    def _alone(self, claim: Claim, results: list[tuple[int, TrialState | None]]) -> None:
+        assert claim.trial is not None and claim.job is not None
+        self._end(claim, self.worker._supervise(claim.trial, claim.job), results)
+
+    def _group(self, members: list[Claim], results: list[tuple[int, TrialState | None]]) -> None:
+        w = self.worker
+        by_number = {m.number: m for m in members}
+        recorders = {m.number: Recorder(w._fast_study(), m.trial_id, w._say) for m in members}
+
+        def still_in() -> list[Claim]:
+            return [m for m in members if m.number in self._held]
+
+        def end_all(reason: str, *, retry: bool) -> None:
+            for m in still_in():
+                if recorders[m.number].lost:
+                    self._end(m, w._lost(m.number), results)
+                else:
+                    outcome = w._record_failure(m.trial_id, reason, retry=retry, keep_checkpoint=retry)
+                    self._end(m, outcome, results)
+
+        w._say(f"trials {', '.join(str(m.number) for m in members)} train as one fused group")
+        limit = w.spec.budget.trial_timeout
+        try:
+            w.trainer.ensure_started(w.interrupts)
+            started = time.monotonic()
+            w.trainer.send(("group", [asdict(m.job) for m in members if m.job is not None]))
+            while True:
+                w.interrupts.check()
+                if limit is not None and time.monotonic() - started > limit:
+                    w.trainer.kill()
+                    end_all(
+                        f"exceeded budget.trial_timeout of {limit:g}s (fused group); the trainer was stopped",
+                        retry=False,
+                    )
+                    return
+                for m in still_in():
+                    recorders[m.number].retry_due()
+                lost = [m.number for m in still_in() if recorders[m.number].lost]
+                if lost:
+                    # Another worker runs that trial's retry from the same checkpoint folder: stop
+                    # the group at once; the other members resume from their own checkpoints.
+                    w.trainer.stop()
+                    end_all(f"its fused group stopped: trial {lost[0]}'s lease was lost", retry=True)
+                    return
+                message = w.trainer.poll(POLL_S)
+                if message is None:
+                    continue
+                if message[0] == "group_done":
+                    end_all("the fused trainer ended without this trial's result", retry=False)
+                    return
+                if message[0] != "member":
+                    continue
+                member, inner = by_number[int(message[1])], tuple(message[2])
+                recorder = recorders[member.number]
+                kind = inner[0]
+                if kind == "report":
+                    recorder.report(float(inner[1]), int(inner[2]))
+                elif kind == "should_prune":
+                    answer = ("abort",) if recorder.lost else ("prune", recorder.should_prune())
+                    w.trainer.send(answer)
+                elif kind == "user_attr":
+                    recorder.user_attr(str(inner[1]), inner[2])
+                elif kind == "system_attr":
+                    recorder.system_attr(str(inner[1]), inner[2])
+                elif kind == "artifact":
+                    assert member.trial is not None
+                    w.trainer.send(w._upload(member.trial, str(inner[1])))
+                elif member.number in self._held:  # its last message: it leaves the group
+                    assert member.trial is not None
+                    self._read_counts()  # the study before this result, for its line
+                    self._end(member, w._conclude(member.trial, recorder, inner), results)
+        except TrainerDied as died:
+            w.trainer.close()
+            for m in still_in():
+                recorders[m.number].drain_blocking(w.storage_patience, w.interrupts)
+            end_all(str(died), retry=True)

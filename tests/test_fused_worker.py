@@ -1,0 +1,204 @@
+"""``hpo worker --fuse K`` end to end: real CLI processes, real SQLite / PostgreSQL, the digits MLP.
+
+A fused run gives every trial the value and curves of an unfused ``hpo worker`` run of the same
+study (relative tolerance 1e-5: batched matmuls and torch's fused optimizer kernels round
+differently, measured ~7e-7 here with SGD); a pruned member leaves its group while the others go
+on; a trial that cannot fuse starts the next group or runs alone; a worker SIGKILLed mid-group
+leaves its members to the heartbeat/lease mechanism, which fails and retries each exactly once.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pytest
+from background import Output
+from conftest import cli_env, run_cli, start_cli, write_study
+from optuna.trial import FrozenTrial, TrialState
+
+from hpo._rdb import RETRY_OF_ATTR
+from hpo._records import trial_metrics
+
+pytestmark = pytest.mark.slow
+FAST_BEAT = ["--heartbeat-interval", "1", "--grace-period", "8", "--no-progress"]
+REL_TOL = 1e-5
+ENV = cli_env({"OMP_NUM_THREADS": "1"})
+
+
+def digits_study(
+    directory: Path,
+    name: str,
+    lrs: list[float],
+    *,
+    epochs: int = 4,
+    hidden: int = 32,
+    batch: int = 64,
+    pruner: str = "none",
+    lone_adam: bool = True,
+) -> Path:
+    """A grid of SGD learning rates (fusable), then, with ``lone_adam``, one Adam trial (not)."""
+    optimizers = "[sgd, adam]" if lone_adam else "[sgd]"
+    pruner_block = (
+        "pruner: {name: median, options: {n_startup_trials: 4, n_warmup_steps: 1}}"
+        if pruner == "median"
+        else "pruner: none"
+    )
+    body = f"""
+name: {name}
+objective: digits_mlp
+data: {{val_fraction: 0.2}}
+settings: {{hidden_units: {hidden}, hidden_layers: 2, batch_size: {batch}, scheduler: step, step_size: 2,
+  gamma: 0.5}}
+search_space:
+  optimizer: {{type: categorical, choices: {optimizers}}}
+  lr: {{type: categorical, choices: {lrs}, when: {{optimizer: [sgd]}}}}
+metric: val_loss
+direction: minimize
+budget: {{max_epochs: {epochs}}}
+seed: 0
+sampler: grid
+{pruner_block}
+"""
+    return write_study(directory, body, f"{name}.yaml")
+
+
+def worker(url: str, name: str, checkpoints: Path, *extra: str) -> list[str]:
+    return [
+        "worker",
+        "--study-name",
+        name,
+        "--storage",
+        url,
+        "--checkpoint-dir",
+        str(checkpoints),
+        *FAST_BEAT,
+        *extra,
+    ]
+
+
+def by_params(url: str, name: str) -> dict[tuple[Any, ...], FrozenTrial]:
+    trials = optuna.load_study(study_name=name, storage=url).get_trials()
+    return {tuple(sorted(t.params.items())): t for t in trials if t.state != TrialState.FAIL}
+
+
+def assert_close(fused: FrozenTrial, unfused: FrozenTrial) -> None:
+    assert fused.state == unfused.state, (fused.params, fused.state, unfused.state)
+    assert fused.intermediate_values.keys() == unfused.intermediate_values.keys(), fused.params
+    for step, value in unfused.intermediate_values.items():
+        assert fused.intermediate_values[step] == pytest.approx(value, rel=REL_TOL), (fused.params, step)
+    fused_curves, unfused_curves = trial_metrics(fused), trial_metrics(unfused)
+    assert fused_curves.keys() == unfused_curves.keys() == {"val_loss", "val_acc", "train_loss"}
+    for metric, values in unfused_curves.items():
+        assert fused_curves[metric] == pytest.approx(values, rel=REL_TOL), (fused.params, metric)
+    if unfused.state == TrialState.COMPLETE:
+        assert fused.value == pytest.approx(unfused.value, rel=REL_TOL), fused.params
+
+
+def run_both(url: str, tmp_path: Path, fused: str, unfused: str, k: int, files: bool = False) -> str:
+    """The fused and the unfused worker side by side; the fused worker's output. ``files``: the
+    workers create the studies from their files (else ``hpo create-study`` has)."""
+
+    def args(name: str, *extra: str) -> list[str]:
+        if files:
+            return [
+                "worker",
+                str(tmp_path / f"{name}.yaml"),
+                *worker(url, name, tmp_path / f"ck_{name}", *extra)[3:],
+            ]
+        return worker(url, name, tmp_path / f"ck_{name}", *extra)
+
+    procs = [start_cli(args(fused, "--fuse", str(k)), env=ENV), start_cli(args(unfused), env=ENV)]
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    return outputs[0]
+
+
+def test_fused_trials_equal_unfused_ones_and_unfusable_trials_run_alone(
+    tmp_path: Path, sqlite_url: str
+) -> None:
+    lrs = [0.2, 0.1, 0.05, 0.02, 0.01]
+    paths = [digits_study(tmp_path, name, lrs) for name in ("fused", "unfused")]
+    creating = [start_cli(["create-study", str(path), "--storage", sqlite_url], env=ENV) for path in paths]
+    assert [c.wait(timeout=300) for c in creating] == [0, 0]
+    out = run_both(sqlite_url, tmp_path, "fused", "unfused", 4)
+    # grid order: sgd x 5 learning rates, then adam: one group of 4, then the 5th SGD trial alone
+    # (the Adam trial claimed after it cannot join it), then the Adam trial alone
+    assert "trials 0, 1, 2, 3 train as one fused group" in out, out
+    assert "trial 5 starts the next group, not 4's: configuration 1 has optimizer='adam'" in out, out
+    assert out.count("train as one fused group") == 1, out
+    fused, unfused = by_params(sqlite_url, "fused"), by_params(sqlite_url, "unfused")
+    assert len(fused) == len(unfused) == 6 and fused.keys() == unfused.keys()
+    for key, trial in unfused.items():
+        assert trial.state == TrialState.COMPLETE
+        assert_close(fused[key], trial)
+    # nothing doubled: 6 trials, each told once, no failures, no retries
+    assert len(optuna.load_study(study_name="fused", storage=sqlite_url).get_trials()) == 6
+
+
+def test_a_pruned_member_leaves_its_group_and_the_others_go_on(tmp_path: Path, postgres_url: str) -> None:
+    # group 1: four middling learning rates (they complete: the median pruner's startup trials);
+    # group 2: two learning rates too small to learn are pruned early, two better ones finish.
+    lrs = [0.02, 0.01, 0.005, 0.003, 1e-4, 0.1, 2e-4, 0.05]
+    for name in ("fusedp", "unfusedp"):
+        digits_study(tmp_path, name, lrs, pruner="median", lone_adam=False)
+    out = run_both(postgres_url, tmp_path, "fusedp", "unfusedp", 4, files=True)
+    assert "trials 4, 5, 6, 7 train as one fused group" in out, out
+    fused, unfused = by_params(postgres_url, "fusedp"), by_params(postgres_url, "unfusedp")
+    states = Counter(t.state for t in fused.values())
+    assert states == {TrialState.COMPLETE: 6, TrialState.PRUNED: 2}, states
+    for key, trial in fused.items():
+        lr = dict(key)["lr"]
+        if lr < 1e-3:  # left the group early, with its own curve up to there
+            assert trial.state == TrialState.PRUNED and len(trial.intermediate_values) < 4
+            assert len(trial_metrics(trial)["train_loss"]) == len(trial.intermediate_values)
+        else:  # the others trained all 4 epochs, exactly as the unfused run did
+            assert sorted(trial.intermediate_values) == [1, 2, 3, 4]
+        assert_close(trial, unfused[key])
+    # each member's result was told when it left: the pruned ones before the group ended
+    finished = {t.params["lr"]: t.datetime_complete for t in fused.values()}
+    assert finished[1e-4] < finished[0.1] and finished[2e-4] < finished[0.05]
+
+
+def test_sigkill_of_a_fused_worker_leaves_its_members_to_the_lease_mechanism(
+    tmp_path: Path, sqlite_url: str
+) -> None:
+    lrs = [0.1, 0.05, 0.02, 0.01]
+    # long enough (about 20 s of training for the group) that the kill lands mid-group
+    path = digits_study(tmp_path, "killed", lrs, epochs=25, hidden=256, batch=16, lone_adam=False)
+    assert run_cli(["create-study", str(path), "--storage", sqlite_url], env=ENV).returncode == 0
+    checkpoints = tmp_path / "ck"
+    victim = start_cli(worker(sqlite_url, "killed", checkpoints, "--fuse", "4"), env=ENV)
+    out = Output(victim)
+    try:
+        out.wait_for("train as one fused group", timeout=120)
+        deadline = time.monotonic() + 120
+        while len(list(checkpoints.rglob("*.pt"))) < 4:  # every member has checkpointed an epoch
+            assert time.monotonic() < deadline and victim.poll() is None, out.text
+            time.sleep(0.1)
+        victim.send_signal(signal.SIGKILL)
+        victim.wait(timeout=30)
+    finally:
+        if victim.poll() is None:
+            victim.kill()
+    killed = optuna.load_study(study_name="killed", storage=sqlite_url).get_trials()
+    assert Counter(t.state for t in killed) == {TrialState.RUNNING: 4}, out.text  # caught mid-group
+    # A new worker finds them stale (no heartbeat for 8 s), fails and re-queues each once, and
+    # resumes every retry from its own checkpoint, fused again.
+    rescue = run_cli(worker(sqlite_url, "killed", checkpoints, "--fuse", "4"), env=ENV, timeout=300)
+    assert rescue.returncode == 0, rescue.stdout + rescue.stderr
+    assert "train as one fused group" in rescue.stdout
+    trials = optuna.load_study(study_name="killed", storage=sqlite_url).get_trials()
+    assert Counter(t.state for t in trials) == {TrialState.FAIL: 4, TrialState.COMPLETE: 4}
+    failed = [t for t in trials if t.state == TrialState.FAIL]
+    assert all("heartbeat" in t.system_attrs["fail_reason"] for t in failed)
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert sorted(t.params["lr"] for t in complete) == sorted(lrs)  # nothing doubled or lost
+    assert {t.system_attrs[RETRY_OF_ATTR] for t in complete} == {t.number for t in failed}
+    for trial in complete:
+        assert trial.user_attrs["resumed_from_epoch"] >= 1  # from its own checkpoint
+        assert sorted(trial.intermediate_values) == list(range(1, 26))
