@@ -225,3 +225,17 @@ def test_a_missing_search_space_file_names_the_study_files_folder(tmp_path: Path
     (line,) = result.stderr.strip().splitlines()
     assert "study file's folder" in line and str(study.parent / "spaces" / "s.yaml") in line, line
     assert "current directory" not in line, line
+
+
+def test_a_worker_with_a_bad_study_file_leaves_no_database_behind(tmp_path: Path) -> None:
+    """The study file is checked before the storage is opened: a typo never creates an empty database."""
+    study = quadratic_study(tmp_path)
+    study.write_text(study.read_text().replace("direction: minimize", "direction: minimise"))
+    db = tmp_path / "fresh" / "hpo.db"
+    db.parent.mkdir()
+    for command in (["worker", str(study)], ["worker", "--study-name", "q", "--spec", str(study)]):
+        result = run_cli([*command, "--storage", f"sqlite:///{db}", "--no-progress"])
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+        (line,) = result.stderr.strip().splitlines()
+        assert "direction" in line and "minimise" in line, line
+        assert list(db.parent.iterdir()) == []

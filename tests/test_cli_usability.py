@@ -176,6 +176,31 @@ def test_a_failed_trials_traceback_is_shown_by_status_and_export(tmp_path: Path)
         r["state"] == "FAIL" for r in records
     ]
 
+    # ... and the dashboard shows it as the failed trial's note (its own API, as its trial page reads it).
+    notes = _dashboard_trial_notes(f"sqlite:///{tmp_path / 'hpo.db'}", "crashy")
+    assert notes[number]["body"].startswith(
+        "**Failed**: RuntimeError: simulated CUDA out of memory for x=-1.0\n"
+    )
+    assert "in crash_when_negative" in notes[number]["body"]
+    assert [n["body"] for k, n in notes.items() if k != number] == [""]
+
+
+def _dashboard_trial_notes(url: str, study_name: str) -> dict[int, dict[str, object]]:
+    """Each trial's note as optuna-dashboard's HTTP API serves it, by trial number."""
+    from typing import Any
+    from wsgiref.util import setup_testing_defaults
+
+    import optuna
+    import optuna_dashboard
+
+    storage = optuna.storages.RDBStorage(url)
+    study_id = storage.get_study_id_from_name(study_name)
+    environ: dict[str, Any] = {}
+    setup_testing_defaults(environ)
+    environ.update(PATH_INFO=f"/api/studies/{study_id}", REQUEST_METHOD="GET")
+    body = b"".join(optuna_dashboard.wsgi(storage)(environ, lambda status, headers, *_: None))
+    return {t["number"]: t["note"] for t in json.loads(body)["trials"]}
+
 
 def test_status_prints_failure_reasons_and_parameters_as_stored() -> None:
     """A reason like "KeyError: [x=1] ..." is text, not rich markup (which would drop "[x=1]")."""
@@ -204,11 +229,7 @@ def test_status_prints_failure_reasons_and_parameters_as_stored() -> None:
 def test_a_failure_note_is_the_trials_note_in_the_dashboard(tmp_path: Path) -> None:
     """hpo._trial_note writes optuna-dashboard's trial-note format; the dashboard's own API serves it
     as the failed trial's note (what its trial page shows), long tracebacks included."""
-    from typing import Any
-    from wsgiref.util import setup_testing_defaults
-
     import optuna
-    import optuna_dashboard
     from optuna.trial import TrialState
 
     from hpo._trial_note import save_failure_note
@@ -226,12 +247,7 @@ def test_a_failure_note_is_the_trials_note_in_the_dashboard(tmp_path: Path) -> N
         storage, study._study_id, failed._trial_id, "ZeroDivisionError: division by zero", traceback
     )
 
-    app = optuna_dashboard.wsgi(storage)
-    environ: dict[str, Any] = {}
-    setup_testing_defaults(environ)
-    environ.update(PATH_INFO=f"/api/studies/{study._study_id}", REQUEST_METHOD="GET")
-    body = b"".join(app(environ, lambda status, headers, *_: None))
-    notes = {t["number"]: t["note"] for t in json.loads(body)["trials"]}
+    notes = _dashboard_trial_notes(url, "notes")
     assert notes[0] == {"version": 0, "body": ""}
     assert notes[1]["version"] == 1
     assert notes[1]["body"].startswith("**Failed**: ZeroDivisionError: division by zero\n\n```text\n")
