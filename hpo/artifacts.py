@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -58,24 +59,31 @@ def upload_trial_artifact(trial: optuna.Trial, path: str | Path, directory: Path
 
 # ``artifact:STUDY`` names the best model that ``hpo retrain STUDY`` stored. The model file is an
 # ordinary Optuna artifact of its retrain trial (the dashboard lists it); a small pointer file in
-# the same folder, ``hpo-models/<STUDY>/top<R>.json``, names it, so that the training code of any
+# the same folder, ``hpo-models/<STUDY>/<LABEL>.json`` (``topR``: the R-th best; ``trialN``: trial
+# N, retrained with ``--trial N``), names it, so that the training code of any
 # worker that sees the artifact folder finds it by the study's name alone (a worker's training
 # process never opens the database, see hpo.trainer).
 ARTIFACT_PREFIX = "artifact:"
 _MODELS_FOLDER = "hpo-models"
 
 
-def _pointer(directory: Path, study_name: str, rank: int) -> Path:
+_LABEL = re.compile(r"(top[1-9][0-9]*|trial(0|[1-9][0-9]*))")
+
+
+def _pointer(directory: Path, study_name: str, label: str) -> Path:
     # One folder per study; quoted, so a study name with "/" or ".." stays inside the folder.
-    return directory / _MODELS_FOLDER / quote(study_name, safe="") / f"top{rank}.json"
+    return directory / _MODELS_FOLDER / quote(study_name, safe="") / f"{label}.json"
 
 
 def publish_model(
-    directory: Path, study_name: str, rank: int, artifact_id: str, meta: dict[str, Any]
+    directory: Path, study_name: str, label: str, artifact_id: str, meta: dict[str, Any]
 ) -> Path:
-    """Name the artifact ``artifact_id`` as study ``study_name``'s rank-``rank`` retrained model
-    (replacing an earlier one, atomically); returns the pointer file."""
-    pointer = _pointer(directory, study_name, rank)
+    """Name the artifact ``artifact_id`` as study ``study_name``'s retrained model ``label``
+    (``top1``, ``top2``, ... or ``trialN``), replacing an earlier one atomically; returns the
+    pointer file."""
+    if not _LABEL.fullmatch(label):
+        raise ValueError(f"a published model's label is topR or trialN, not {label!r}")
+    pointer = _pointer(directory, study_name, label)
     pointer.parent.mkdir(parents=True, exist_ok=True)
     tmp = pointer.with_suffix(f".tmp{os.getpid()}")
     tmp.write_text(json.dumps({"artifact_id": artifact_id, **meta}, default=str) + "\n")
@@ -83,34 +91,39 @@ def publish_model(
     return pointer
 
 
-def parse_model_reference(reference: str) -> tuple[str, int]:
-    """``artifact:STUDY`` (the best retrained model) or ``artifact:STUDY#topR``: (STUDY, R)."""
+def parse_model_reference(reference: str) -> tuple[str, str]:
+    """``artifact:STUDY`` (the best retrained model), ``artifact:STUDY#topR`` (the R-th best) or
+    ``artifact:STUDY#trialN`` (trial N's, ``hpo retrain STUDY --trial N``): (STUDY, label)."""
     body = reference.removeprefix(ARTIFACT_PREFIX)
-    study, _, rank = body.partition("#top")
-    if not study or (rank and not rank.isdigit()) or (rank and int(rank) < 1):
+    study, hashed, label = body.rpartition("#") if "#" in body else (body, "", "top1")
+    if not study or (hashed and not _LABEL.fullmatch(label)):
         raise HpoError(
-            f"{reference!r} is not a model reference "
-            "(fix: artifact:STUDY for the best model `hpo retrain STUDY` stored, or artifact:STUDY#top2)"
+            f"{reference!r} is not a model reference (fix: artifact:STUDY for the best model "
+            "`hpo retrain STUDY` stored, artifact:STUDY#top2 for the second, artifact:STUDY#trial0 "
+            "for trial 0's)"
         )
-    return study, int(rank) if rank else 1
+    return study, label
 
 
 def resolve_model_reference(reference: str, directory: Path | None = None) -> Path:
     """The local file of the model ``reference`` names (see :func:`parse_model_reference`), read
     from the artifact folder (``directory``, default :func:`resolve_artifact_dir`). A missing one
     is an :class:`HpoError` naming the study and the command that stores it."""
-    study, rank = parse_model_reference(reference)
+    study, label = parse_model_reference(reference)
     directory = directory or resolve_artifact_dir()
-    pointer = _pointer(directory, study, rank)
+    pointer = _pointer(directory, study, label)
+    if label.startswith("trial"):
+        how = f" --trial {label.removeprefix('trial')}"
+    else:
+        how = "" if label == "top1" else f" --top {label.removeprefix('top')}"
     fix = (
-        f"run `hpo retrain {study} --epochs N{' --top ' + str(rank) if rank > 1 else ''}` first, with this "
+        f"run `hpo retrain {study} --epochs N{how}` first, with this "
         f"artifact folder (--artifact-dir or ${ENV_ARTIFACT_DIR}, here {str(directory)!r}), "
         "or point the setting at a model file"
     )
     if not pointer.is_file():
         raise HpoError(
-            f"{reference}: study {study!r} has no retrained top{rank} model in the artifact store "
-            f"(fix: {fix})"
+            f"{reference}: study {study!r} has no retrained {label} model in the artifact store (fix: {fix})"
         )
     try:
         artifact_id = str(json.loads(pointer.read_text())["artifact_id"])
@@ -121,7 +134,7 @@ def resolve_model_reference(reference: str, directory: Path | None = None) -> Pa
         raise HpoError(f"{reference}: {pointer} is not a model pointer (fix: {fix})") from None
     if not path.is_file():
         raise HpoError(
-            f"{reference}: the artifact {artifact_id} of study {study!r}'s top{rank} model is missing "
+            f"{reference}: the artifact {artifact_id} of study {study!r}'s {label} model is missing "
             f"from the artifact store (fix: {fix})"
         )
     return path

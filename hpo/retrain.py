@@ -1,4 +1,5 @@
-"""``hpo retrain STUDY_NAME --epochs N [--top K]``: train the winners for longer, keep the curves.
+"""``hpo retrain STUDY_NAME --epochs N [--top K | --trial N ...]``: train the winners (or chosen
+trials) for longer, keep the curves.
 
 Report 002 searched with a 25-epoch budget and early stopping, then trained the best
 configuration for 40 epochs and read the final epoch count off its learning curves. This command
@@ -6,7 +7,11 @@ does that for any study: it loads the stored definition and the ``K`` best COMPL
 trains each configuration for ``N`` epochs through the study's own objective (``Objective.train``,
 so any objective works) with no pruning and no early stopping, seeded like the search.
 
-What it records, for each retrained configuration (``topR`` is its rank, 1 = best):
+``--trial N`` (repeatable) retrains trial N's configuration instead of the best ones, whatever its
+state (e.g. a report's own setting, queued first with ``enqueue:``, that did not win). Its label is
+``trialN`` where the best ones' is ``topR``.
+
+What it records, for each retrained configuration (``topR`` is its rank, 1 = best; ``trialN``):
 
 * a trial in the study ``STUDY_NAME/retrain`` in the same storage, with the same parameters and
   every epoch's metrics, so ``hpo dashboard`` shows the full learning curves next to the search;
@@ -16,8 +21,9 @@ What it records, for each retrained configuration (``topR`` is its rank, 1 = bes
   that do not checkpoint through :func:`hpo.training.save_checkpoint` get curves but no model.
   The same file goes to the artifact store (``--artifact-dir``, ``$HPO_ARTIFACT_DIR``), as an
   artifact of its retrain trial, and is published there as ``artifact:STUDY_NAME`` (``#topR``
-  for R > 1): another study's setting (e.g. ``encoder_checkpoint``) names it so, and any worker
-  that sees the artifact folder finds it (:func:`hpo.artifacts.resolve_model_reference`).
+  for R > 1; ``#trialN`` with ``--trial N``): another study's setting (e.g.
+  ``encoder_checkpoint``) names it so, and any worker that sees the artifact folder finds it
+  (:func:`hpo.artifacts.resolve_model_reference`).
 
 Every retrain starts from scratch (a leftover checkpoint in ``OUTPUT/topR`` is removed first).
 """
@@ -63,7 +69,7 @@ DEFAULT_OUTPUT_ROOT = Path("storage/retrain")
 
 @dataclass(frozen=True)
 class RetrainResult:
-    rank: int
+    rank: int  # 1, 2, ... in the order retrained
     source: FrozenTrial
     trial_number: int  # in STUDY_NAME/retrain
     state: TrialState
@@ -87,6 +93,23 @@ def best_trials(study: optuna.Study, top: int) -> list[FrozenTrial]:
     sign = 1.0 if study.direction == optuna.study.StudyDirection.MINIMIZE else -1.0
     complete.sort(key=lambda t: (sign * float(t.value), t.number))  # type: ignore[arg-type]
     return complete[:top]
+
+
+def chosen_trials(study: optuna.Study, numbers: Sequence[int]) -> list[FrozenTrial]:
+    """Trials ``numbers`` of ``study``, in that order: any that was sampled (COMPLETE, PRUNED, FAIL
+    or RUNNING) has the parameters to retrain; a missing or still empty one is an error."""
+    trials = {t.number: t for t in study.get_trials(deepcopy=False)}
+    chosen = []
+    for number in dict.fromkeys(numbers):  # each once, in the order given
+        trial = trials.get(number)
+        if trial is None or not trial.params:
+            valid = ", ".join(str(n) for n, t in sorted(trials.items()) if t.params) or "none yet"
+            raise HpoError(
+                f"study {study.study_name!r} has no trial {number} with parameters to retrain "
+                f"(fix: --trial with one of: {valid}; see `hpo status {study.study_name}`)"
+            )
+        chosen.append(trial)
+    return chosen
 
 
 def retrain_spec(spec: StudySpec, epochs: int, n_trials: int) -> StudySpec:
@@ -166,6 +189,7 @@ def retrain(
     *,
     epochs: int,
     top: int = 1,
+    trials: Sequence[int] = (),
     output: Path | None = None,
     device: str = "cpu",
     console: Console | None = None,
@@ -173,7 +197,8 @@ def retrain(
     search_path: Sequence[str] = (),
     artifact_dir: Path | None = None,
 ) -> list[RetrainResult]:
-    """Retrain the ``top`` best trials of ``study_name`` for ``epochs`` epochs (see module docstring).
+    """Retrain the ``top`` best trials of ``study_name`` (or trials number ``trials``, when given)
+    for ``epochs`` epochs (see module docstring).
 
     The objective must pass ``policy``; its module is looked for in ``search_path`` too (folders
     chosen on the command line, see :mod:`hpo._objective_path`)."""
@@ -188,8 +213,11 @@ def retrain(
             f"study {study_name!r} has {len(spec.metrics)} metrics and no single best trial; hpo retrain "
             "needs a single-objective study (fix: run a trial of `hpo best` in a study of its own)"
         )
-    sources = best_trials(study, top)
-    if len(sources) < top:
+    sources = chosen_trials(study, trials) if trials else best_trials(study, top)
+    labels = (
+        [f"trial{t.number}" for t in sources] if trials else [f"top{r}" for r in range(1, len(sources) + 1)]
+    )
+    if not trials and len(sources) < top:
         console.print(f"study {study_name!r} has only {len(sources)} completed trial(s); retraining those")
     objective = resolve_objective(
         spec.objective, f"stored definition of study {study_name!r}", policy, search_path
@@ -209,20 +237,31 @@ def retrain(
 
     cache: dict[str, Any] = {}  # datasets decoded once for all retrained configurations
     results = []
-    for rank, source in enumerate(sources, start=1):
-        folder = output / f"top{rank}"
+    for rank, (source, label) in enumerate(zip(sources, labels, strict=True), start=1):
+        folder = output / label
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True, exist_ok=True)
+        searched = f"{spec.metric}={source.value:.6g}" if source.value is not None else source.state.name
         console.print(
-            f"retrain top{rank}: trial {source.number} ({spec.metric}={source.value:.6g} in the search) "
+            f"retrain {label}: trial {source.number} ({searched} in the search) "
             f"for {epochs} epochs on {device}: {source.params}"
         )
+        place = _Place(rank, label, folder)
         results.append(
             _retrain_one(
-                target, definition_spec, objective, source, rank, folder, device, cache, console, artifact_dir
+                target, definition_spec, objective, source, place, device, cache, console, artifact_dir
             )
         )
     return results
+
+
+@dataclass(frozen=True)
+class _Place:
+    """Where a retrained configuration goes: its rank, its label (``topR``/``trialN``), its folder."""
+
+    rank: int
+    label: str
+    folder: Path
 
 
 def _retrain_one(
@@ -230,25 +269,30 @@ def _retrain_one(
     spec: StudySpec,
     objective: Objective,
     source: FrozenTrial,
-    rank: int,
-    folder: Path,
+    place: _Place,
     device: str,
     cache: dict[str, Any],
     console: Console,
     artifact_dir: Path,
 ) -> RetrainResult:
     epochs = spec.budget.max_epochs
+    rank, label, folder = place.rank, place.label, place.folder
     source_study = spec.name.removesuffix(RETRAIN_SUFFIX)
     study.enqueue_trial(
         source.params,
-        user_attrs={"retrain_of_trial": source.number, "retrain_epochs": epochs, "rank": rank},
+        user_attrs={
+            "retrain_of_trial": source.number,
+            "retrain_epochs": epochs,
+            "rank": rank,
+            "label": label,
+        },
     )
     trial = study.ask(fixed_distributions=source.distributions)  # pops the queued trial: same params
     checkpoint_dir = folder / "checkpoint"
 
     def on_epoch(epoch: int, metrics: Mapping[str, float]) -> None:
         shown = "  ".join(f"{k}={v:.4g}" for k, v in metrics.items())
-        console.print(f"  top{rank} epoch {epoch}/{epochs}: {shown}")
+        console.print(f"  {label} epoch {epoch}/{epochs}: {shown}")
 
     run = TrialRun(
         trial=trial,
@@ -273,7 +317,7 @@ def _retrain_one(
         study.tell(trial, state=TrialState.FAIL)
         if not isinstance(exc, Exception):  # KeyboardInterrupt, SystemExit: stop here
             raise
-        console.print(f"  top{rank} FAILED: {error}")
+        console.print(f"  {label} FAILED: {error}")
     history = run.history
     meta = {
         "study": source_study,
@@ -299,15 +343,15 @@ def _retrain_one(
         if model_file is not None:
             # Before tell: Optuna records an artifact with a trial that is still running.
             artifact_id = upload_trial_artifact(trial, model_file, artifact_dir)
-            publish_model(artifact_dir, source_study, rank, artifact_id, meta)
-            stored = f" (artifact:{source_study}{'' if rank == 1 else f'#top{rank}'} in {artifact_dir})"
+            publish_model(artifact_dir, source_study, label, artifact_id, meta)
+            stored = f" (artifact:{source_study}{'' if label == 'top1' else f'#{label}'} in {artifact_dir})"
         study.tell(trial, value)
         best = _best_epoch(history.get(spec.metric, []), spec.direction)
         where = (
             f"model {model_file}{stored}" if model_file else "no model (the objective wrote no checkpoint)"
         )
         best_text = f"; best {spec.metric}={best[1]:.6g} at epoch {best[0]}" if best else ""
-        console.print(f"  top{rank} done: final {spec.metric}={value:.6g}{best_text}; curves and {where}")
+        console.print(f"  {label} done: final {spec.metric}={value:.6g}{best_text}; curves and {where}")
     frozen = _optuna.study_storage(study).get_trial(_optuna.trial_id(trial))
     return RetrainResult(rank, source, frozen.number, frozen.state, history, folder, model_file, error)
 
@@ -325,6 +369,7 @@ def cmd_retrain(args: argparse.Namespace) -> int:
         args.study_name,
         epochs=args.epochs,
         top=args.top,
+        trials=args.trial or (),
         output=Path(args.output) if args.output else None,
         device=args.device or _default_device(),
         # Like a worker: the database does not choose the code that runs here (hpo.policy).

@@ -180,10 +180,10 @@ def test_scene_classifier_starts_from_the_pretext_models_backbone(
     artifacts = tmp_path / "artifacts"
     artifacts.mkdir()
     shutil.copy(saved, artifacts / "0123-abcd")
-    publish_model(artifacts, "r002_scene15_rotation_pretext", 1, "0123-abcd", {"epochs": 15})
+    publish_model(artifacts, "r002_scene15_rotation_pretext", "trial0", "0123-abcd", {"epochs": 15})
     monkeypatch.setenv("HPO_ARTIFACT_DIR", str(artifacts))
 
-    reference = "artifact:r002_scene15_rotation_pretext"
+    reference = "artifact:r002_scene15_rotation_pretext#trial0"  # as r002_scene15_after_rotation names it
     options = ModelOptions(
         name="efficientnet_b0",
         num_outputs=15,
@@ -235,13 +235,13 @@ def test_report_000_encoder_reaches_a_worker_elsewhere_through_the_artifact_stor
     common = ["--storage", sqlite_url, "--no-progress", "--n-trials", "1"]
     mlp_file = _study_copy("r000_celeba_resnet_mlp", elsewhere, data, pretrained=False, batch_size=8)
     spec = load_study_file(mlp_file)
-    assert spec.settings["encoder_checkpoint"] == "artifact:r000_celeba_resnet_encoder"
+    assert spec.settings["encoder_checkpoint"] == "artifact:r000_celeba_resnet_encoder#trial0"
     assert spec.enqueue == ({"lr": 1e-3, "weight_decay": 1e-2, "gamma": 0.95},)
 
     # Before the encoder is retrained, the objective's first check (before any image is decoded)
     # names the study and the command that stores it.
-    with pytest.raises(HpoError, match=r"hpo retrain r000_celeba_resnet_encoder --epochs N"):
-        check_pretrained_weights("resnet18_mlp", False, "artifact:r000_celeba_resnet_encoder")
+    with pytest.raises(HpoError, match=r"hpo retrain r000_celeba_resnet_encoder --epochs N --trial 0"):
+        check_pretrained_weights("resnet18_mlp", False, "artifact:r000_celeba_resnet_encoder#trial0")
 
     # Machine A: search the encoder (its first trial is the report's point) and retrain it, through
     # the CLI's entry point in this process (the same code as the hpo script).
@@ -250,13 +250,14 @@ def test_report_000_encoder_reaches_a_worker_elsewhere_through_the_artifact_stor
     assert main(["worker", str(encoder_file), *common]) == 0
     encoder_study = optuna.load_study(study_name="r000_celeba_resnet_encoder", storage=sqlite_url)
     assert encoder_study.get_trials()[0].params == {"lr": 1e-3, "weight_decay": 1e-2, "gamma": 0.95}
-    assert main(["retrain", "r000_celeba_resnet_encoder", "--epochs", "1", "--storage", sqlite_url]) == 0
+    retrain = ["retrain", "r000_celeba_resnet_encoder", "--epochs", "1", "--trial", "0"]
+    assert main([*retrain, "--storage", sqlite_url]) == 0
     retrained = optuna.load_study(study_name="r000_celeba_resnet_encoder/retrain", storage=sqlite_url)
     assert any(
         k.startswith("artifacts:") for k in retrained.get_trials()[0].system_attrs
     )  # dashboard lists it
     shutil.rmtree(here / "storage")  # machine A's local files (storage/retrain/...) are not what B reads
-    model_file = resolve_model_reference("artifact:r000_celeba_resnet_encoder", artifacts)
+    model_file = resolve_model_reference("artifact:r000_celeba_resnet_encoder#trial0", artifacts)
     saved = torch.load(model_file, weights_only=True)
     assert saved["study"] == "r000_celeba_resnet_encoder" and saved["config"]["model"] == "resnet18"
 

@@ -18,6 +18,8 @@ from studyfiles import quadratic_study
 from synthetic_data import make_celeba, make_imagefolder
 
 from hpo._records import trial_metrics
+from hpo.artifacts import resolve_model_reference
+from hpo.errors import HpoError
 from objectives.digits import DigitsConfig, build_model
 from objectives.vision.models import ModelOptions
 from objectives.vision.models import build_model as build_vision_model
@@ -108,6 +110,30 @@ def test_retrain_digits_quickstart_top2(backend: str, tmp_path: Path, request: p
     status = _run(["status", "digits_quickstart/retrain", "--storage", storage])
     assert "complete=2" in status
 
+    # --trial N: a chosen configuration (here the worst), published as artifact:STUDY#trialN.
+    worst = ranked[-1]
+    artifacts = tmp_path / "artifacts"
+    args = ["retrain", "digits_quickstart", "--epochs", "2", "--trial", str(worst.number)]
+    args += [
+        "--storage",
+        storage,
+        "--output",
+        str(output),
+        "--device",
+        "cpu",
+        "--artifact-dir",
+        str(artifacts),
+    ]
+    chosen = run_cli(args)
+    assert chosen.returncode == 0, chosen.stdout + chosen.stderr
+    assert f"retrain trial{worst.number}: trial {worst.number} " in chosen.stdout
+    saved = torch.load(output / f"trial{worst.number}" / "model.pt", weights_only=True)
+    assert saved["source_trial"] == worst.number and saved["params"] == worst.params
+    published = resolve_model_reference(f"artifact:digits_quickstart#trial{worst.number}", artifacts)
+    assert torch.load(published, weights_only=True)["source_trial"] == worst.number
+    with pytest.raises(HpoError, match="has no retrained top1 model"):  # only trialN was published there
+        resolve_model_reference("artifact:digits_quickstart", artifacts)
+
 
 @pytest.mark.slow
 def test_report_000_chain_encoder_retrained_then_frozen_under_the_mlp(
@@ -186,8 +212,14 @@ def test_retrain_errors_are_one_line(tmp_path: Path, sqlite_url: str) -> None:
     assert empty.returncode == 2 and "has no completed trial to retrain" in empty.stderr
     zero = run_cli(["retrain", "quad", "--epochs", "0", "--storage", sqlite_url])
     assert zero.returncode == 2 and "--epochs must be at least 1" in zero.stderr
-    for result in (missing, empty, zero):
+    no_trial = run_cli(["retrain", "quad", "--epochs", "3", "--trial", "7", "--storage", sqlite_url])
+    assert no_trial.returncode == 2 and "has no trial 7 with parameters to retrain" in no_trial.stderr
+    for result in (missing, empty, zero, no_trial):
         assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    both = run_cli(
+        ["retrain", "quad", "--epochs", "3", "--top", "2", "--trial", "0", "--storage", sqlite_url]
+    )
+    assert both.returncode == 2 and "not allowed with argument" in both.stderr
 
 
 @pytest.mark.slow

@@ -133,7 +133,7 @@ def test_report_settings_are_enqueued_where_the_report_had_them() -> None:
         pretext = load_study_file(ROOT / "studies" / f"r002_scene15_{name}_pretext.yaml")
         after = load_study_file(ROOT / "studies" / f"r002_scene15_after_{name}.yaml")
         assert pretext.data["pretext"] == name and "pretext" not in after.data
-        assert after.settings["encoder_checkpoint"] == f"artifact:{pretext.name}"
+        assert after.settings["encoder_checkpoint"] == f"artifact:{pretext.name}#trial0"
         assert after.settings["transfer"] == "features"  # "freezing the feature part" (section 3)
         assert after.space.names == pretext.space.names == ("lr", "batch_size")
 

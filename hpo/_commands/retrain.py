@@ -17,12 +17,22 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p = subparsers.add_parser(
         "retrain",
         help="train the best configuration(s) of a study for longer, record full curves, save the models",
-        description="Train the K best trials' configurations for N epochs (no pruning, no early stopping), "
-        "record their learning curves in STUDY_NAME/retrain and save the final models.",
+        description="Train the K best trials' configurations (or the trials named with --trial) for N "
+        "epochs (no pruning, no early stopping), record their learning curves in STUDY_NAME/retrain "
+        "and save the final models.",
     )
     p.add_argument("study_name", help="the searched study")
     p.add_argument("--epochs", type=int, required=True, help="epochs to train each configuration, e.g. 40")
-    p.add_argument("--top", type=int, default=1, help="retrain the K best trials (default 1)")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--top", type=int, default=1, help="retrain the K best trials (default 1)")
+    which.add_argument(
+        "--trial",
+        type=int,
+        action="append",
+        metavar="N",
+        help="retrain trial N's configuration instead, whatever its state (repeatable); its model is "
+        "artifact:STUDY_NAME#trialN",
+    )
     add_storage_argument(p)
     p.add_argument(
         "--output",
