@@ -64,6 +64,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import optuna
 import torch
 from torch import nn
 
@@ -308,6 +309,7 @@ class Member:
     value: float | None = None
     error: Exception | None = None  # optuna.TrialPruned, a NaN metric, ...: this member's own end
     epochs_trained: int = 0
+    checkpoint_when_pruned: bool = False  # as the unfused loop does (image_classifier: yes)
 
     def finish(self) -> None:
         self.done = True
@@ -421,22 +423,28 @@ def _train_epoch(
         try:
             stop = member.run.report(epoch, metrics)
         except Exception as exc:  # pruned or a bad metric: this member leaves, the others go on
+            if member.checkpoint_when_pruned and isinstance(exc, optuna.TrialPruned):
+                _checkpoint(member, epoch)
             member.done, member.error = True, exc
             leave(member)
             continue
-        save_checkpoint(
-            member.run.checkpoint_dir,
-            model=member.model,
-            optimizer=member.optimizer,
-            scheduler=member.scheduler,
-            epoch=epoch,
-            config=member.identity,
-            history=member.run.history,
-        )
+        _checkpoint(member, epoch)
         member.next_epoch = epoch + 1
         if stop or epoch >= member.run.max_epochs:
             member.finish()
             leave(member)
+
+
+def _checkpoint(member: Member, epoch: int) -> None:
+    save_checkpoint(
+        member.run.checkpoint_dir,
+        model=member.model,
+        optimizer=member.optimizer,
+        scheduler=member.scheduler,
+        epoch=epoch,
+        config=member.identity,
+        history=member.run.history,
+    )
 
 
 # ---------------------------------------------------------------------------------------------

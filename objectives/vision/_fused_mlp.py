@@ -8,11 +8,15 @@ K * H channels of one ``F.batch_norm`` call, so each member's batch statistics, 
 statistics (updated in place in the stacked buffers) and affine parameters are its own. The
 head's dropout mask is drawn once per batch, as the unfused member draws it (CPU).
 
-:func:`train_fused` is the fused trainer of report 000's attribute MLP (``model: attribute_mlp``,
-CPU): each member is set up as :func:`objectives.vision.train.train` sets the unfused trial up,
-and each epoch replays its training loop (seeded order and dropout, batch-norm batches, BCE loss,
-``train_loss``/``train_acc``, the schedule) and evaluation (``val_loss``/``val_acc``/``val_map``,
-``lr``) for all members at once. Checkpoints are written every epoch (``checkpoint_every`` is
+:func:`train_fused` is the fused trainer of ``image_classifier`` (CPU): of report 000's attribute
+MLP (``model: attribute_mlp``, with the forward pass above) and of the torchvision CNNs with every
+parameter trainable (``transfer: scratch`` or ``finetune``, with
+:func:`objectives.vision._fused_cnn.stacked_forward`). Each member is set up as
+:func:`objectives.vision.train.train` sets the unfused trial up, and each epoch replays its
+training loop (seeded order, augmentation and dropout, batch-norm batches, the loss,
+``train_loss``/``train_acc``, the schedule) and evaluation (``val_loss``/``val_acc``/``val_top5``
+or ``val_map``, ``lr``) for all members at once, with the unfused loop's own metric code
+(``add_train_batch``, ``val_sums``). Checkpoints are written every epoch (``checkpoint_every`` is
 ignored), in the unfused format and identity, so either run resumes the other.
 """
 
@@ -28,11 +32,14 @@ from torch import nn
 from hpo._fused import Member, Stack, dropout_noise, train_group, why_not_fusable_runs
 from hpo.objective import TrialRun
 from hpo.training import build_scheduler, epoch_seed, load_checkpoint, seed_everything
-from objectives.vision._inputs import make_criterion, make_inputs
+from objectives.vision._fused_cnn import stacked_forward, why_not_fusable_cnn
+from objectives.vision._inputs import make_criterion, make_inputs, split_ignore, with_ignore
+from objectives.vision.augment import Augmentation
 from objectives.vision.data import DataConfig, load_image_data
-from objectives.vision.metrics import mean_average_precision, multilabel_correct
-from objectives.vision.models import LEAKY_SLOPE, ImageClassifier, ModelOptions, ResidualMLP, build_model
+from objectives.vision.metrics import EpochMeter
+from objectives.vision.models import LEAKY_SLOPE, ImageClassifier, ResidualMLP
 
+# The two sets classify the options for every fused image_classifier trial (attribute MLP and CNNs).
 # Every option of ImageClassifierConfig is in exactly one of the two sets below (tests/test_vision_train.py
 # checks it against the config's fields). An option in neither, i.e. one added to the config and not
 # classified here, fuses only at its default value (why_not_fusable), so it is never silently dropped.
@@ -40,17 +47,18 @@ from objectives.vision.models import LEAKY_SLOPE, ImageClassifier, ModelOptions,
 # What may differ between fused members: the optimizer's and the schedule's hyperparameters (each
 # member keeps its own optimizer and schedule), and options with no effect on a fused group:
 # checkpoint_every and checkpoint_async (the fused trainer writes every epoch's checkpoint itself,
-# in the unfused format; neither changes what is trained), feature_cache (an MLP on attributes has
-# no frozen backbone to cache), compile_mode (compile: true is refused) and precision (bf16 is
-# refused and fusing is CPU-only, where auto is fp32).
+# in the unfused format; neither changes what is trained), feature_cache (an MLP on attributes, or a
+# CNN in scratch/finetune mode, has no frozen backbone to cache), compile_mode (compile: true is
+# refused) and precision (bf16 is refused and fusing is CPU-only, where auto is fp32).
 ATTRIBUTE_MLP_MAY_DIFFER = frozenset(
     {"lr", "weight_decay", "momentum", "scheduler", "step_size", "gamma"}
     | {"checkpoint_every", "checkpoint_async", "feature_cache", "compile_mode", "precision"}
 )
 # What must be equal: the architecture, the batches, the loss and the evaluation the fused trainer
 # replays for every member, and the options it only fuses at some values (why_not_fusable: model,
-# loss, compile, test_metrics) or that do not apply to the attribute MLP (transfer, pretrained,
-# encoder_checkpoint, frozen_mode, augment, the center and triplet losses' parameters).
+# loss, compile, test_metrics, transfer) or that do not apply to the attribute MLP (pretrained,
+# encoder_checkpoint, frozen_mode, augment, the center and triplet losses' parameters), which a
+# CNN group shares (one augmented batch for all members; the same initial weights).
 ATTRIBUTE_MLP_MUST_EQUAL = frozenset(
     {"model", "mlp_width", "mlp_layers", "dropout", "target_attribute"}
     | {"optimizer", "nesterov", "batch_size", "eval_batch_size", "loss", "test_metrics", "compile"}
@@ -129,9 +137,10 @@ def residual_mlp_forward(
 
 
 def why_not_fusable(config: Mapping[str, Any], device: str) -> str | None:
-    """Why a trial of the image classifier (its validated configuration) cannot fuse, or None."""
+    """Why a trial of the image classifier (its validated configuration) cannot fuse, or None:
+    attribute_mlp and the CNNs (:func:`objectives.vision._fused_cnn.why_not_fusable_cnn`) can."""
     if config.get("model") != "attribute_mlp":
-        return f"model {config.get('model')} has no fused trainer (only attribute_mlp: report 000's MLP)"
+        return why_not_fusable_cnn(config, device) or _unclassified_option(config)
     if not device.startswith("cpu"):
         return "fused attribute_mlp trials match the unfused dropout masks on the CPU only"
     if config.get("loss") not in ("auto", "bce"):
@@ -160,7 +169,7 @@ def _unclassified_option(config: Mapping[str, Any]) -> str | None:
 def _member(run: TrialRun) -> tuple[Member, Any]:
     """One trial set up as ``objectives.vision.train.train`` sets it up (seeded weights, its own
     optimizer and schedule, restored from its checkpoint); with its inputs."""
-    from objectives.vision.train import _optimizer, _parse_config
+    from objectives.vision.train import _optimizer, _parse_config, build_trial_model, checkpoint_identity
 
     cfg = _parse_config(run.config)
     data_cfg = DataConfig(**run.data)
@@ -168,50 +177,39 @@ def _member(run: TrialRun) -> tuple[Member, Any]:
     inputs = make_inputs(cfg, data)
     criterion = make_criterion(cfg, inputs)
     seed_everything(run.seed)
-    model = build_model(
-        ModelOptions(
-            name=cfg.model,
-            num_outputs=inputs.num_outputs,
-            transfer=cfg.transfer,
-            pretrained=cfg.use_pretrained,
-            dropout=cfg.dropout,
-            mlp_width=cfg.mlp_width,
-            mlp_layers=cfg.mlp_layers,
-            in_features=int(inputs.train_x.shape[1]),
-            encoder_checkpoint=cfg.encoder_checkpoint,
-            center_loss=criterion.name == "center",
-            center_alpha=cfg.center_alpha,
-            in_channels=3,
-            frozen_mode=cfg.frozen_mode,
-        )
-    ).to(run.device)
+    model = build_trial_model(cfg, inputs, criterion).to(run.device)
     optimizer = _optimizer(cfg, model)
     scheduler = build_scheduler(
         cfg.scheduler, optimizer, step_size=cfg.step_size, gamma=cfg.gamma, epochs=run.max_epochs
     )
-    # The unfused trial's checkpoint identity (objectives.vision.train.train), so either resumes the other.
-    # (Kept in step by hand: objectives.vision.train has no function for it yet.)
-    left_out = {"feature_cache", "checkpoint_every", "checkpoint_async", "compile", "compile_mode"}
-    identity: dict[str, Any] = {
-        "config": cfg.model_dump(exclude=left_out),
-        "data": data_cfg.model_dump(),
-        "seed": run.seed,
-    }
-    if cfg.scheduler == "cosine":
-        identity["max_epochs"] = run.max_epochs
+    identity = checkpoint_identity(cfg, data_cfg, run.seed, run.max_epochs)  # compile is refused
     start_epoch = 1
     restored = load_checkpoint(
         run.checkpoint_dir, model=model, optimizer=optimizer, scheduler=scheduler, config=identity
     )
     if restored is not None:
         start_epoch = run.resume(restored[1]) + 1
-    member = Member(run, model, optimizer, scheduler, identity, next_epoch=start_epoch)
+    member = Member(
+        run, model, optimizer, scheduler, identity, next_epoch=start_epoch, checkpoint_when_pruned=True
+    )
     return member, (cfg, inputs, criterion)
 
 
 def train_fused(runs: Sequence[TrialRun], on_leave: Callable[[Member], None] | None = None) -> list[Member]:
-    """Train attribute-MLP trials that differ only in ``ATTRIBUTE_MLP_MAY_DIFFER`` as one group."""
-    from objectives.vision.train import _parse_config
+    """Train image-classifier trials that differ only in ``ATTRIBUTE_MLP_MAY_DIFFER`` as one group:
+    report 000's attribute MLP (:func:`residual_mlp_forward`) or a torchvision CNN
+    (:func:`objectives.vision._fused_cnn.stacked_forward`). Each epoch replays the unfused loop
+    (``objectives.vision.train``: seeded order, augmentation and dropout, the loss, ``train_loss`` /
+    ``train_acc``, the schedule, the evaluation in ``eval_batch_size`` batches, ``lr``) for all
+    members at once; each member's loss is its own mean loss, summed over members."""
+    from objectives.vision.train import (
+        Device,
+        _batches,
+        _model_input,
+        _parse_config,
+        add_train_batch,
+        val_sums,
+    )
 
     reason = why_not_fusable_runs(
         runs, ATTRIBUTE_MLP_MAY_DIFFER, lambda r: _parse_config(r.config).model_dump()
@@ -223,12 +221,15 @@ def train_fused(runs: Sequence[TrialRun], on_leave: Callable[[Member], None] | N
     built = [_member(run) for run in runs]
     members = [member for member, _ in built]
     cfg, inputs, criterion = built[0][1]  # equal for every member: same data, seed and options
+    on = Device.for_run(runs[0].device, cfg.precision)
+    augmentation = Augmentation.preset(cfg.augment) if inputs.images else None
+    forward = residual_mlp_forward if cfg.model == "attribute_mlp" else stacked_forward
     pending: dict[int, dict[str, float]] = {}  # each model's train_acc and lr, until evaluated
 
     def reference(stack: Stack) -> ImageClassifier:
         model = stack.reference
         if not isinstance(model, ImageClassifier):
-            raise TypeError("the attribute MLP is an ImageClassifier")
+            raise TypeError("a fused image_classifier member is an ImageClassifier")
         return model
 
     def train_epoch(stack: Stack, epoch: int) -> list[float]:
@@ -237,45 +238,44 @@ def train_fused(runs: Sequence[TrialRun], on_leave: Callable[[Member], None] | N
             m.train()
         seed = epoch_seed(runs[0].seed, epoch)
         torch.manual_seed(seed)  # dropout masks, as the unfused epoch draws them
-        n = len(inputs.train_y)
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-        # a last batch of one sample is skipped, as unfused (batch norm cannot normalise it)
-        stop_at = n - 1 if n % cfg.batch_size == 1 and n > 1 else n
-        loss_sum, correct, seen = torch.zeros(stack.size, dtype=torch.float64), torch.zeros(stack.size), 0
+        order = torch.randperm(len(inputs.train_y), generator=torch.Generator().manual_seed(seed))
+        generator = on.generator(seed) if augmentation is not None and augmentation.active else None
+        meters = [EpochMeter() for _ in range(stack.size)]
         lrs = [float(opt.param_groups[0]["lr"]) for opt in stack.optimizers]
-        for start in range(0, stop_at, cfg.batch_size):
-            index = order[start : min(start + cfg.batch_size, stop_at)]
-            x, y = inputs.train_x[index].float(), inputs.train_y[index]
-            logits = residual_mlp_forward(model, stack.params, stack.buffers, x, True)
-            bce = F.binary_cross_entropy_with_logits(logits, y.expand(stack.size, -1, -1), reduction="none")
-            losses = bce.mean(dim=2).mean(dim=1)  # each member's Criterion.eval_loss
-            losses.sum().backward()
+        targets, width = with_ignore(inputs.train_y, inputs.train_ignore)
+        # a last batch of one sample is skipped, as unfused (batch norm cannot normalise it)
+        for start, stop in _batches(len(order), cfg.batch_size, drop_single=True):
+            index = order[start:stop]
+            y, ignore = split_ignore(targets[index], width)
+            x = _model_input(inputs.train_x[index], inputs.images, on, augmentation, generator)
+            logits = forward(model, stack.params, stack.buffers, x, True)
+            # each member's own mean loss: their sum's gradient is every member's own gradient
+            losses = [criterion(logits[k], logits[k], y, None, ignore=ignore) for k in range(stack.size)]
+            torch.stack(losses).sum().backward()
             stack.step()
-            loss_sum += losses.detach().double() * len(index)
-            correct += torch.stack([multilabel_correct(logits[k].detach(), y) for k in range(stack.size)])
-            seen += len(index)
-        labels = seen * inputs.train_y.shape[1]
+            for k, meter in enumerate(meters):
+                add_train_batch(meter, losses[k], logits[k], y, ignore, inputs.multilabel)
+        out = []
         for k, m in enumerate(stack.models):
-            pending[id(m)] = {"train_acc": float(correct[k]) / max(labels, 1), "lr": lrs[k]}
-        return [float(total) / max(seen, 1) for total in loss_sum]
+            metrics = meters[k].compute()
+            pending[id(m)] = {"train_acc": metrics["train_acc"], "lr": lrs[k]}
+            out.append(metrics["train_loss"])
+        return out
 
     @torch.no_grad()
     def evaluate(stack: Stack) -> list[dict[str, float]]:
+        model = reference(stack)
         for m in stack.models:
             m.eval()
-        logits = residual_mlp_forward(
-            reference(stack), stack.params, stack.buffers, inputs.val_x.float(), False
-        )
-        y = inputs.val_y
-        out = []
-        for k, m in enumerate(stack.models):
-            metrics = {
-                "val_loss": float(criterion.eval_loss(logits[k], y, reduction="sum")) / len(y),
-                "val_acc": float(multilabel_correct(logits[k], y)) / y.numel(),
-                "val_map": float(mean_average_precision(logits[k], y)),
-            }
-            out.append({**metrics, **pending.pop(id(m))})
-        return out
+        n = len(inputs.val_y)
+        logits = torch.empty(stack.size, n, inputs.num_outputs, dtype=torch.float32)
+        for start, stop in _batches(n, cfg.eval_batch_size, drop_single=False):
+            x = _model_input(inputs.val_x[start:stop], inputs.images, on, None, None)
+            logits[:, start:stop] = forward(model, stack.params, stack.buffers, x, False).float()
+        return [
+            {**val_sums(logits[k], criterion, inputs, on).compute(), **pending.pop(id(m))}
+            for k, m in enumerate(stack.models)
+        ]
 
     train_group(members, train_epoch, evaluate, on_leave)
     return members

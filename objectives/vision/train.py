@@ -265,9 +265,7 @@ def train_epoch_sums(
     meter = EpochMeter()
     spans = list(_batches(len(order), batch_size, drop_single=True))
     targets, width = with_ignore(inputs.train_y, inputs.train_ignore)
-    for (start, stop), (bx, by) in zip(
-        spans, device_batches(inputs.train_x, targets, spans, order, on.device), strict=True
-    ):
+    for bx, by in device_batches(inputs.train_x, targets, spans, order, on.device):
         y, ignore = split_ignore(by, width)
         x = _model_input(bx, inputs.images, on, augmentation, generator)
         with on.autocast():
@@ -278,13 +276,26 @@ def train_epoch_sums(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        n = stop - start
-        meter.add("train_loss", loss.detach().double() * n, n)  # float64: no rounding of the product
-        if inputs.multilabel:
-            meter.add("train_acc", multilabel_correct(logits.detach(), y, ignore), counted_labels(y, ignore))
-        else:
-            meter.add("train_acc", topk_correct(logits.detach(), y, 1), n)
+        add_train_batch(meter, loss, logits, y, ignore, inputs.multilabel)
     return meter
+
+
+def add_train_batch(
+    meter: EpochMeter,
+    loss: torch.Tensor,
+    logits: torch.Tensor,
+    y: torch.Tensor,
+    ignore: torch.Tensor | None,
+    multilabel: bool,
+) -> None:
+    """Add one training batch's loss (its mean) and accuracy to ``meter`` (the fused trainer, for
+    each member, too)."""
+    n = len(y)
+    meter.add("train_loss", loss.detach().double() * n, n)  # float64: no rounding of the product
+    if multilabel:
+        meter.add("train_acc", multilabel_correct(logits.detach(), y, ignore), counted_labels(y, ignore))
+    else:
+        meter.add("train_acc", topk_correct(logits.detach(), y, 1), n)
 
 
 @torch.no_grad()
@@ -323,6 +334,13 @@ def evaluate_sums(
         with on.autocast():
             out = forward(x)[0] if forward is not None else model(x)
             logits[start:stop] = out.float()
+    return val_sums(logits, criterion, inputs, on)
+
+
+def val_sums(logits: torch.Tensor, criterion: Criterion, inputs: Inputs, on: Device) -> EpochMeter:
+    """The validation metrics' sums for the logits of every validation sample (the fused trainer,
+    for each member, too)."""
+    n = len(inputs.val_y)
     y = inputs.val_y.to(on.device, non_blocking=True)
     ignore = inputs.val_ignore.to(on.device, non_blocking=True) if inputs.val_ignore is not None else None
     meter = EpochMeter()
@@ -351,6 +369,52 @@ def _optimizer(cfg: ImageClassifierConfig, model: ImageClassifier) -> torch.opti
     return build_optimizer(cfg.optimizer, groups, cfg.lr, cfg.weight_decay, cfg.momentum, cfg.nesterov)
 
 
+def build_trial_model(cfg: ImageClassifierConfig, inputs: Inputs, criterion: Criterion) -> ImageClassifier:
+    """The trial's model, on the CPU, as the configuration and its inputs define it (the caller
+    seeds the RNGs first; the fused trainer builds each member with it too)."""
+    image_size = int(inputs.train_x.shape[-1])
+    channels = int(inputs.train_x.shape[1]) if inputs.images else 3  # data.channels: 1 is greyscale
+    return build_model(
+        ModelOptions(
+            name=cfg.model,
+            num_outputs=inputs.num_outputs,
+            transfer=cfg.transfer,
+            pretrained=cfg.use_pretrained,
+            dropout=cfg.dropout,
+            mlp_width=cfg.mlp_width,
+            mlp_layers=cfg.mlp_layers,
+            in_features=channels * image_size * image_size if inputs.images else int(inputs.train_x.shape[1]),
+            encoder_checkpoint=cfg.encoder_checkpoint,
+            center_loss=criterion.name == "center",
+            center_alpha=cfg.center_alpha,
+            in_channels=channels,
+            frozen_mode=cfg.frozen_mode,
+        )
+    )
+
+
+def checkpoint_identity(
+    cfg: ImageClassifierConfig, data_cfg: DataConfig, seed: int, max_epochs: int
+) -> dict[str, Any]:
+    """What a checkpoint must match to be resumed (fused and unfused runs write the same, so either
+    resumes the other)."""
+    # A checkpoint is resumed only by the same configuration, data and seed (and epoch budget,
+    # where the schedule depends on it: cosine's T_max is restored with the scheduler's state).
+    # feature_cache is left out: cached and recomputed runs are the same run, either may resume the other;
+    # so is checkpoint_every (when to save changes nothing trained). compile counts when on (compiled
+    # kernels round differently) and is left out when off, so checkpoints from before it still resume.
+    left_out = {"feature_cache", "checkpoint_every", "checkpoint_async"}
+    left_out |= set() if cfg.compile else {"compile", "compile_mode"}
+    identity: dict[str, Any] = {
+        "config": cfg.model_dump(exclude=left_out),
+        "data": data_cfg.model_dump(),
+        "seed": seed,
+    }
+    if cfg.scheduler == "cosine":
+        identity["max_epochs"] = max_epochs
+    return identity
+
+
 def train(run: TrialRun) -> float:
     """Train one configuration for ``run.max_epochs`` epochs, reporting every epoch."""
     cfg = _parse_config(run.config)
@@ -367,25 +431,7 @@ def train(run: TrialRun) -> float:
     augmentation = Augmentation.preset(cfg.augment) if inputs.images else None
 
     seed_everything(run.seed)
-    image_size = int(inputs.train_x.shape[-1])
-    channels = int(inputs.train_x.shape[1]) if inputs.images else 3  # data.channels: 1 is greyscale
-    model = build_model(
-        ModelOptions(
-            name=cfg.model,
-            num_outputs=inputs.num_outputs,
-            transfer=cfg.transfer,
-            pretrained=cfg.use_pretrained,
-            dropout=cfg.dropout,
-            mlp_width=cfg.mlp_width,
-            mlp_layers=cfg.mlp_layers,
-            in_features=channels * image_size * image_size if inputs.images else int(inputs.train_x.shape[1]),
-            encoder_checkpoint=cfg.encoder_checkpoint,
-            center_loss=criterion.name == "center",
-            center_alpha=cfg.center_alpha,
-            in_channels=channels,
-            frozen_mode=cfg.frozen_mode,
-        )
-    ).to(on.device)
+    model = build_trial_model(cfg, inputs, criterion).to(on.device)
     if on.cuda:
         model = model.to(memory_format=torch.channels_last)
     optimizer = _optimizer(cfg, model)
@@ -393,17 +439,7 @@ def train(run: TrialRun) -> float:
         cfg.scheduler, optimizer, step_size=cfg.step_size, gamma=cfg.gamma, epochs=run.max_epochs
     )
 
-    # A checkpoint is resumed only by the same configuration, data and seed (and epoch budget,
-    # where the schedule depends on it: cosine's T_max is restored with the scheduler's state).
-    # feature_cache is left out: cached and recomputed runs are the same run, either may resume the other;
-    # so is checkpoint_every (when to save changes nothing trained). compile counts when on (compiled
-    # kernels round differently) and is left out when off, so checkpoints from before it still resume.
-    left_out = {"feature_cache", "checkpoint_every", "checkpoint_async"}
-    left_out |= set() if cfg.compile else {"compile", "compile_mode"}
-    config_id = cfg.model_dump(exclude=left_out)
-    identity: dict[str, Any] = {"config": config_id, "data": data_cfg.model_dump(), "seed": run.seed}
-    if cfg.scheduler == "cosine":
-        identity["max_epochs"] = run.max_epochs
+    identity = checkpoint_identity(cfg, data_cfg, run.seed, run.max_epochs)
     start_epoch = 1
     restored = load_checkpoint(
         run.checkpoint_dir, model=model, optimizer=optimizer, scheduler=scheduler, config=identity
@@ -483,8 +519,9 @@ IMAGE_CLASSIFIER = Objective(
         *("val_loss", "val_acc", "val_top5", "val_map", "train_loss", "train_acc", "lr"),
         *("test_loss", "test_acc", "test_top5", "test_map"),
     ),
-    # hpo worker --fuse K: report 000's attribute MLP trials on the CPU train as one batched model
-    # (objectives/vision/_fused_mlp.py); every other trial runs alone.
+    # hpo worker --fuse K: report 000's attribute MLP trials and the CNNs' scratch/finetune trials on
+    # the CPU train as one batched model (objectives/vision/_fused_mlp.py, _fused_cnn.py); every
+    # other trial runs alone, with the reason (why_not_fusable).
     fused_train=train_fused,
     may_differ=ATTRIBUTE_MLP_MAY_DIFFER,
     why_not_fusable=why_not_fusable,

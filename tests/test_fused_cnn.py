@@ -1,0 +1,251 @@
+"""Fused CNN trials (objectives/vision/_fused_cnn.py through _fused_mlp.train_fused): K torchvision
+CNN trials that differ only in optimizer/schedule hyperparameters, trained as one vmapped model,
+give each trial the metrics, value and checkpoint of its unfused run (objectives.vision.train).
+
+Tolerances. The ResNet-18 comparisons run the whole objective in float64 (the ``float64`` fixture
+casts the built models and the input batches), where fused and unfused runs' weights, batch-norm
+statistics and momentum buffers agree to 1e-9 absolute or 1e-7 relative (measured: weights ~1e-12
+and momentum buffers ~1e-10 after two epochs at small weights; 1e-9 relative where a diverging
+member's running variances reach ~5e3); the metrics to 1e-6 only, as the criterion computes the
+loss from float32 logits (``logits.float()``, one float32 ulp measured). That checks the fused
+logic (each member's batch norm, gradients, augmentation, schedule, metrics) to rounding, which a
+float32 tolerance could not. In float32 the members agree to rounding, but batch norm over 6-8
+samples at ResNet-18's 1x1 last stage amplifies it (measured after one epoch: weights 5e-6,
+momentum buffers 5e-5 relative; after a second epoch train_loss differs by ~3e-3 and an
+ill-conditioned val_loss by ~0.3), so the float32 ResNet-18 check (VOC, BCE) is one epoch at
+TOL32. AlexNet (no batch norm: well conditioned) runs in float32 at TOL32; its dropout masks, if
+they differed between fused and unfused runs, would move the losses by far more than that.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pytest
+import torch
+from conftest import cli_env, run_cli, write_study
+from synthetic_data import make_imagefolder, make_voc
+from test_fused_trials import checkpoint, make_run
+
+from hpo.spec import StudySpec, parse_study
+from objectives.vision._fused_mlp import train_fused, why_not_fusable
+from objectives.vision.train import ImageClassifierConfig
+from objectives.vision.train import train as train_alone
+
+TOL64 = 1e-9  # float64: weights, batch-norm statistics and optimizer state, absolute
+METRIC_TOL64 = 1e-6  # float64 runs' metrics: the criterion computes the loss in float32 (logits.float())
+RTOL64 = 1e-7  # relative (lr 0.05 with momentum 0.9 drives running variances to ~5e3: measured 1e-9)
+TOL32 = 1e-4  # float32, one epoch (ResNet-18) or no batch norm (AlexNet); optimizer state relative 1e-3
+SGD_MEMBERS: list[dict[str, Any]] = [
+    {"lr": 0.05, "momentum": 0.9, "scheduler": "step", "step_size": 1, "gamma": 0.5},
+    {"lr": 0.01, "momentum": 0.5, "weight_decay": 1e-3, "scheduler": "exponential", "gamma": 0.9},
+    {"lr": 0.02, "momentum": 0.0, "weight_decay": 1e-2},
+]
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    """One intra-op thread: these tiny batches run ~4x faster so on 2 shared cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def float64(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The objective in float64, fused and unfused alike (both build through
+    ``train.build_trial_model``): models and input batches cast."""
+    from objectives.vision import train as vision_train
+
+    build, model_input = vision_train.build_model, vision_train._model_input
+    monkeypatch.setattr(vision_train, "build_model", lambda options: build(options).double())
+    monkeypatch.setattr(vision_train, "_model_input", lambda *a, **k: model_input(*a, **k).double())
+
+
+@pytest.fixture(scope="module")
+def colours(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_imagefolder(tmp_path_factory.mktemp("colours"), classes=4, per_class=4, size=32)
+
+
+def make_spec(data: Mapping[str, Any], settings: Mapping[str, Any], epochs: int, **extra: Any) -> StudySpec:
+    raw = {
+        "name": "fused_cnn",
+        "objective": "image_classifier",
+        "data": dict(data),
+        "settings": {"optimizer": "sgd", "batch_size": 8, "eval_batch_size": 7, **settings},
+        "search_space": {"lr": {"type": "float", "low": 1e-6, "high": 1.0, "log": True}},
+        "metric": "val_loss",
+        "direction": "minimize",
+        "n_trials": 3,
+        "budget": {"max_epochs": epochs},
+        "seed": 3,
+        "sampler": "random",
+        **extra,
+    }
+    return parse_study(raw, "test study")
+
+
+def alone_and_fused(
+    spec: StudySpec,
+    members: list[dict[str, Any]],
+    tmp_path: Path,
+    pruner: optuna.pruners.BasePruner | None = None,
+) -> tuple[list[Any], list[Any]]:
+    alone_study = optuna.create_study(pruner=pruner)
+    alone = []
+    for i, params in enumerate(members):
+        run = make_run(alone_study, spec, params, tmp_path / f"alone{i}")
+        with contextlib.suppress(optuna.TrialPruned):
+            train_alone(run)
+        alone.append(run)
+    study = optuna.create_study(pruner=pruner)
+    fused = train_fused([make_run(study, spec, p, tmp_path / f"fused{i}") for i, p in enumerate(members)])
+    return alone, fused
+
+
+def assert_equal_runs(
+    member: Any, run: Any, folder: Path, reference: Path, metrics: set[str], tol: float = TOL64
+) -> None:
+    history = member.run.history
+    assert set(history) == set(run.history) == metrics
+    for name, values in run.history.items():
+        assert history[name] == pytest.approx(values, abs=max(tol, METRIC_TOL64), rel=0), name
+    if member.error is None:
+        assert member.value == pytest.approx(run.final_value(), abs=max(tol, METRIC_TOL64), rel=0)
+    left, right = checkpoint(folder), checkpoint(reference)
+    assert left["epoch"] == right["epoch"] and left["config"] == right["config"]
+    assert left["scheduler"] == right["scheduler"]
+    assert left["model"].keys() == right["model"].keys()
+    rtol = RTOL64 if tol == TOL64 else 0.0
+    for key, tensor in left["model"].items():  # num_batches_tracked exactly, the rest to rounding
+        torch.testing.assert_close(tensor, right["model"][key], atol=tol, rtol=rtol, msg=key)
+    lo, ro = left["optimizer"], right["optimizer"]
+    assert lo["param_groups"] == ro["param_groups"] and lo["state"].keys() == ro["state"].keys()
+    for index, state in lo["state"].items():
+        for name, value in state.items():
+            rtol = RTOL64 if tol == TOL64 else 1e-3  # float32: gradients through batch norm, see above
+            torch.testing.assert_close(value, ro["state"][index][name], atol=tol, rtol=rtol)
+
+
+SINGLE_LABEL = {"train_loss", "train_acc", "val_loss", "val_acc", "val_top5", "lr"}
+
+
+@pytest.mark.usefixtures("float64")
+def test_resnet18_fused_members_equal_their_unfused_runs(colours: Path, tmp_path: Path) -> None:
+    # flip_jitter: one augmented batch shared by the members, as each unfused run draws it
+    # 32 px: at 16 px ResNet-18's third stage is at 1x1 too, and batch norm over 6 near-identical
+    # solid-colour samples there amplifies float64 rounding to ~1e-8 in two epochs
+    data = {"format": "imagefolder", "root": str(colours), "image_size": 32, "val_fraction": 0.25}
+    spec = make_spec(data, {"model": "resnet18", "augment": "flip_jitter", "batch_size": 6}, epochs=2)
+    alone, fused = alone_and_fused(spec, SGD_MEMBERS, tmp_path)
+    for i, (member, run) in enumerate(zip(fused, alone, strict=True)):
+        assert member.error is None and member.epochs_trained == 2
+        assert_equal_runs(member, run, tmp_path / f"fused{i}", tmp_path / f"alone{i}", SINGLE_LABEL)
+    finals = [m.run.history["train_loss"][-1] for m in fused]
+    assert len({round(v, 3) for v in finals}) == 3  # the members really differ
+
+
+def test_alexnet_with_dropout_fused_members_equal_their_unfused_runs(tmp_path: Path) -> None:
+    # AlexNet's classifier has two Dropout(0.5) layers and the head one more: one shared mask per
+    # layer and batch (vmap randomness="same") is each unfused run's mask. 63 px: AlexNet's minimum.
+    root = make_imagefolder(tmp_path / "data", classes=3, per_class=4, size=64)
+    data = {"format": "imagefolder", "root": str(root), "image_size": 63, "val_fraction": 0.34}
+    spec = make_spec(data, {"model": "alexnet", "dropout": 0.3, "batch_size": 4}, epochs=2)
+    members = [{"lr": 0.01, "momentum": 0.9}, {"lr": 0.003, "momentum": 0.5, "weight_decay": 1e-3}]
+    alone, fused = alone_and_fused(spec, members, tmp_path)
+    for i, (member, run) in enumerate(zip(fused, alone, strict=True)):
+        assert member.error is None and member.epochs_trained == 2
+        assert_equal_runs(
+            member, run, tmp_path / f"fused{i}", tmp_path / f"alone{i}", SINGLE_LABEL, tol=TOL32
+        )
+
+
+def test_multilabel_voc_resnet18_fused_members_equal_their_unfused_runs(tmp_path: Path) -> None:
+    # BCE with VOC's difficult flags left out; val_map per member. float32, one epoch (see above).
+    root = make_voc(tmp_path / "voc", train=12, val=6, size=32)
+    data = {"format": "voc", "root": str(root), "image_size": 32}
+    spec = make_spec(data, {"model": "resnet18", "batch_size": 6}, epochs=1)
+    alone, fused = alone_and_fused(spec, SGD_MEMBERS[:2], tmp_path)
+    metrics = {"train_loss", "train_acc", "val_loss", "val_acc", "val_map", "lr"}
+    for i, (member, run) in enumerate(zip(fused, alone, strict=True)):
+        assert member.error is None
+        assert_equal_runs(member, run, tmp_path / f"fused{i}", tmp_path / f"alone{i}", metrics, tol=TOL32)
+
+
+class PruneTrial(optuna.pruners.BasePruner):
+    """Prunes one trial (by number) from a given step on: deterministic, in both studies alike."""
+
+    def __init__(self, number: int, step: int) -> None:
+        self.number, self.step = number, step
+
+    def prune(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
+        return trial.number == self.number and (trial.last_step or 0) >= self.step
+
+
+@pytest.mark.usefixtures("float64")
+def test_a_pruned_or_early_stopped_cnn_member_leaves_and_the_others_are_unchanged(
+    colours: Path, tmp_path: Path
+) -> None:
+    data = {"format": "imagefolder", "root": str(colours), "image_size": 32, "val_fraction": 0.25}
+    early = {"rule": "patience", "patience": 1, "min_delta": 1e-3}
+    spec = make_spec(data, {"model": "resnet18", "batch_size": 6}, epochs=3, early_stopping=early)
+    # trial 1 is pruned at epoch 1 (PruneTrial); lr 0.01 with momentum 0.9 overshoots (val_loss
+    # 2.8 -> 18 at epoch 2), so patience 1 stops it there; lr 0.003 without momentum improves every
+    # epoch and trains its third epoch alone
+    members = [{"lr": 0.003, "momentum": 0.0}, {"lr": 0.02, "momentum": 0.5}, {"lr": 0.01}]
+    alone, fused = alone_and_fused(spec, members, tmp_path, pruner=PruneTrial(1, 1))
+    assert isinstance(fused[1].error, optuna.TrialPruned) and fused[1].epochs_trained == 1
+    assert fused[2].error is None and fused[2].epochs_trained == 2  # early-stopped
+    assert fused[0].error is None and fused[0].epochs_trained == 3
+    for i, (member, run) in enumerate(zip(fused, alone, strict=True)):
+        assert len(member.run.history["val_loss"]) == len(run.history["val_loss"])
+        assert_equal_runs(member, run, tmp_path / f"fused{i}", tmp_path / f"alone{i}", SINGLE_LABEL)
+
+
+def test_why_not_fusable_names_the_reason_for_cnns() -> None:
+    base = ImageClassifierConfig(model="resnet18").model_dump()
+    assert why_not_fusable(base, "cpu") is None
+    assert why_not_fusable({**base, "transfer": "finetune", "pretrained": False}, "cpu") is None
+    refused = {
+        ("transfer", "features"): "freezes",
+        ("loss", "center"): "center",
+        ("loss", "triplet"): "triplet",
+        ("compile", True): "compile",
+        ("precision", "bf16"): "bf16",
+        ("test_metrics", True): "test_metrics",
+        ("model", "resnet18_mlp"): "no fused trainer",
+    }
+    for (option, value), words in refused.items():
+        reason = why_not_fusable({**base, option: value}, "cpu")
+        assert reason is not None and words in reason, (option, reason)
+    assert "CPU only" in str(why_not_fusable(base, "cuda"))
+
+
+@pytest.mark.slow
+def test_hpo_worker_fuses_resnet18_trials(colours: Path, tmp_path: Path, sqlite_url: str) -> None:
+    body = f"""
+name: cnn
+objective: image_classifier
+data: {{format: imagefolder, root: {colours}, image_size: 16, val_fraction: 0.25}}
+settings: {{model: resnet18, optimizer: sgd, batch_size: 12, scheduler: step, step_size: 1}}
+search_space:
+  lr: {{type: categorical, choices: [0.05, 0.01]}}
+metric: val_loss
+direction: minimize
+budget: {{max_epochs: 2}}
+seed: 0
+sampler: grid
+"""
+    path = write_study(tmp_path, body, "cnn.yaml")
+    args = ["worker", str(path), "--storage", sqlite_url, "--checkpoint-dir", str(tmp_path / "ck")]
+    result = run_cli([*args, "--fuse", "2", "--no-progress"], env=cli_env({"OMP_NUM_THREADS": "1"}))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "trials 0, 1 train as one fused group" in result.stdout, result.stdout
+    trials = optuna.load_study(study_name="cnn", storage=sqlite_url).get_trials()
+    assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE] * 2
+    assert all(sorted(t.intermediate_values) == [1, 2] for t in trials)
