@@ -107,14 +107,14 @@ class FusedGroups:
         self.size = size
         self.carry: Claim | None = None  # claimed, could not join the last group: starts the next
         self._held: dict[int, Claim] = {}  # claimed and not told, by number
-        self._objective: Objective | None = worker._objective_object
+        self._objective: Objective | None = worker.objective_object
 
     # ------------------------------------------------------------------ claiming
     def objective(self) -> Objective:
         if self._objective is None:  # the supervisor imports it only with --fuse
             w = self.worker
             self._objective = resolve_objective(
-                w.objective, "stored definition", search_path=w._objective_path
+                w.objective, "stored definition", search_path=w.objective_path
             )
         return self._objective
 
@@ -131,7 +131,7 @@ class FusedGroups:
 
     def _prepare(self, claim: Claim, results: list[tuple[int, TrialState | None]]) -> bool:
         """Ask the claim's parameters; False when that failed (recorded)."""
-        prepared = self.worker._prepare(claim.trial_id, claim.number)
+        prepared = self.worker.prepare(claim.trial_id, claim.number)
         if isinstance(prepared, _Outcome):
             self._end(claim, prepared, results)
             return False
@@ -176,7 +176,7 @@ class FusedGroups:
                 return results
             members = [first]
             if first.alone is not None:
-                w._say(f"trial {first.number} runs alone: {first.alone}")
+                w.say(f"trial {first.number} runs alone: {first.alone}")
             while first.alone is None and len(members) < self.size:
                 if limit is not None and len(members) + len(results) >= limit:
                     break
@@ -188,7 +188,7 @@ class FusedGroups:
                 reason = self._why_not(first, claim)
                 if reason is not None:
                     self.carry = claim
-                    w._say(f"trial {claim.number} starts the next group, not {first.number}'s: {reason}")
+                    w.say(f"trial {claim.number} starts the next group, not {first.number}'s: {reason}")
                     break
                 members.append(claim)
             if len(members) == 1:
@@ -204,32 +204,32 @@ class FusedGroups:
     def _read_counts(self) -> None:
         w = self.worker
         storage = _inner(_optuna.study_storage(w.study))  # for show: never waits out an outage
-        w._counts = read_counts(storage, _optuna.study_id(w.study), w.spec.n_trials, w._direction)
+        w.counts = read_counts(storage, _optuna.study_id(w.study), w.spec.n_trials, w.direction)
 
     def release(self, reason: str) -> None:
         """Fail and re-queue every trial still held (each resumes from its checkpoint)."""
         self.carry = None
         for claim in list(self._held.values()):
-            outcome = self.worker._record_failure(claim.trial_id, reason, retry=True, keep_checkpoint=True)
+            outcome = self.worker.record_failure(claim.trial_id, reason, retry=True, keep_checkpoint=True)
             self._end(claim, outcome, [])
 
     def _end(self, claim: Claim, outcome: _Outcome, results: list[tuple[int, TrialState | None]]) -> None:
         """The trial's result is told: stop its heartbeat, print its line."""
         self._held.pop(claim.number, None)
         claim.heartbeat.__exit__(None, None, None)
-        self.worker._finished(claim.number, outcome, time.monotonic() - claim.claimed_at)
-        self.worker._curves.trial_ended()
+        self.worker.print_finished(claim.number, outcome, time.monotonic() - claim.claimed_at)
+        self.worker.curves.trial_ended()
         results.append((claim.trial_id, outcome.state))
 
     # ------------------------------------------------------------------ training
     def _alone(self, claim: Claim, results: list[tuple[int, TrialState | None]]) -> None:
         assert claim.trial is not None and claim.job is not None
-        self._end(claim, self.worker._supervise(claim.trial, claim.job), results)
+        self._end(claim, self.worker.supervise(claim.trial, claim.job), results)
 
     def _group(self, members: list[Claim], results: list[tuple[int, TrialState | None]]) -> None:
         w = self.worker
         by_number = {m.number: m for m in members}
-        recorders = {m.number: Recorder(w._fast_study(), m.trial_id, w._say) for m in members}
+        recorders = {m.number: Recorder(w.fast_study(), m.trial_id, w.say) for m in members}
 
         def still_in() -> list[Claim]:
             return [m for m in members if m.number in self._held]
@@ -237,12 +237,12 @@ class FusedGroups:
         def end_all(reason: str, *, retry: bool) -> None:
             for m in still_in():
                 if recorders[m.number].lost:
-                    self._end(m, w._lost(m.number), results)
+                    self._end(m, w.lost_outcome(m.number), results)
                 else:
-                    outcome = w._record_failure(m.trial_id, reason, retry=retry, keep_checkpoint=retry)
+                    outcome = w.record_failure(m.trial_id, reason, retry=retry, keep_checkpoint=retry)
                     self._end(m, outcome, results)
 
-        w._say(f"trials {', '.join(str(m.number) for m in members)} train as one fused group")
+        w.say(f"trials {', '.join(str(m.number) for m in members)} train as one fused group")
         limit = w.spec.budget.trial_timeout
         try:
             w.trainer.ensure_started(w.interrupts)
@@ -288,11 +288,11 @@ class FusedGroups:
                     recorder.system_attr(str(inner[1]), inner[2])
                 elif kind == "artifact":
                     assert member.trial is not None
-                    w.trainer.send(w._upload(member.trial, str(inner[1])))
+                    w.trainer.send(w.upload(member.trial, str(inner[1])))
                 elif member.number in self._held:  # its last message: it leaves the group
                     assert member.trial is not None
                     self._read_counts()  # the study before this result, for its line
-                    self._end(member, w._conclude(member.trial, recorder, inner), results)
+                    self._end(member, w.conclude(member.trial, recorder, inner), results)
         except TrainerDied as died:
             w.trainer.close()
             for m in still_in():

@@ -443,7 +443,7 @@ class Recorder:
         self._storage = _optuna.study_storage(study)
         self._study = study
         self._trial_id = trial_id
-        self._say = say
+        self.say = say
         self._pending: list[Callable[[], None]] = []
         self._reported: set[int] = set()
         self._down_since: float | None = None
@@ -496,7 +496,7 @@ class Recorder:
                 return False
             self._pending.pop(0)
         if self._down_since is not None:
-            self._say(f"database reachable again after {time.monotonic() - self._down_since:.1f}s")
+            self.say(f"database reachable again after {time.monotonic() - self._down_since:.1f}s")
             self._down_since = None
         return True
 
@@ -519,7 +519,7 @@ class Recorder:
         if self._down_since is None:
             self._down_since = time.monotonic()
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            self._say(f"database unreachable, training on and keeping this trial's records: {first[:200]}")
+            self.say(f"database unreachable, training on and keeping this trial's records: {first[:200]}")
 
 
 def _format_params(params: Mapping[str, Any]) -> str:
@@ -566,7 +566,7 @@ class Worker:
         self.identity = worker_identity(options.label)
         self.interrupts = Interrupts()
         self.trainer: Trainer
-        self._objective_object = objective if isinstance(objective, Objective) else None
+        self.objective_object = objective if isinstance(objective, Objective) else None
         if isinstance(objective, Objective):
             self.objective = spec.objective
             self.trainer = InlineTrainer(objective, cache if cache is not None else {})
@@ -576,20 +576,20 @@ class Worker:
         self.storage_patience = storage_patience
         self._checkpoint_root = checkpoint_folder(options.checkpoint_root, study)
         self._definition = spec.definition()
-        self._objective_path = tuple(objective_path)
+        self.objective_path = tuple(objective_path)
         self._printed_traceback = False
         self._first_failures = FirstFailures()
         self._fast: optuna.Study | None = None
         # The dashboard's per-metric figures (hpo._dashboard_data); never fail a trial.
-        self._curves = CurvePublisher(
+        self.curves = CurvePublisher(
             _inner(_optuna.study_storage(study)),
             _optuna.study_id(study),
             spec.metric,
             spec.direction,
-            self._say,
+            self.say,
         )
         self._after_trial = after_trial
-        self._counts: StudyCounts | None = None  # the study when the current trial was claimed
+        self.counts: StudyCounts | None = None  # the study when the current trial was claimed
         study.pruner = make_pruner(spec.pruner, spec.budget.max_epochs)
         self._groups: FusedGroups | None = None
         if options.fuse > 1:
@@ -598,12 +598,12 @@ class Worker:
             self._groups = FusedGroups(self, options.fuse)
 
     @property
-    def _direction(self) -> object:
+    def direction(self) -> object:
         """The study's direction for progress figures; a list (no single best) when several."""
         return list(self.spec.directions) if self.spec.is_multi_objective else self.spec.direction
 
     # ------------------------------------------------------------------ output
-    def _say(self, message: str) -> None:
+    def say(self, message: str) -> None:
         prefix = f"[{self.options.label}] " if self.options.label else ""
         self.console.print(f"{prefix}{message}", markup=False)
 
@@ -625,8 +625,8 @@ class Worker:
                 if self._groups is not None:  # a trial claimed for the next group: back to the queue
                     self._groups.release(f"worker stopped: {summary.stopped_because}")
                 self.trainer.shutdown()
-        self._curves.finish()
-        self._say(f"worker {self.identity} stopped: {summary.stopped_because}")
+        self.curves.finish()
+        self.say(f"worker {self.identity} stopped: {summary.stopped_because}")
         return summary
 
     def _loop(self, summary: WorkerSummary) -> None:
@@ -652,7 +652,7 @@ class Worker:
                 # Other workers' dead trials are failed (and re-queued) at most once per
                 # heartbeat interval: a trial cannot turn stale faster than that.
                 for outcome in self._fail_stale():
-                    self._say(f"failed a stale trial of a dead worker: {outcome.reason[:120]}")
+                    self.say(f"failed a stale trial of a dead worker: {outcome.reason[:120]}")
                 stale_checked = time.monotonic()
             self.trainer.ensure_started(self.interrupts)  # warm before the first claim
             results: list[tuple[int, TrialState | None]] | None
@@ -704,26 +704,26 @@ class Worker:
         t0 = time.monotonic()
         storage = _inner(_optuna.study_storage(self.study))  # for show: never waits out an outage
         study_id = _optuna.study_id(self.study)
-        self._counts = read_counts(storage, study_id, self.spec.n_trials, self._direction)
+        self.counts = read_counts(storage, study_id, self.spec.n_trials, self.direction)
         with Heartbeat(_optuna.study_storage(self.study), trial_id):
             try:
                 outcome = self._prepare_and_supervise(trial_id, number)
             except WorkerInterrupted as interrupt:
                 self.trainer.stop()
-                outcome = self._record_failure(
+                outcome = self.record_failure(
                     trial_id, f"worker interrupted by {interrupt}", retry=True, keep_checkpoint=True
                 )
-                self._finished(number, outcome, time.monotonic() - t0)
+                self.print_finished(number, outcome, time.monotonic() - t0)
                 raise
-        self._finished(number, outcome, time.monotonic() - t0)
-        self._curves.trial_ended()
+        self.print_finished(number, outcome, time.monotonic() - t0)
+        self.curves.trial_ended()
         return outcome.state
 
     def _prepare_and_supervise(self, trial_id: int, number: int) -> _Outcome:
-        prepared = self._prepare(trial_id, number)
-        return prepared if isinstance(prepared, _Outcome) else self._supervise(*prepared)
+        prepared = self.prepare(trial_id, number)
+        return prepared if isinstance(prepared, _Outcome) else self.supervise(*prepared)
 
-    def _prepare(self, trial_id: int, number: int) -> _Outcome | tuple[optuna.Trial, TrialJob]:
+    def prepare(self, trial_id: int, number: int) -> _Outcome | tuple[optuna.Trial, TrialJob]:
         """The claimed trial's parameters (asked of the sampler) and its job; an outcome when
         preparing it failed (recorded)."""
         storage = _optuna.study_storage(self.study)
@@ -743,7 +743,7 @@ class Worker:
         except (WorkerInterrupted, StorageUnavailable):
             raise
         except Exception as exc:  # a sampler or space error fails this trial, not the worker
-            return self._record_failure(trial_id, f"preparing the trial failed: {type(exc).__name__}: {exc}")
+            return self.record_failure(trial_id, f"preparing the trial failed: {type(exc).__name__}: {exc}")
         job = TrialJob(
             number=number,
             definition=self._definition,
@@ -753,18 +753,18 @@ class Worker:
             device=self.options.device,
             checkpoint_dir=str(self._checkpoint_dir(number, system_attrs)),
             prunes=not isinstance(self.study.pruner, optuna.pruners.NopPruner),
-            objective_path=self._objective_path,
+            objective_path=self.objective_path,
         )
         return trial, job
 
-    def _supervise(self, trial: optuna.Trial, job: TrialJob) -> _Outcome:
+    def supervise(self, trial: optuna.Trial, job: TrialJob) -> _Outcome:
         trial_id = _optuna.trial_id(trial)
-        recorder = Recorder(self._fast_study(), trial_id, self._say)
+        recorder = Recorder(self.fast_study(), trial_id, self.say)
         limit = self.spec.budget.trial_timeout
         progress = self._progress()
         with contextlib.ExitStack() as stack:
             if progress is not None:
-                stack.enter_context(progress.shown(job.number, job.max_epochs, self._counts))
+                stack.enter_context(progress.shown(job.number, job.max_epochs, self.counts))
             try:
                 self.trainer.ensure_started(self.interrupts)
                 started = time.monotonic()
@@ -773,7 +773,7 @@ class Worker:
                     self.interrupts.check()
                     if limit is not None and time.monotonic() - started > limit:
                         self.trainer.kill()
-                        return self._record_failure(
+                        return self.record_failure(
                             trial_id, f"exceeded budget.trial_timeout of {limit:g}s; the trainer was stopped"
                         )
                     recorder.retry_due()
@@ -781,7 +781,7 @@ class Worker:
                         # Another worker runs this trial's retry now, from the same checkpoint
                         # folder: stop training at once rather than write into it alongside.
                         self.trainer.stop()
-                        return self._lost(job.number)
+                        return self.lost_outcome(job.number)
                     message = self.trainer.poll(POLL_S)
                     if message is None:
                         continue
@@ -798,17 +798,17 @@ class Worker:
                     elif kind == "system_attr":
                         recorder.system_attr(str(message[1]), message[2])
                     elif kind == "artifact":
-                        self.trainer.send(self._upload(trial, str(message[1])))
+                        self.trainer.send(self.upload(trial, str(message[1])))
                     else:
-                        return self._conclude(trial, recorder, message)
+                        return self.conclude(trial, recorder, message)
             except TrainerDied as died:
                 self.trainer.close()
                 recorder.drain_blocking(self.storage_patience, self.interrupts)
                 if recorder.lost:
-                    return self._lost(job.number)
-                return self._record_failure(trial_id, str(died), retry=True, keep_checkpoint=True)
+                    return self.lost_outcome(job.number)
+                return self.record_failure(trial_id, str(died), retry=True, keep_checkpoint=True)
 
-    def _fast_study(self) -> optuna.Study:
+    def fast_study(self) -> optuna.Study:
         """The study on the storage under the retrying layer, for writes that must not block."""
         if self._fast is None:
             self._fast = optuna.Study(
@@ -817,17 +817,17 @@ class Worker:
         self._fast.pruner = self.study.pruner
         return self._fast
 
-    def _conclude(self, trial: optuna.Trial, recorder: Recorder, message: tuple[Any, ...]) -> _Outcome:
+    def conclude(self, trial: optuna.Trial, recorder: Recorder, message: tuple[Any, ...]) -> _Outcome:
         trial_id = _optuna.trial_id(trial)
         recorder.drain_blocking(self.storage_patience, self.interrupts)
         if recorder.lost or message[0] == "aborted":
-            return self._lost(trial.number)
+            return self.lost_outcome(trial.number)
         kind = message[0]
         if kind == "failed":
             exc_type, text, details = str(message[1]), str(message[2]), str(message[3])
             if not self._printed_traceback:
                 self._printed_traceback = True  # the first failure in full, the rest in one line
-                self._say(details.rstrip())
+                self.say(details.rstrip())
             reason = f"{exc_type}: {text}"
             storage = _optuna.study_storage(self.study)
             # Best effort: the failure itself is recorded below whether or not these two writes land.
@@ -841,42 +841,42 @@ class Worker:
                 # This worker's first trials all failed alike: re-queue them, don't spend the budget.
                 reason = f"{reason}; {BROKEN_NOTE}"
                 self._first_failures.requeue_earlier(self.study, reason, self.options.max_retry)
-                return self._record_failure(trial_id, reason, retry=True)
-            return self._record_failure(trial_id, reason)
+                return self.record_failure(trial_id, reason, retry=True)
+            return self.record_failure(trial_id, reason)
         try:
             if kind == "done":
                 frozen = self.study.tell(trial, _told(message[1]), skip_if_finished=True)
             else:
                 frozen = self.study.tell(trial, state=TrialState.PRUNED, skip_if_finished=True)
         except optuna.exceptions.UpdateFinishedTrialError:
-            return self._lost(trial.number)
+            return self.lost_outcome(trial.number)
         expected = TrialState.COMPLETE if kind == "done" else TrialState.PRUNED
         if frozen.state != expected:
-            return self._lost(trial.number)  # finished by someone else first: not written twice
+            return self.lost_outcome(trial.number)  # finished by someone else first: not written twice
         note = str(message[1]) if kind == "pruned" else ""
         return _Outcome(frozen.state, note, frozen)
 
-    def _lost(self, number: int) -> _Outcome:
+    def lost_outcome(self, number: int) -> _Outcome:
         note = (
             "given up: its lease expired while this worker could not reach the database, and another "
             "worker failed and re-queued it"
         )
         return _Outcome(None, note, keep_checkpoint=True)
 
-    def _record_failure(
+    def record_failure(
         self, trial_id: int, reason: str, *, retry: bool = False, keep_checkpoint: bool = False
     ) -> _Outcome:
         outcome = fail_and_requeue(
             self.study, trial_id, reason, retry=retry, max_retry=self.options.max_retry
         )
         if not outcome.failed:
-            return self._lost(_optuna.study_storage(self.study).get_trial(trial_id).number)
+            return self.lost_outcome(_optuna.study_storage(self.study).get_trial(trial_id).number)
         retried = outcome.retry_trial_id is not None
         note = f"{outcome.reason}; re-queued" if retried else outcome.reason
         frozen = _optuna.study_storage(self.study).get_trial(trial_id)
         return _Outcome(TrialState.FAIL, note, frozen, keep_checkpoint=keep_checkpoint and retried)
 
-    def _upload(self, trial: optuna.Trial, path: str) -> tuple[str, str]:
+    def upload(self, trial: optuna.Trial, path: str) -> tuple[str, str]:
         from hpo.artifacts import upload_trial_artifact
 
         try:
@@ -895,14 +895,14 @@ class Worker:
                 storage, _optuna.study_id(self.study), self._checkpoint_root, number, system_attrs
             )
         except OSError as exc:  # a full or read-only disk: train from scratch, as hpbandster does
-            self._say(
+            self.say(
                 f"trial {number}: could not take over its parent's checkpoint ({exc}); training from scratch"
             )
             return
         if parent is not None:
-            self._say(f"trial {number} continues trial {parent}'s checkpoint")
+            self.say(f"trial {number} continues trial {parent}'s checkpoint")
 
-    def _finished(self, number: int, outcome: _Outcome, seconds: float) -> None:
+    def print_finished(self, number: int, outcome: _Outcome, seconds: float) -> None:
         frozen = outcome.frozen
         if frozen is not None and not outcome.keep_checkpoint and not keeps_checkpoint(frozen.system_attrs):
             # Finished for good by this worker: its checkpoint can no longer be resumed (unless a
@@ -920,12 +920,12 @@ class Worker:
         value = f" {label}={', '.join(f'{v:.6g}' for v in values)}" if values else ""
         params = f" [{_format_params(frozen.params)}]" if frozen is not None else ""
         suffix = f" ({outcome.note})" if outcome.note else ""
-        best = self._counts.best if self._counts is not None else None
+        best = self.counts.best if self.counts is not None else None
         if outcome.state == TrialState.COMPLETE and values and len(values) == 1:
-            best = better(self._direction, best, values[0])
-        place = finish_note(self._counts, best)
+            best = better(self.direction, best, values[0])
+        place = finish_note(self.counts, best)
         place = f"; {place}" if place else ""
-        self._say(f"trial {number} {state}{value}{params} {seconds:.1f}s{suffix}{place}")
+        self.say(f"trial {number} {state}{value}{params} {seconds:.1f}s{suffix}{place}")
         if self._after_trial is not None:
             self._after_trial(outcome.state, outcome.note.endswith("; re-queued"))
 
