@@ -202,3 +202,24 @@ def test_sigkill_of_a_fused_worker_leaves_its_members_to_the_lease_mechanism(
     for trial in complete:
         assert trial.user_attrs["resumed_from_epoch"] >= 1  # from its own checkpoint
         assert sorted(trial.intermediate_values) == list(range(1, 26))
+
+
+def test_bad_fuse_values_are_one_line_errors_and_create_no_database(tmp_path: Path) -> None:
+    study = digits_study(tmp_path, "badfuse", [0.1, 0.2])
+    db = tmp_path / "never.db"
+    cases = {
+        "1": "--fuse must be a number of trials >= 2 or auto, got '1' (fix: e.g. --fuse 8)",
+        "many": "--fuse must be a number of trials >= 2 or auto, got 'many'",
+        "-3": "--fuse must be a number of trials >= 2 or auto, got '-3'",
+    }
+    for value, message in cases.items():
+        result = run_cli(["worker", str(study), "--storage", f"sqlite:///{db}", f"--fuse={value}"], env=ENV)
+        assert result.returncode == 2, result.stderr
+        assert message in result.stderr
+        assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    ray = run_cli(
+        ["worker", str(study), "--storage", f"sqlite:///{db}", "--fuse", "4", "--backend", "ray"], env=ENV
+    )
+    assert ray.returncode == 2 and "--fuse runs with the workers backend only" in ray.stderr
+    assert len(ray.stderr.strip().splitlines()) == 1
+    assert not db.exists()
