@@ -1,8 +1,10 @@
 """A fast, careful command line: help without heavy imports, read-only databases read, unwritable
 SQLite paths explained, relative search-space paths explained.
 
-Permissions are real: as root (which ignores file modes) the commands run as ``nobody`` through
-``setpriv``, on a copy of the database in a folder made for that user.
+Permissions are real: as root (whose capabilities override file modes) the commands run with every
+capability dropped through ``setpriv``, so the modes apply to them as to any user, on a copy of the
+database in a folder made for that. (Not as ``nobody``: that user may not be able to read the
+checkout, e.g. a clone made in ``mktemp -d``, mode 0700.)
 """
 
 from __future__ import annotations
@@ -22,7 +24,6 @@ from conftest import ROOT, cli_env, require_real, run_cli
 from studyfiles import quadratic_study
 
 HEAVY = ("optuna", "sqlalchemy", "pydantic", "torch", "scipy", "grpc", "plotly")
-NOBODY = 65534
 
 
 def _modules_after(argv: list[str]) -> list[str]:
@@ -83,7 +84,7 @@ def finished_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def shared_dir() -> Iterator[Path]:
-    """A folder ``nobody`` can reach (pytest's tmp_path is private to root)."""
+    """A folder of its own whose modes the tests set (restored so it can be removed)."""
     folder = Path(tempfile.mkdtemp(prefix="hpo-access-"))
     folder.chmod(0o755)
     try:
@@ -96,13 +97,15 @@ def shared_dir() -> Iterator[Path]:
 
 
 def _as_user(args: list[str]) -> subprocess.CompletedProcess[str]:
-    """``hpo ARGS`` as a user the file modes apply to: ``nobody`` when running as root."""
+    """``hpo ARGS`` as a user the file modes apply to: root without its capabilities when running as root."""
     prefix: list[str] = []
     if os.geteuid() == 0:
         setpriv = shutil.which("setpriv")
         if setpriv is None:
             require_real("setpriv (util-linux) is needed to test file permissions as root")
-        prefix = [str(setpriv), f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
+        # An empty bounding and inheritable set: the exec'd root process keeps no capability
+        # (CAP_DAC_OVERRIDE is what lets root write a 0444 file), and still owns the checkout.
+        prefix = [str(setpriv), "--inh-caps=-all", "--ambient-caps=-all", "--bounding-set=-all"]
     env = cli_env({"HOME": "/tmp"})
     return subprocess.run(
         [*prefix, sys.executable, "-m", "hpo", *args],
