@@ -27,6 +27,9 @@ from hpo.errors import HpoError
 # points to PostgreSQL.
 SQLITE_MAX_WORKER_PROCESSES = 4
 
+SLOTS_ENV = "HPO_SLOTS_PER_DEVICE"
+"""How many worker slots share this process's GPU (``--trials-per-gpu``); set for each child."""
+
 
 @dataclass(frozen=True)
 class Slot:
@@ -104,6 +107,23 @@ def threads_per_slot(slots: int, cores: int | None = None) -> int:
     return max(1, (available_cores() if cores is None else cores) // max(1, slots))
 
 
+def slots_on_device() -> int:
+    """The worker slots sharing this process's GPU (from :data:`SLOTS_ENV`; 1 when unset)."""
+    try:
+        return max(1, int(os.environ.get(SLOTS_ENV, "1")))
+    except ValueError:
+        return 1
+
+
+def device_memory_budget(free: int, total: int, share: float, slots: int | None = None) -> float:
+    """Bytes one trainer may keep resident on its GPU (a dataset, cached features): ``share`` of
+    the free memory, and of the device's total divided among the ``slots`` sharing it (default:
+    :func:`slots_on_device`). Why the total: K slots starting together all see the same free
+    memory, and each taking half of it would overcommit the GPU K/2 times."""
+    slots = slots_on_device() if slots is None else max(1, slots)
+    return share * min(free, total / slots)
+
+
 def plan_slots(gpus: Sequence[int], trials_per_gpu: int) -> list[Slot]:
     if trials_per_gpu < 1:
         raise HpoError(f"--trials-per-gpu must be at least 1, got {trials_per_gpu}")
@@ -172,6 +192,15 @@ def sqlite_worker_slot(database: Path) -> Iterator[int]:
     raise _limit_error(1, 0)
 
 
+def child_env(slot: Slot, slots: Sequence[Slot], storage_url: str) -> dict[str, str]:
+    """The environment of ``slot``'s worker: its GPU alone, the storage, and how many slots share the GPU."""
+    env = dict(os.environ)
+    env["OPTUNA_STORAGE"] = storage_url
+    env["CUDA_VISIBLE_DEVICES"] = "" if slot.gpu is None else str(slot.gpu)
+    env[SLOTS_ENV] = str(sum(1 for other in slots if other.gpu == slot.gpu))
+    return env
+
+
 def run_children(slots: Sequence[Slot], child_args: Sequence[str], storage_url: str) -> int:
     """Start one ``hpo worker`` per slot and wait for all; the worst exit status is returned.
 
@@ -180,11 +209,8 @@ def run_children(slots: Sequence[Slot], child_args: Sequence[str], storage_url: 
     """
     children: list[subprocess.Popen[bytes]] = []
     for slot in slots:
-        env = dict(os.environ)
-        env["OPTUNA_STORAGE"] = storage_url
-        env["CUDA_VISIBLE_DEVICES"] = "" if slot.gpu is None else str(slot.gpu)
         args = [sys.executable, "-m", "hpo", "worker", *child_args, "--slot-label", slot.label]
-        children.append(subprocess.Popen(args, env=env))
+        children.append(subprocess.Popen(args, env=child_env(slot, slots, storage_url)))
 
     def forward(signum: int, frame: FrameType | None) -> None:
         for child in children:

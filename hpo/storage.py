@@ -149,7 +149,10 @@ def open_storage(
             # OS's TCP timeout (minutes) instead of failing into the worker's retries.
             engine_kwargs["connect_args"] = {"connect_timeout": 10}
     try:
-        storage = _create_rdb_storage(parsed.render_as_string(hide_password=False), engine_kwargs, heartbeat)
+        with _creating_sqlite(sqlite_path(url)):
+            storage = _create_rdb_storage(
+                parsed.render_as_string(hide_password=False), engine_kwargs, heartbeat
+            )
         if parsed.get_backend_name() == "sqlite":
             engine = rdb_engine(storage)
             assert engine is not None  # an RDBStorage always has one
@@ -172,6 +175,27 @@ def open_storage(
         ) from None
     except sqlalchemy.exc.ArgumentError as exc:
         raise StorageError(f"storage URL {redact(url)!r}: {exc} (fix: use {_EXAMPLES})") from None
+
+
+@contextlib.contextmanager
+def _creating_sqlite(path: Path | None) -> Iterator[None]:
+    """Serialise opening (and so creating) one SQLite file across processes: two processes that
+    open a new database at once both run Optuna's CREATE TABLE, and the loser fails with
+    "table ... already exists" (an OperationalError, unlike PostgreSQL's retried errors).
+    The lock is the file study_lock uses beside the database."""
+    try:
+        handle = None if path is None else open(f"{path}.hpo-lock", "a")  # noqa: SIM115
+    except OSError:  # an unwritable folder: SQLite's own error, reported by the caller, says it
+        handle = None
+    if handle is None:
+        yield
+        return
+    with handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 _SQLITE_PATH_FIX = "pass another --storage, e.g. sqlite:///storage/hpo.db in a folder you can write"

@@ -11,6 +11,9 @@ The trainer never opens the database. It talks to the supervisor over a pipe, in
 are plain tuples of built-in types (no pickled objects come back from training code):
 
     supervisor -> trainer   ("trial", TrialJob fields as a dict)  |  ("exit",)
+                            ("warm", TrialJob fields as a dict)   sent once, right after "ready":
+                                import the objective and PyTorch's lazily loaded parts before
+                                the first trial is claimed; answered ("warm",), errors ignored
                             ("group", [TrialJob fields as a dict, ...])   fused trials (hpo._fused)
     trainer -> supervisor   ("ready", pid)
                             ("report", value, step)          intermediate value of the study metric
@@ -181,6 +184,26 @@ def trainer_main(conn: Connection, parent_pid: int) -> None:
         elif message[0] == "group":
             _run_group(conn, [TrialJob(**fields) for fields in message[1]], cache, specs)
             conn.send(("group_done",))
+        elif message[0] == "warm":
+            _warm(TrialJob(**message[1]), specs)
+            conn.send(("warm",))
+
+
+def _warm(job: TrialJob, specs: dict[str, Any]) -> None:
+    """Do the first trial's one-time work before it arrives (time to first batch on a new trainer).
+
+    Importing the objective's module (torchvision, scikit-learn) and PyTorch's parts loaded on
+    first use (``torch._dynamo``, imported by the first optimizer) takes seconds, every trainer
+    once; done before the supervisor claims a trial, it is not counted in any trial's time, and a
+    queued trial is not held by a trainer that cannot start it yet. Any error is left for the
+    trial itself to meet and report.
+    """
+    with contextlib.suppress(Exception):
+        _resolve(job, specs, None)
+    with contextlib.suppress(Exception):
+        import torch
+
+        torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.0)
 
 
 def inline_main(conn: Connection, objective: Objective, cache: dict[str, Any]) -> None:

@@ -32,7 +32,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
 from types import FrameType
@@ -58,6 +58,7 @@ from hpo.errors import HpoError
 from hpo.objective import BUDGET_ATTR, Objective
 from hpo.resilient import StorageUnavailable, is_transient
 from hpo.samplers import make_pruner, make_sampler, trial_seed
+from hpo.shared_data import sweep_unused
 from hpo.space import suggest
 from hpo.spec import StudySpec
 from hpo.studies import checkpoint_folder, trial_checkpoint_dir
@@ -75,6 +76,9 @@ TRAINER_START_TIMEOUT_S = 300.0
 # How long a trainer may take to exit after SIGTERM before it is killed.
 TRAINER_STOP_GRACE_S = 10.0
 POLL_S = 0.2
+# How long a new trainer's warm-up (importing the objective) may hold back the first claim; a
+# slower import then overlaps the first trial instead.
+TRAINER_WARM_WAIT_S = 120.0
 
 
 class WorkerInterrupted(BaseException):
@@ -278,8 +282,11 @@ class Trainer:
     """The trainer child process (spawned; see :mod:`hpo.trainer`), started on first use and
     again after it died."""
 
-    def __init__(self, threads: int | None) -> None:
+    def __init__(self, threads: int | None, warm: TrialJob | None = None) -> None:
+        """``warm``: a job standing for the trials to come; each new trainer is sent it to import
+        their objective before the first one is claimed (see :func:`hpo.trainer._warm`)."""
         self._threads = threads
+        self._warm = warm
         self._process: Any = None
         self._conn: Connection | None = None
 
@@ -313,12 +320,28 @@ class Trainer:
         child.close()
         self._process, self._conn = process, parent
         deadline = time.monotonic() + TRAINER_START_TIMEOUT_S
+        warm_until: float | None = None  # set once the warm-up job is sent
         while True:
-            message = self.poll(POLL_S)
-            if message is not None and message[0] == "ready":
+            try:
+                message = self._receive(POLL_S)
+                if message is not None and message[0] == "ready" and self._warm is not None:
+                    self.send(("warm", asdict(self._warm)))  # answered ("warm",) once imported
+                    warm_until = time.monotonic() + TRAINER_WARM_WAIT_S
+                elif message is not None and message[0] in ("ready", "warm"):
+                    return
+            except TrainerDied:
+                if warm_until is None:
+                    raise
+                # Importing the objective killed the trainer (a crash in native code): start one
+                # without the warm-up; the first trial meets the same crash and records it.
+                self._warm = None
+                self.close()
+                self.ensure_started(interrupts)
                 return
             interrupts.check()
-            if time.monotonic() > deadline:
+            if warm_until is not None and time.monotonic() > warm_until:
+                return  # a slow import: the first trial waits for it (poll drops the late answer)
+            if warm_until is None and time.monotonic() > deadline:
                 self.kill()
                 raise HpoError(f"the trainer process did not start within {TRAINER_START_TIMEOUT_S:g}s")
 
@@ -331,6 +354,10 @@ class Trainer:
 
     def poll(self, timeout: float) -> tuple[Any, ...] | None:
         """The trainer's next message, None if none came within ``timeout``; TrainerDied if it died."""
+        message = self._receive(timeout)
+        return None if message == ("warm",) else message  # a warm-up answered after its wait
+
+    def _receive(self, timeout: float) -> tuple[Any, ...] | None:
         assert self._conn is not None
         try:
             if self._conn.poll(timeout):
@@ -570,13 +597,23 @@ class Worker:
         if isinstance(objective, Objective):
             self.objective = spec.objective
             self.trainer = InlineTrainer(objective, cache if cache is not None else {})
-        else:
-            self.objective = objective
-            self.trainer = Trainer(options.threads)
-        self.storage_patience = storage_patience
-        self._checkpoint_root = checkpoint_folder(options.checkpoint_root, study)
         self._definition = spec.definition()
         self.objective_path = tuple(objective_path)
+        if not isinstance(objective, Objective):
+            self.objective = objective
+            warm = TrialJob(
+                number=-1,
+                definition=self._definition,
+                objective=objective,
+                params={},
+                max_epochs=0,
+                device=options.device,
+                checkpoint_dir="",
+                objective_path=self.objective_path,
+            )
+            self.trainer = Trainer(options.threads, warm)
+        self.storage_patience = storage_patience
+        self._checkpoint_root = checkpoint_folder(options.checkpoint_root, study)
         self._printed_traceback = False
         self._first_failures = FirstFailures()
         self._fast: optuna.Study | None = None
@@ -625,6 +662,9 @@ class Worker:
                 if self._groups is not None:  # a trial claimed for the next group: back to the queue
                     self._groups.release(f"worker stopped: {summary.stopped_because}")
                 self.trainer.shutdown()
+                # Decoded datasets no other trainer on this machine maps any more (hpo.shared_data).
+                with contextlib.suppress(OSError):
+                    sweep_unused()
         self.curves.finish()
         self.say(f"worker {self.identity} stopped: {summary.stopped_because}")
         return summary

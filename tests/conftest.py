@@ -24,6 +24,20 @@ SUPPORT = Path(__file__).resolve().parent / "support"
 DEFAULT_PG = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _shared_data_folder(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Decoded datasets shared between trainer processes (hpo.shared_data) go to a folder of this
+    test session, not the machine's /dev/shm; the CLI subprocesses inherit it."""
+    folder = tmp_path_factory.mktemp("shared-data")
+    previous = os.environ.get("HPO_SHARED_DATA")
+    os.environ["HPO_SHARED_DATA"] = str(folder)
+    yield folder
+    if previous is None:
+        os.environ.pop("HPO_SHARED_DATA", None)
+    else:
+        os.environ["HPO_SHARED_DATA"] = previous
+
+
 def _in_ci() -> bool:
     return os.environ.get("CI", "").lower() not in ("", "0", "false")
 

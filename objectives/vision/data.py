@@ -18,6 +18,7 @@ of them into a self-supervised task (report 002): see :mod:`objectives.vision._p
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import os
 from collections.abc import Callable, MutableMapping
@@ -31,6 +32,8 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from hpo.errors import SpecError
+from hpo.launcher import device_memory_budget, slots_on_device
+from hpo.shared_data import load_shared, shared_data_dir
 from objectives.vision import _pretext, _split
 from objectives.vision._decode import DecodeError, decode_images, fit_arrays
 from objectives.vision._formats import (
@@ -211,6 +214,8 @@ class ImageData:
     val_ignore: torch.Tensor | None = None
     test_ignore: torch.Tensor | None = None
     has_images: bool = True  # False with inputs: attributes (image tensors are empty placeholders)
+    # The machine-wide copy these tensors are mapped from (hpo.shared_data), kept while they are.
+    lease: Any = dataclasses.field(default=None, compare=False, repr=False)
 
     def to(self, device: str | torch.device) -> ImageData:
         """The same data with every tensor on ``device`` (no copy for tensors already there)."""
@@ -299,61 +304,125 @@ def load_image_data(
         return cached
 
     catalog = _digits_catalog() if config.format == "digits" else read_catalog(config, root or Path(), source)
-    train_pool, val_pool = _pools(catalog, config.val_fraction, _stream(seed, 0))
-    train_split, train_idx = train_pool
-    val_split, val_idx = val_pool
-    # Each selection has its own random stream, so none depends on how much another one drew.
-    train_idx = train_idx[_split.sample(train_split.targets[train_idx], config.subset, _stream(seed, 1))]
-    val_idx = val_idx[_split.sample(val_split.targets[val_idx], config.subset, _stream(seed, 2))]
 
-    test_images = test_targets = test_ignore = None
-    test_idx = np.arange(0)
-    if test and catalog.test is not None:
-        test_idx = _split.sample(catalog.test.targets, config.subset, _stream(seed, 3))
-        test_images = _images(catalog.test, test_idx, config, workers, source)
-        test_targets = _targets(catalog.test.targets[test_idx], catalog.task)
-        test_ignore = _ignore(catalog.test, test_idx)
+    def decode() -> ImageData:
+        train_pool, val_pool = _pools(catalog, config.val_fraction, _stream(seed, 0))
+        train_split, train_idx = train_pool
+        val_split, val_idx = val_pool
+        # Each selection has its own random stream, so none depends on how much another one drew.
+        train_idx = train_idx[_split.sample(train_split.targets[train_idx], config.subset, _stream(seed, 1))]
+        val_idx = val_idx[_split.sample(val_split.targets[val_idx], config.subset, _stream(seed, 2))]
 
-    data = ImageData(
-        train_images=_images(train_split, train_idx, config, workers, source),
-        train_targets=_targets(train_split.targets[train_idx], catalog.task),
-        val_images=_images(val_split, val_idx, config, workers, source),
-        val_targets=_targets(val_split.targets[val_idx], catalog.task),
-        classes=catalog.classes,
-        task=catalog.task,
-        test_images=test_images,
-        test_targets=test_targets,
-        train_ignore=_ignore(train_split, train_idx),
-        val_ignore=_ignore(val_split, val_idx),
-        test_ignore=test_ignore,
-        has_images=config.inputs == "images",
-    )
-    extra: list[tuple[torch.Tensor, _pretext.Draw]] = []
-    if catalog.unlabeled is not None:  # stl10, unlabeled: true (pretext tasks only)
-        pool = catalog.unlabeled
-        unlabeled_idx = _split.sample(pool.targets, config.subset, _stream(seed, 7))
-        images = _images(pool, unlabeled_idx, config, workers, source)
-        extra.append((images, (_stream(seed, 8), len(pool), unlabeled_idx)))
-    if config.pretext != "none":
-        # Per-image draws are indexed by the image's position in its split on disk, so an image
-        # gets the same square whatever subset or validation split it ends up in.
-        # Validation split off train draws from train's stream: same image, same square.
-        val_purpose = 4 if val_split is catalog.train else 5
-        data = _pretext.apply(
-            data,
-            config.pretext,
-            (
-                (_stream(seed, 4), len(train_split), train_idx),
-                (_stream(seed, val_purpose), len(val_split), val_idx),
-                (_stream(seed, 6), len(catalog.test) if catalog.test is not None else 0, test_idx),
-            ),
-            config.perturbation_size,
-            extra_train=extra,
+        test_images = test_targets = test_ignore = None
+        test_idx = np.arange(0)
+        if test and catalog.test is not None:
+            test_idx = _split.sample(catalog.test.targets, config.subset, _stream(seed, 3))
+            test_images = _images(catalog.test, test_idx, config, workers, source)
+            test_targets = _targets(catalog.test.targets[test_idx], catalog.task)
+            test_ignore = _ignore(catalog.test, test_idx)
+
+        data = ImageData(
+            train_images=_images(train_split, train_idx, config, workers, source),
+            train_targets=_targets(train_split.targets[train_idx], catalog.task),
+            val_images=_images(val_split, val_idx, config, workers, source),
+            val_targets=_targets(val_split.targets[val_idx], catalog.task),
+            classes=catalog.classes,
+            task=catalog.task,
+            test_images=test_images,
+            test_targets=test_targets,
+            train_ignore=_ignore(train_split, train_idx),
+            val_ignore=_ignore(val_split, val_idx),
+            test_ignore=test_ignore,
+            has_images=config.inputs == "images",
         )
+        extra: list[tuple[torch.Tensor, _pretext.Draw]] = []
+        if catalog.unlabeled is not None:  # stl10, unlabeled: true (pretext tasks only)
+            pool = catalog.unlabeled
+            unlabeled_idx = _split.sample(pool.targets, config.subset, _stream(seed, 7))
+            images = _images(pool, unlabeled_idx, config, workers, source)
+            extra.append((images, (_stream(seed, 8), len(pool), unlabeled_idx)))
+        if config.pretext != "none":
+            # Per-image draws are indexed by the image's position in its split on disk, so an image
+            # gets the same square whatever subset or validation split it ends up in.
+            # Validation split off train draws from train's stream: same image, same square.
+            val_purpose = 4 if val_split is catalog.train else 5
+            data = _pretext.apply(
+                data,
+                config.pretext,
+                (
+                    (_stream(seed, 4), len(train_split), train_idx),
+                    (_stream(seed, val_purpose), len(val_split), val_idx),
+                    (_stream(seed, 6), len(catalog.test) if catalog.test is not None else 0, test_idx),
+                ),
+                config.perturbation_size,
+                extra_train=extra,
+            )
+        return data
+
+    data = _shared_or_private(decode, catalog, f"{config.model_dump_json()}:{seed}:{root}:{test}")
     data = _place(data, device)
     if cache is not None:
         cache[key] = data
     return data
+
+
+_TENSOR_FIELDS = tuple(
+    f"{split}_{part}" for split in ("train", "val", "test") for part in ("images", "targets", "ignore")
+)
+
+
+def _shared_or_private(decode: Callable[[], ImageData], catalog: Catalog, key: str) -> ImageData:
+    """``decode()``'s data, from the machine-wide copy when there is one (:mod:`hpo.shared_data`):
+    the first trainer on the machine decodes and writes it, the others map the same memory.
+
+    The key holds the data settings, the seed and a fingerprint of the dataset on disk (every
+    image file's size and modification time, the labels), so an edited dataset is decoded anew.
+    """
+    directory = shared_data_dir()
+    fingerprint = None if directory is None else _fingerprint(catalog)
+    if directory is None or fingerprint is None:
+        return decode()
+
+    def build() -> tuple[dict[str, torch.Tensor | None], dict[str, Any]]:
+        data = decode()
+        meta = {"classes": list(data.classes), "task": data.task, "has_images": data.has_images}
+        return {name: getattr(data, name) for name in _TENSOR_FIELDS}, meta
+
+    tensors, meta, lease = load_shared(directory, f"objectives.vision.data:{key}:{fingerprint}", build)
+    return ImageData(
+        **tensors,  # type: ignore[arg-type]
+        classes=tuple(meta["classes"]),
+        task=meta["task"],
+        has_images=bool(meta["has_images"]),
+        lease=lease,
+    )
+
+
+def _fingerprint(catalog: Catalog) -> str | None:
+    """A digest of what the decoded data is made from, None when a file cannot be read (the
+    decoder then reports it)."""
+    digest = hashlib.sha256()
+    try:
+        for split in (catalog.train, catalog.val, catalog.test, catalog.unlabeled):
+            if split is None:
+                digest.update(b"-")
+                continue
+            digest.update(np.ascontiguousarray(split.targets).tobytes())
+            if split.ignore is not None:
+                digest.update(np.ascontiguousarray(split.ignore).tobytes())
+            for path in split.files:
+                st = os.stat(path)
+                digest.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+            if split.pixels is not None:
+                filename = getattr(split.pixels, "filename", None)  # STL-10's memory-mapped binary
+                if filename is not None:
+                    st = os.stat(filename)
+                    digest.update(f"{filename}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+                else:  # in memory (digits, from scikit-learn): small
+                    digest.update(np.ascontiguousarray(split.pixels).tobytes())
+    except OSError:
+        return None
+    return digest.hexdigest()
 
 
 def _stream(seed: int, purpose: int) -> np.random.Generator:
@@ -472,14 +541,17 @@ def _place(data: ImageData, device: str) -> ImageData:
     if target.type == "cuda":
         held = (data.train_images, data.val_images, data.test_images)
         needed = sum(t.numel() * t.element_size() for t in held if t is not None)
-        free, _ = torch.cuda.mem_get_info(target)
-        if needed > _GPU_SHARE * free:
+        free, total = torch.cuda.mem_get_info(target)
+        budget = device_memory_budget(free, total, _GPU_SHARE)
+        if needed > budget:
             logger.warning(
-                "dataset images take %.1f GiB, more than half of the %.1f GiB free on %s: keeping them in "
-                "CPU memory (batches are copied per step)",
+                "dataset images take %.1f GiB, more than this slot's %.1f GiB of %s (half of the free "
+                "memory and of its share among %d slot(s)): keeping them in CPU memory (batches are "
+                "copied per step)",
                 needed / 2**30,
-                free / 2**30,
+                budget / 2**30,
                 target,
+                slots_on_device(),
             )
             return data
     return data.to(target)

@@ -38,6 +38,7 @@ import torchvision
 from torch import nn
 from torchvision.ops import StochasticDepth
 
+from hpo.launcher import device_memory_budget
 from objectives.vision.augment import Augmentation, prepare_batch
 from objectives.vision.models import ImageClassifier
 
@@ -192,7 +193,7 @@ def compute_features(
 ) -> torch.Tensor:
     """``prefix`` applied to uint8 ``images`` in order, batch by batch, as the training loop feeds it.
 
-    Kept on ``device`` when it takes at most half of its free memory (CUDA), else in CPU memory.
+    Kept on ``device`` when it fits this slot's budget (CUDA; ``device_memory_budget``), else in CPU memory.
     """
     channels_last = device.type == "cuda"
     autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16)
@@ -218,13 +219,14 @@ def _store(device: torch.device, sample: torch.Tensor, n: int) -> torch.device:
     if device.type != "cuda":
         return device
     needed = n * sample[0].numel() * sample.element_size()
-    free, _ = torch.cuda.mem_get_info(device)
-    if needed > _GPU_SHARE * free:
+    free, total = torch.cuda.mem_get_info(device)
+    budget = device_memory_budget(free, total, _GPU_SHARE)
+    if needed > budget:
         logger.warning(
-            "frozen features take %.1f GiB, more than half of the %.1f GiB free on %s: keeping them "
-            "in CPU memory (batches are copied per step)",
+            "frozen features take %.1f GiB, more than this slot's %.1f GiB of %s (see "
+            "hpo.launcher.device_memory_budget): keeping them in CPU memory (batches are copied per step)",
             needed / 2**30,
-            free / 2**30,
+            budget / 2**30,
             device,
         )
         return torch.device("cpu")

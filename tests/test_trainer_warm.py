@@ -1,0 +1,187 @@
+"""A new trainer imports the study's objective before the worker claims a trial (issue 14: time
+from trial start to first batch), so a trial's recorded time holds its training, not the imports,
+and a queued trial is never held RUNNING by a trainer that cannot start it yet. An objective
+whose import fails still fails its trial with the import's error, as before."""
+
+from __future__ import annotations
+
+import datetime
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from conftest import cli_env
+
+from hpo._records import trial_metrics
+
+HPO = Path(sys.executable).parent / "hpo"
+
+# Importing this module takes IMPORT_S seconds (as torchvision or a big model zoo can); it
+# records when the import ended and when training began.
+SLOW_IMPORT = """
+import time
+from pathlib import Path
+
+from hpo.objective import Objective
+
+time.sleep({import_s})
+IMPORTED_AT = time.time()
+
+
+def train(run):
+    started = time.time()
+    run.report(1, {{"loss": float(run.config["x"]) ** 2, "imported_at": IMPORTED_AT, "train_started": started}})
+    return run.final_value()
+
+
+OBJECTIVE = Objective(train=train, metrics=("loss", "imported_at", "train_started"))
+"""
+
+# Imports in the worker (which checks the objective before it opens the storage) but not in the
+# trainer process, as a module touching a GPU or a library missing its native part can.
+BROKEN_IMPORT = """
+import multiprocessing
+
+from hpo.objective import Objective
+
+if multiprocessing.current_process().name == "hpo-trainer":
+    raise ImportError("no module named 'missing_dependency' in the trainer")
+
+
+def train(run):
+    return 0.0
+
+
+OBJECTIVE = Objective(train=train, metrics=("loss",))
+"""
+
+STUDY = """name: warm
+objective: {module}:OBJECTIVE
+search_space:
+  x: {{type: float, low: -1, high: 1}}
+metric: loss
+direction: minimize
+n_trials: {n_trials}
+budget: {{max_epochs: 1}}
+sampler: {{name: random, seed: 1}}
+"""
+
+
+def _worker(
+    tmp_path: Path, module: str, source: str, n_trials: int
+) -> tuple[subprocess.CompletedProcess[str], str]:
+    (tmp_path / f"{module}.py").write_text(source)
+    study_file = tmp_path / "warm.yaml"
+    study_file.write_text(STUDY.format(module=module, n_trials=n_trials))
+    url = f"sqlite:///{tmp_path / 'hpo.db'}"
+    result = subprocess.run(
+        [str(HPO), "worker", str(study_file), "--storage", url, "--no-progress"],
+        cwd=tmp_path,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    return result, url
+
+
+def test_the_objective_is_imported_before_the_first_trial_is_claimed(tmp_path: Path) -> None:
+    import_s = 2.0
+    result, url = _worker(tmp_path, "slowimport", SLOW_IMPORT.format(import_s=import_s), 2)
+    assert result.returncode == 0, result.stdout + result.stderr
+    trials = optuna.load_study(study_name="warm", storage=url).trials
+    assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE] * 2
+    for trial in trials:
+        metrics = {k: v[-1] for k, v in trial_metrics(trial).items()}
+        assert trial.datetime_start is not None
+        # Optuna stores naive local times; the import ended before this trial was claimed.
+        imported = datetime.datetime.fromtimestamp(metrics["imported_at"])
+        assert imported <= trial.datetime_start, (imported, trial.datetime_start)
+        # From claim to first line of training: well under the import's own time.
+        started = datetime.datetime.fromtimestamp(metrics["train_started"])
+        assert (started - trial.datetime_start).total_seconds() < import_s / 2
+
+
+def test_an_objective_that_cannot_be_imported_still_fails_its_trial_with_the_reason(tmp_path: Path) -> None:
+    result, url = _worker(tmp_path, "brokenimport", BROKEN_IMPORT, 1)
+    (trial,) = optuna.load_study(study_name="warm", storage=url).trials
+    assert trial.state == optuna.trial.TrialState.FAIL
+    assert "missing_dependency" in result.stdout + result.stderr
+    assert "missing_dependency" in str(trial.system_attrs) + str(trial.user_attrs)
+
+
+# Importing this module in the trainer kills it, as a crash in an extension's import would.
+KILLING_IMPORT = """
+import multiprocessing
+import os
+import signal
+
+from hpo.objective import Objective
+
+if multiprocessing.current_process().name == "hpo-trainer":
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def train(run):
+    return 0.0
+
+
+OBJECTIVE = Objective(train=train, metrics=("loss",))
+"""
+
+
+def test_an_import_that_kills_the_trainer_fails_the_trial_not_the_worker(tmp_path: Path) -> None:
+    result, url = _worker(tmp_path, "killingimport", KILLING_IMPORT, 1)
+    assert "Traceback" not in result.stdout + result.stderr
+    trials = optuna.load_study(study_name="warm", storage=url).trials
+    # Each attempt met the crash in its own trainer; a SIGKILL counts as an OOM kill, retried
+    # (a bounded number of times) as it was before the warm-up.
+    assert trials and all(t.state == optuna.trial.TrialState.FAIL for t in trials)
+    assert all("SIGKILL" in t.system_attrs["fail_reason"] for t in trials)
+
+
+def test_a_warm_up_slower_than_its_wait_overlaps_the_first_trial(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The worker claims after TRAINER_WARM_WAIT_S at most; the late ("warm",) answer is dropped, so
+    the trial's own messages come through as usual."""
+    import hpo.worker
+    from hpo.spec import load_study_file
+    from hpo.trainer import TrialJob
+
+    import_s = 6.0
+    (tmp_path / "slowimport.py").write_text(SLOW_IMPORT.format(import_s=import_s))
+    monkeypatch.setattr(hpo.worker, "TRAINER_WARM_WAIT_S", 0.3)
+    study_file = tmp_path / "warm.yaml"
+    study_file.write_text(STUDY.format(module="slowimport", n_trials=1))
+    definition = load_study_file(study_file).definition()
+    job = TrialJob(
+        number=0,
+        definition=definition,
+        objective="slowimport:OBJECTIVE",
+        params={"x": 0.5},
+        max_epochs=1,
+        device="cpu",
+        checkpoint_dir=str(tmp_path / "ckpt"),
+        prunes=False,
+        objective_path=(str(tmp_path),),
+    )
+    trainer = hpo.worker.Trainer(threads=1, warm=job)
+    try:
+        began = time.monotonic()
+        trainer.ensure_started(hpo.worker.Interrupts())
+        waited = time.monotonic() - began
+        assert waited < import_s  # claimed without waiting for the whole import
+        trainer.send(job.to_message())
+        messages = []
+        while not messages or messages[-1][0] not in ("done", "failed"):
+            message = trainer.poll(0.2)
+            if message is not None:
+                messages.append(message)
+        assert ("warm",) not in messages
+        assert messages[-1] == ("done", 0.25), messages
+    finally:
+        trainer.shutdown()
