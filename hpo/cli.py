@@ -503,6 +503,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        if args.command in _TRAINING_COMMANDS:
+            _sweep_shared_data()
+
+
+# Commands whose processes may have decoded datasets into the machine-wide shared folder.
+_TRAINING_COMMANDS = frozenset({"worker", "compare", "retrain"})
+
+
+def _sweep_shared_data() -> None:
+    """Free the decoded datasets this command's processes left and no other process maps (tmpfs
+    is memory): :mod:`hpo.shared_data`. Never fails the command."""
+    import contextlib
+
+    from hpo.shared_data import sweep_unused
+
+    with contextlib.suppress(Exception):
+        sweep_unused()
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -229,3 +229,56 @@ def test_each_gpu_slot_worker_is_told_how_many_slots_share_its_gpu() -> None:
     (cpu,) = plan_slots([], 1)
     assert child_env(cpu, [cpu], "sqlite:///x.db")[SLOTS_ENV] == "1"
     assert isinstance(cpu, Slot)
+
+
+def test_a_stopping_worker_frees_the_copies_no_process_maps_and_keeps_the_rest(
+    tmp_path: Path, sqlite_url: str
+) -> None:
+    """tmpfs is memory: entries left when ``hpo worker`` stops are removed, unless another process
+    (here: this test, as another worker's trainer would) still maps them."""
+    from synthetic_data import make_imagefolder
+
+    root = make_imagefolder(tmp_path / "data", classes=3, per_class=6, size=(12, 12), ext="png")
+    folder = tmp_path / "shared"
+    env = cli_env({"HPO_SHARED_DATA": str(folder)})
+    shared = folder / f"hpo-data-{os.getuid()}"
+    _, _, held = load_shared(shared, "held by another worker", lambda: ({"x": torch.zeros(3)}, {}))
+    _, _, orphan = load_shared(shared, "left by a killed worker", lambda: ({"x": torch.ones(3)}, {}))
+    assert held is not None and orphan is not None
+    orphan.close()
+    study = tmp_path / "mlp.yaml"
+    study.write_text(
+        f"""name: mlp
+objective: image_classifier
+data: {{format: imagefolder, root: {root}, image_size: 8, val_fraction: 0.25}}
+settings: {{model: mlp, optimizer: sgd, batch_size: 6}}
+search_space:
+  lr: {{type: float, low: 0.01, high: 0.1, log: true}}
+metric: val_loss
+direction: minimize
+n_trials: 1
+budget: {{max_epochs: 1}}
+sampler: {{name: random, seed: 0}}
+"""
+    )
+    result = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "hpo"),
+            "worker",
+            str(study),
+            "--storage",
+            sqlite_url,
+            "--no-progress",
+        ],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "COMPLETE" in result.stdout
+    assert held.entry.is_dir()  # mapped by a live process
+    assert not orphan.entry.exists()
+    assert [p for p in shared.iterdir() if p.is_dir()] == [held.entry]  # the worker's own copy freed too
+    held.close()
