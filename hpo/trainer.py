@@ -200,10 +200,11 @@ def _warm(job: TrialJob, specs: dict[str, Any]) -> None:
     """
     with contextlib.suppress(Exception):
         _resolve(job, specs, None)
-    with contextlib.suppress(Exception):
-        import torch
+    if "torch" in sys.modules:  # an objective that does not use PyTorch never pays for importing it
+        with contextlib.suppress(Exception):
+            import torch
 
-        torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.0)
+            torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.0)
 
 
 def inline_main(conn: Connection, objective: Objective, cache: dict[str, Any]) -> None:
