@@ -163,6 +163,19 @@ def test_a_folder_other_users_can_write_is_not_used(tmp_path: Path) -> None:
     assert list(folder.iterdir()) == []
 
 
+def test_a_shared_data_path_that_is_a_file_keeps_the_data_private_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A mistyped HPO_SHARED_DATA (a file, not a folder) must not fail the trial."""
+    not_a_folder = tmp_path / "notes.txt"
+    not_a_folder.write_text("x")
+    with caplog.at_level("WARNING", logger="hpo.shared_data"):
+        tensors, meta, lease = load_shared(not_a_folder, "k6", lambda: ({"x": torch.ones(2)}, {"a": 1}))
+    assert lease is None and meta == {"a": 1} and tensors["x"] is not None
+    assert str(not_a_folder) in caplog.text and "keeping this one private" in caplog.text
+    assert not_a_folder.read_text() == "x"
+
+
 def test_the_folder_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("HPO_SHARED_DATA", "none")
     assert shared_data_dir() is None
