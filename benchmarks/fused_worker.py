@@ -1,20 +1,27 @@
-"""Trials per hour of ``hpo worker --fuse K`` against ``hpo worker``, on the digits quickstart MLP
-or (``--model resnet18``) a tiny ResNet-18 ``image_classifier`` study.
+"""Trials per hour of ``hpo worker --fuse K`` against ``hpo worker``, on the digits quickstart MLP,
+report 000's MLP (``--model r000-mlp``) or a tiny ResNet-18 (``--model resnet18``).
 
 Both workers are real CLI processes on their own SQLite study (same file, same trials: a random
-search over the learning rate, weight decay and StepLR schedule, which all fuse), run one after
+search over the learning rate, weight decay and the schedule, which all fuse), run one after
 the other in this run, each with one thread (``--threads 1``, ``OMP_NUM_THREADS=1``). The rate is
 counted over the study's training span (first trial started to last trial finished, from the
 trials' own timestamps), so process start-up, the same for both, does not dilute it; the
 workers' whole wall times are printed too.
 
-    OMP_NUM_THREADS=1 nice .venv/bin/python benchmarks/fused_worker.py --k 8 --trials 16
+    OMP_NUM_THREADS=1 nice .venv/bin/python benchmarks/fused_worker.py --k 8 --trials 32 --rounds 3
+    OMP_NUM_THREADS=1 nice .venv/bin/python benchmarks/fused_worker.py --model r000-mlp --trials 16 --epochs 3
     OMP_NUM_THREADS=1 nice .venv/bin/python benchmarks/fused_worker.py --model resnet18 --k 4 --trials 8
+
+``--model r000-mlp``: report 000's residual MLP (``attribute_mlp``, width 256, 11 layers, batch 16,
+AdamW + ExponentialLR over the report's search space) on ``--rows`` synthetic CelebA attribute
+rows (``make_celeba``; 60% train, 20% validation), fused by ``objectives/vision/_fused_mlp.py``.
 
 ``--model resnet18``: SGD (momentum 0.9), ``transfer: scratch``, batch 16, on a synthetic
 ImageFolder tree (``tests/support/synthetic_data.py``: 4 classes x 16 solid-colour images,
-``--image-size`` px, a quarter held out), fused by ``objectives/vision/_fused_cnn.py``. Report
-000's MLP is not measured here; the model part alone is measured by ``benchmarks/fused_trials.py``.
+``--image-size`` px, a quarter held out), fused by ``objectives/vision/_fused_cnn.py``.
+
+``--rounds N`` alternates N unfused/fused pairs and prints the median rates and each round's ratio
+(this machine is shared and noisy: compare only within a run).
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from __future__ import annotations
 import argparse
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -69,6 +77,27 @@ seed: 0
 sampler: random
 """
 
+# Report 000's residual MLP (studies/r000_celeba_attribute_mlp.yaml: width 256, 11 layers, batch
+# norm, LeakyReLU, skip connections, batch 16, AdamW + ExponentialLR) on synthetic CelebA
+# attributes, searching the report's space (search_spaces/r000_adamw_exponential.yaml).
+R000_STUDY = """
+name: {name}
+objective: image_classifier
+data: {{format: celeba, root: {root}, inputs: attributes}}
+settings: {{model: attribute_mlp, target_attribute: Attractive, optimizer: adamw, scheduler: exponential,
+           batch_size: 16}}
+search_space:
+  lr: {{type: float, low: 1.0e-4, high: 1.0e-2, log: true}}
+  weight_decay: {{type: float, low: 1.0e-4, high: 1.0e-1, log: true}}
+  gamma: {{type: float, low: 0.80, high: 0.99}}
+metric: val_loss
+direction: minimize
+n_trials: {trials}
+budget: {{max_epochs: {epochs}}}
+seed: 0
+sampler: random
+"""
+
 
 def hpo(args: list[str], env: dict[str, str]) -> tuple[float, float]:
     """Run ``hpo ARGS``; its wall seconds and CPU seconds (with its trainer process's)."""
@@ -102,63 +131,102 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=16, help="trials per study (default 16)")
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--hidden", type=int, default=128, help="hidden units (quickstart: 128)")
-    parser.add_argument("--model", choices=["digits", "resnet18"], default="digits")
+    parser.add_argument("--model", choices=["digits", "resnet18", "r000-mlp"], default="digits")
+    parser.add_argument(
+        "--rows", type=int, default=2000, help="r000-mlp: CelebA rows (default 2000)"
+    )
     parser.add_argument("--image-size", type=int, default=32, help="resnet18: image size (default 32)")
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="unfused/fused pairs, alternating (default 1); medians printed"
+    )
     args = parser.parse_args()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONPATH=str(ROOT))
     env.pop("OPTUNA_STORAGE", None)
+    rates: dict[str, list[float]] = {"unfused": [], "fused": []}
+    cpu: dict[str, list[float]] = {"unfused": [], "fused": []}
+    ratios: list[float] = []
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        url = f"sqlite:///{folder / 'bench.db'}"
-        rates, cpu = {}, {}
+        images = None
         if args.model == "resnet18":
             sys.path.insert(0, str(ROOT / "tests" / "support"))
             from synthetic_data import make_imagefolder
 
             images = make_imagefolder(folder / "images", classes=4, per_class=16, size=args.image_size)
-        for name, extra in (("unfused", []), ("fused", ["--fuse", str(args.k)])):
-            path = folder / f"{name}.yaml"
-            if args.model == "resnet18":
-                study = CNN_STUDY.format(
-                    name=name, root=images, size=args.image_size, trials=args.trials, epochs=args.epochs
-                )
-            else:
-                study = STUDY.format(name=name, hidden=args.hidden, trials=args.trials, epochs=args.epochs)
-            path.write_text(study)
-            hpo(["create-study", str(path), "--storage", url], env)
-            worker = [
-                "worker",
-                "--study-name",
-                name,
-                "--storage",
-                url,
-                "--threads",
-                "1",
-                "--no-progress",
-                "--checkpoint-dir",
-                str(folder / f"ck_{name}"),
-                *extra,
-            ]
-            wall, cpu[name] = hpo(worker, env)
-            count, seconds = span(url, name)
-            rates[name] = 3600 * count / seconds
-            print(
-                f"{name:8s} {count} trials in {seconds:.1f} s of training ({wall:.1f} s worker wall, "
-                f"{cpu[name]:.1f} CPU s with start-up): {rates[name]:.0f} trials/h"
-            )
-    what = (
-        f"resnet18 ({args.image_size} px, 48 training images, batch 16"
-        if args.model == "resnet18"
-        else f"digits MLP ({args.hidden} hidden units"
-    )
+        if args.model == "r000-mlp":
+            sys.path.insert(0, str(ROOT / "tests" / "support"))
+            from synthetic_data import make_celeba
+
+            images = make_celeba(folder / "celeba", n=args.rows, size=8)
+        for round_ in range(args.rounds):
+            for name, extra in (("unfused", []), ("fused", ["--fuse", str(args.k)])):
+                rate, seconds = one_worker(folder / f"r{round_}", name, extra, args, images, env)
+                rates[name].append(rate)
+                cpu[name].append(seconds)
+            ratios.append(rates["fused"][-1] / rates["unfused"][-1])
+    what = {
+        "resnet18": f"resnet18 ({args.image_size} px, 48 training images, batch 16",
+        "r000-mlp": f"report 000's MLP ({args.rows} synthetic CelebA rows, 60% for training, batch 16",
+        "digits": f"digits MLP ({args.hidden} hidden units",
+    }[args.model]
+    fused, unfused = statistics.median(rates["fused"]), statistics.median(rates["unfused"])
+    spread = f" (rounds: {', '.join(f'{r:.2f}x' for r in ratios)})" if len(ratios) > 1 else ""
     print(
-        f"{what}, {args.epochs} epochs, 1 thread, SQLite): "
-        f"hpo worker --fuse {args.k} {rates['fused']:.0f} trials/h vs hpo worker {rates['unfused']:.0f} "
-        f"trials/h, ratio {rates['fused'] / rates['unfused']:.2f}x"
+        f"{what}, {args.epochs} epochs, 1 thread, SQLite, {args.rounds} round(s)): "
+        f"hpo worker --fuse {args.k} {fused:.0f} trials/h vs hpo worker {unfused:.0f} trials/h, "
+        f"median ratio {statistics.median(ratios):.2f}x{spread}"
     )
     # CPU seconds of the whole worker (supervisor and trainer): less sensitive to other load
-    print(f"worker CPU time ratio (unfused / fused): {cpu['unfused'] / cpu['fused']:.2f}x")
+    cpu_ratio = statistics.median(cpu["unfused"]) / statistics.median(cpu["fused"])
+    print(f"worker CPU time ratio (unfused / fused, medians): {cpu_ratio:.2f}x")
+
+
+def one_worker(
+    folder: Path,
+    name: str,
+    extra: list[str],
+    args: argparse.Namespace,
+    images: Path | None,
+    env: dict[str, str],
+) -> tuple[float, float]:
+    """Create the study ``name`` in a new database under ``folder`` and run one worker on it:
+    (trials per hour over the training span, the worker's CPU seconds)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    url = f"sqlite:///{folder / 'bench.db'}"
+    path = folder / f"{name}.yaml"
+    if args.model == "r000-mlp":
+        study = R000_STUDY.format(name=name, root=images, trials=args.trials, epochs=args.epochs)
+    elif images is not None:
+        study = CNN_STUDY.format(
+            name=name, root=images, size=args.image_size, trials=args.trials, epochs=args.epochs
+        )
+    else:
+        study = STUDY.format(name=name, hidden=args.hidden, trials=args.trials, epochs=args.epochs)
+    path.write_text(study)
+    hpo(["create-study", str(path), "--storage", url], env)
+    worker = [
+        "worker",
+        "--study-name",
+        name,
+        "--storage",
+        url,
+        "--threads",
+        "1",
+        "--no-progress",
+        "--checkpoint-dir",
+        str(folder / f"ck_{name}"),
+        *extra,
+    ]
+    wall, cpu = hpo(worker, env)
+    count, seconds = span(url, name)
+    rate = 3600 * count / seconds
+    print(
+        f"{name:8s} {count} trials in {seconds:.1f} s of training ({wall:.1f} s worker wall, "
+        f"{cpu:.1f} CPU s with start-up): {rate:.0f} trials/h",
+        flush=True,
+    )
+    return rate, cpu
 
 
 if __name__ == "__main__":

@@ -243,6 +243,7 @@ class FusedGroups:
                     self._end(m, outcome, results)
 
         w.say(f"trials {', '.join(str(m.number) for m in members)} train as one fused group")
+        counted_epoch, counts_fresh = 0, False
         limit = w.spec.budget.trial_timeout
         try:
             w.trainer.ensure_started(w.interrupts)
@@ -279,6 +280,8 @@ class FusedGroups:
                 kind = inner[0]
                 if kind == "report":
                     recorder.report(float(inner[1]), int(inner[2]))
+                    if int(inner[2]) > counted_epoch:  # a new epoch: others may have finished since
+                        counted_epoch, counts_fresh = int(inner[2]), False
                 elif kind == "should_prune":
                     answer = ("abort",) if recorder.lost else ("prune", recorder.should_prune())
                     w.trainer.send(answer)
@@ -291,8 +294,17 @@ class FusedGroups:
                     w.trainer.send(w.upload(member.trial, str(inner[1])))
                 elif member.number in self._held:  # its last message: it leaves the group
                     assert member.trial is not None
-                    self._read_counts()  # the study before this result, for its line
-                    self._end(member, w.conclude(member.trial, recorder, inner), results)
+                    if not counts_fresh:  # the study before this result, for its line
+                        self._read_counts()
+                    outcome = w.conclude(member.trial, recorder, inner)
+                    self._end(member, outcome, results)
+                    # Members leaving after the same epoch share one read of the study (a read
+                    # of every trial, on the critical path between groups): the counts are
+                    # brought forward by this result instead.
+                    after = (
+                        w.counts.after(outcome.frozen, w.direction) if w.counts and outcome.frozen else None
+                    )
+                    w.counts, counts_fresh = (after, True) if after is not None else (w.counts, False)
         except TrainerDied as died:
             w.trainer.close()
             for m in still_in():

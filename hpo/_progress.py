@@ -26,7 +26,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from optuna.storages import BaseStorage
@@ -81,6 +81,18 @@ class StudyCounts:
             "retried": self.retried,
         }
         return "  ".join(f"{name}={n}" for name, n in parts.items())
+
+    def after(self, trial: FrozenTrial, direction: object) -> StudyCounts | None:
+        """These counts once ``trial``, RUNNING when they were taken, has finished COMPLETE or
+        PRUNED (what re-reading the study would give if nothing else changed); None for any
+        other state (a failure may have queued a retry: read the study again)."""
+        running = max(0, self.running - 1)
+        if trial.state == TrialState.COMPLETE:
+            best = better(direction, self.best, _single_value(trial))
+            return replace(self, complete=self.complete + 1, running=running, best=best)
+        if trial.state == TrialState.PRUNED:
+            return replace(self, pruned=self.pruned + 1, running=running)
+        return None
 
 
 def _single_value(trial: FrozenTrial) -> float | None:

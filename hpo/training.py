@@ -7,6 +7,7 @@ import copy
 import os
 import random
 import threading
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -202,20 +203,29 @@ class CheckpointWriter:
 
     def save(self, directory: Path, **state: Any) -> None:
         """``state``: :func:`checkpoint_state`'s keyword arguments."""
+        self.save_all([(directory, state)])
+
+    def save_all(self, checkpoints: Sequence[tuple[Path, Mapping[str, Any]]]) -> None:
+        """Several checkpoints (a fused group's members'), each ``(directory, state)`` as for
+        :meth:`save`, written one after the other (in one thread when asynchronous)."""
         self.wait()
-        snapshot = checkpoint_state(**state)
+        states = [(directory, checkpoint_state(**state)) for directory, state in checkpoints]
         if not self.asynchronous:
-            _write_checkpoint(directory, snapshot)
+            for directory, state in states:
+                _write_checkpoint(directory, state)
             return
-        snapshot = _snapshot(snapshot)
+        if not states:
+            return
+        snapshots = [(directory, _snapshot(state)) for directory, state in states]
         self._thread = threading.Thread(
-            target=self._write, args=(directory, snapshot), name="checkpoint-writer", daemon=True
+            target=self._write, args=(snapshots,), name="checkpoint-writer", daemon=True
         )
         self._thread.start()
 
-    def _write(self, directory: Path, state: dict[str, Any]) -> None:
+    def _write(self, snapshots: list[tuple[Path, dict[str, Any]]]) -> None:
         try:
-            _write_checkpoint(directory, state)
+            for directory, state in snapshots:
+                _write_checkpoint(directory, state)
         except BaseException as exc:  # re-raised in the training thread by wait()
             self._error = exc
 

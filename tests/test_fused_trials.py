@@ -15,6 +15,7 @@ checkpoints on disk.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -200,10 +201,11 @@ def test_a_pruned_member_leaves_the_group_and_the_others_are_unchanged(tmp_path:
 
 
 def test_a_fused_group_resumes_from_its_members_checkpoints(tmp_path: Path) -> None:
-    """The group dies at epoch 3 (member 1's report kills the worker): member 0 has checkpointed
-    epoch 3, members 1 and 2 only epoch 2. A new group resumes each member from its own checkpoint
-    (member 0 joins one epoch later) and ends as the uninterrupted group; a member of the
-    uninterrupted group's checkpoint also resumes alone, unfused."""
+    """The group dies at epoch 3 (member 1's report kills the worker): every member has its
+    epoch-2 checkpoint (epoch 3's are written after all members reported). Member 0's retry runs
+    alone and dies at epoch 4, after checkpointing epoch 3. A new group resumes each member from
+    its own checkpoint (member 0 joins one epoch later) and ends as the uninterrupted group; a
+    member of the uninterrupted group's checkpoint also resumes alone, unfused."""
     spec = make_spec({**BASE, "optimizer": "sgd", "dropout": 0.2}, epochs=5)
     study = optuna.create_study()
     whole = train_fused([make_run(study, spec, p, tmp_path / f"whole{i}") for i, p in enumerate(MEMBERS)])
@@ -214,6 +216,9 @@ def test_a_fused_group_resumes_from_its_members_checkpoints(tmp_path: Path) -> N
     ]
     with pytest.raises(WorkerKilled):
         train_fused(crashing)
+    assert [checkpoint(tmp_path / f"trial{i}")["epoch"] for i in range(3)] == [2, 2, 2]
+    with pytest.raises(WorkerKilled):
+        train(make_run(study, spec, MEMBERS[0], tmp_path / "trial0", crash_after=4))
     assert [checkpoint(tmp_path / f"trial{i}")["epoch"] for i in range(3)] == [3, 2, 2]
 
     retry = train_fused([make_run(study, spec, p, tmp_path / f"trial{i}") for i, p in enumerate(MEMBERS)])
@@ -438,4 +443,80 @@ def test_attribute_mlp_fused_trials_equal_their_unfused_runs(tmp_path: Path) -> 
         assert set(history) == set(run.history) >= {"train_loss", "train_acc", "val_loss", "val_map", "lr"}
         for name, values in run.history.items():
             assert history[name] == pytest.approx(values, abs=TOL, rel=0), name
+        assert_close_checkpoints(tmp_path / f"f{i}", tmp_path / f"u{i}")
+
+
+def test_attribute_mlp_members_checkpoint_on_their_own_schedule_and_resume_together(tmp_path: Path) -> None:
+    """Each member honours its own checkpoint_every: killed at epoch 3, a member checkpointing every
+    3 epochs has none, one checkpointing every epoch has epoch 2 (epoch 3's are written after every
+    member reported). The retried group starts the first from scratch, resumes the second at epoch 3,
+    and both end as their unfused runs; a member leaving has its last checkpoint on disk already,
+    also when the group writes in a background thread (every member set checkpoint_async)."""
+    from synthetic_data import make_celeba
+
+    from hpo._fused import writes_in_background
+    from objectives.vision._fused_mlp import train_fused as train_vision_fused
+    from objectives.vision.train import train as train_vision
+
+    root = make_celeba(tmp_path / "celeba", n=60, size=8)
+    settings = {
+        "model": "attribute_mlp",
+        "target_attribute": "Smiling",
+        "mlp_width": 16,
+        "mlp_layers": 2,
+        "batch_size": 16,
+        "optimizer": "sgd",
+        "scheduler": "step",
+        "step_size": 1,
+        "checkpoint_async": True,
+    }
+    raw = {
+        "name": "fused_every",
+        "objective": "image_classifier",
+        "data": {"format": "celeba", "root": str(root), "image_size": 8},
+        "settings": settings,
+        "search_space": {
+            "lr": {"type": "float", "low": 1e-5, "high": 1.0, "log": True},
+            "checkpoint_every": {"type": "int", "low": 1, "high": 4},
+        },
+        "metric": "val_loss",
+        "direction": "minimize",
+        "n_trials": 2,
+        "budget": {"max_epochs": 4},
+        "seed": 3,
+        "sampler": "random",
+    }
+    spec = parse_study(raw, "test study")
+    study = optuna.create_study()
+    members = [{"lr": 0.05, "checkpoint_every": 3}, {"lr": 0.1, "gamma": 0.5, "checkpoint_every": 1}]
+    alone = []
+    for i, params in enumerate(members):
+        run = make_run(study, spec, params, tmp_path / f"u{i}")
+        train_vision(run)
+        alone.append(run)
+
+    crashing = [
+        make_run(study, spec, p, tmp_path / f"f{i}", crash_after=3 if i == 1 else None)
+        for i, p in enumerate(members)
+    ]
+    with pytest.raises(WorkerKilled):
+        train_vision_fused(crashing)
+    assert not (tmp_path / "f0" / CHECKPOINT_FILE).exists()
+    assert checkpoint(tmp_path / "f1")["epoch"] == 2
+
+    on_disk_at_leave: dict[int, int] = {}
+
+    def on_leave(member: Any) -> None:
+        on_disk_at_leave[member.run.number] = checkpoint(member.run.checkpoint_dir)["epoch"]
+
+    runs = [make_run(study, spec, p, tmp_path / f"f{i}") for i, p in enumerate(members)]
+    fused = train_vision_fused(runs, on_leave)
+    assert writes_in_background(fused)
+    assert not writes_in_background([fused[0], dataclasses.replace(fused[1], checkpoint_async=False)])
+    assert [m.epochs_trained for m in fused] == [4, 2]
+    assert on_disk_at_leave == {runs[0].number: 4, runs[1].number: 4}
+    for i, (member, run) in enumerate(zip(fused, alone, strict=True)):
+        assert member.error is None and member.value == pytest.approx(run.final_value(), abs=TOL)
+        for name, values in run.history.items():
+            assert member.run.history[name] == pytest.approx(values, abs=TOL, rel=0), name
         assert_close_checkpoints(tmp_path / f"f{i}", tmp_path / f"u{i}")

@@ -141,6 +141,25 @@ def test_finish_note_says_trial_k_of_n_and_the_best() -> None:
     assert finish_note(None, 0.41) == ""
 
 
+def test_counts_after_a_running_trial_ends_equal_counting_the_study_again() -> None:
+    """A fused group's members leaving together share one read of the study: the counts brought
+    forward by each result equal a fresh count; a failure (which may queue a retry) asks for one."""
+    ran = [trial(0, TrialState.COMPLETE, 0.5), trial(1, TrialState.RUNNING), trial(2, TrialState.RUNNING)]
+    ran += [trial(3, TrialState.WAITING)]
+    for direction in ("minimize", "maximize"):
+        counts = count_trials(ran, 5, direction)
+        ends = [trial(1, TrialState.COMPLETE, 0.2), trial(2, TrialState.PRUNED)]
+        now = list(ran)
+        for ended in ends:
+            after = counts.after(ended, direction)
+            now = [ended if t.number == ended.number else t for t in now]
+            assert after == count_trials(now, 5, direction)
+            assert after is not None and after.position == counts.position
+            counts = after
+        assert counts.best == (0.2 if direction == "minimize" else 0.5)
+    assert count_trials(ran, 5, "minimize").after(trial(1, TrialState.FAIL), "minimize") is None
+
+
 def test_eta_is_the_time_left_at_the_rate_trials_finished_here() -> None:
     assert eta_seconds(total=100, done=30, done_at_start=10, elapsed=40.0) == pytest.approx(140.0)
     assert eta_seconds(total=100, done=10, done_at_start=10, elapsed=40.0) is None  # nothing finished yet

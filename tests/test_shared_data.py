@@ -295,3 +295,31 @@ sampler: {{name: random, seed: 0}}
     assert not orphan.entry.exists()
     assert [p for p in shared.iterdir() if p.is_dir()] == [held.entry]  # the worker's own copy freed too
     held.close()
+
+
+def test_attribute_inputs_are_fingerprinted_by_their_labels_not_the_image_files(tmp_path: Path) -> None:
+    """``inputs: attributes`` reads no image, so the shared copy's key does not stat them (CelebA:
+    202,599 files, 1-2 s per trainer start): an image rewritten leaves the key as it was, an
+    attribute edited changes it; with image inputs the image changes it."""
+    from synthetic_data import make_celeba
+
+    from objectives.vision import data as vision_data
+
+    root = make_celeba(tmp_path / "celeba", n=12, size=8)
+
+    def fingerprint(inputs: str) -> str | None:
+        config = vision_data.DataConfig(format="celeba", root=str(root), inputs=inputs)
+        catalog = vision_data.read_catalog(config, root, "test")
+        return vision_data._fingerprint(catalog, images=inputs == "images")
+
+    before = {inputs: fingerprint(inputs) for inputs in ("attributes", "images")}
+    image = root / "img_align_celeba" / "000001.jpg"
+    image.write_bytes(image.read_bytes() + b"\0")
+    after_image = {inputs: fingerprint(inputs) for inputs in ("attributes", "images")}
+    assert after_image["attributes"] == before["attributes"] is not None
+    assert after_image["images"] != before["images"]
+    attributes = root / "list_attr_celeba.txt"
+    lines = attributes.read_text().splitlines()
+    lines[2] = lines[2][:-2] + ("-1" if lines[2].endswith(" 1") else " 1")
+    attributes.write_text("\n".join(lines) + "\n")
+    assert fingerprint("attributes") != before["attributes"]

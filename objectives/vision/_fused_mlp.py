@@ -16,8 +16,8 @@ parameter trainable (``transfer: scratch`` or ``finetune``, with
 training loop (seeded order, augmentation and dropout, batch-norm batches, the loss,
 ``train_loss``/``train_acc``, the schedule) and evaluation (``val_loss``/``val_acc``/``val_top5``
 or ``val_map``, ``lr``) for all members at once, with the unfused loop's own metric code
-(``add_train_batch``, ``val_sums``). Checkpoints are written every epoch (``checkpoint_every`` is
-ignored), in the unfused format and identity, so either run resumes the other.
+(``add_train_batch``, ``val_sums``). Checkpoints follow each member's ``checkpoint_every`` (and
+its last epoch), in the unfused format and identity, so either run resumes the other.
 """
 
 from __future__ import annotations
@@ -46,8 +46,8 @@ from objectives.vision.models import LEAKY_SLOPE, ImageClassifier, ResidualMLP
 
 # What may differ between fused members: the optimizer's and the schedule's hyperparameters (each
 # member keeps its own optimizer and schedule), and options with no effect on a fused group:
-# checkpoint_every and checkpoint_async (the fused trainer writes every epoch's checkpoint itself,
-# in the unfused format; neither changes what is trained), feature_cache (an MLP on attributes, or a
+# checkpoint_every and checkpoint_async (each member's own, honoured by hpo._fused.train_group;
+# neither changes what is trained), feature_cache (an MLP on attributes, or a
 # CNN in scratch/finetune mode, has no frozen backbone to cache), compile_mode (compile: true is
 # refused) and precision (bf16 is refused and fusing is CPU-only, where auto is fp32).
 ATTRIBUTE_MLP_MAY_DIFFER = frozenset(
@@ -190,7 +190,15 @@ def _member(run: TrialRun) -> tuple[Member, Any]:
     if restored is not None:
         start_epoch = run.resume(restored[1]) + 1
     member = Member(
-        run, model, optimizer, scheduler, identity, next_epoch=start_epoch, checkpoint_when_pruned=True
+        run,
+        model,
+        optimizer,
+        scheduler,
+        identity,
+        next_epoch=start_epoch,
+        checkpoint_when_pruned=True,
+        checkpoint_every=cfg.checkpoint_every,
+        checkpoint_async=cfg.checkpoint_async,
     )
     return member, (cfg, inputs, criterion)
 
