@@ -132,9 +132,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--hidden", type=int, default=128, help="hidden units (quickstart: 128)")
     parser.add_argument("--model", choices=["digits", "resnet18", "r000-mlp"], default="digits")
-    parser.add_argument(
-        "--rows", type=int, default=2000, help="r000-mlp: CelebA rows (default 2000)"
-    )
+    parser.add_argument("--rows", type=int, default=2000, help="r000-mlp: CelebA rows (default 2000)")
     parser.add_argument("--image-size", type=int, default=32, help="resnet18: image size (default 32)")
     parser.add_argument(
         "--rounds", type=int, default=1, help="unfused/fused pairs, alternating (default 1); medians printed"
