@@ -1,5 +1,6 @@
 """Trials per hour of ``hpo worker --fuse K`` against ``hpo worker``, on the digits quickstart MLP,
-report 000's MLP (``--model r000-mlp``) or a tiny ResNet-18 (``--model resnet18``).
+report 000's MLP (``--model r000-mlp``), a grid shaped like report 002's (``--model digits-grid``)
+or a tiny ResNet-18 (``--model resnet18``).
 
 Both workers are real CLI processes on their own SQLite study (same file, same trials: a random
 search over the learning rate, weight decay and the schedule, which all fuse), run one after
@@ -10,7 +11,12 @@ workers' whole wall times are printed too.
 
     OMP_NUM_THREADS=1 nice .venv/bin/python benchmarks/fused_worker.py --k 8 --trials 32 --rounds 3
     OMP_NUM_THREADS=1 nice .venv/bin/python benchmarks/fused_worker.py --model r000-mlp --trials 16 --epochs 3
+    OMP_NUM_THREADS=1 nice .venv/bin/python benchmarks/fused_worker.py --model digits-grid --trials 16
     OMP_NUM_THREADS=1 nice .venv/bin/python benchmarks/fused_worker.py --model resnet18 --k 4 --trials 8
+
+``--model digits-grid``: report 002's grid shape, learning rate x batch size (32, 64) with the batch
+size varying fastest in the queue, ``--trials / 2`` learning rates, grid sampler: a group takes the
+queued grid points of its first member's batch size.
 
 ``--model r000-mlp``: report 000's residual MLP (``attribute_mlp``, width 256, 11 layers, batch 16,
 AdamW + ExponentialLR over the report's search space) on ``--rows`` synthetic CelebA attribute
@@ -58,6 +64,24 @@ seed: 0
 sampler: random
 """
 
+
+# Report 002's grid shape (search_spaces/r002_lr_batch.yaml: learning rate x batch size, the batch
+# size varying fastest in the queue) on the digits MLP: --trials / 2 learning rates x 2 batch sizes.
+GRID_STUDY = """
+name: {name}
+objective: digits_mlp
+data: {{val_fraction: 0.2}}
+settings: {{hidden_units: {hidden}, hidden_layers: 2, optimizer: adam, scheduler: step, step_size: 4,
+           gamma: 0.5}}
+search_space:
+  lr: {{type: float, low: 1.0e-4, high: 1.0e-1, log: true, grid: {lrs}}}
+  batch_size: {{type: int, low: 16, high: 128, grid: [32, 64]}}
+metric: val_loss
+direction: minimize
+budget: {{max_epochs: {epochs}}}
+seed: 0
+sampler: grid
+"""
 
 CNN_STUDY = """
 name: {name}
@@ -131,7 +155,8 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=16, help="trials per study (default 16)")
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--hidden", type=int, default=128, help="hidden units (quickstart: 128)")
-    parser.add_argument("--model", choices=["digits", "resnet18", "r000-mlp"], default="digits")
+    models = ["digits", "digits-grid", "resnet18", "r000-mlp"]
+    parser.add_argument("--model", choices=models, default="digits")
     parser.add_argument("--rows", type=int, default=2000, help="r000-mlp: CelebA rows (default 2000)")
     parser.add_argument("--image-size", type=int, default=32, help="resnet18: image size (default 32)")
     parser.add_argument(
@@ -167,6 +192,7 @@ def main() -> None:
         "resnet18": f"resnet18 ({args.image_size} px, 48 training images, batch 16",
         "r000-mlp": f"report 000's MLP ({args.rows} synthetic CelebA rows, 60% for training, batch 16",
         "digits": f"digits MLP ({args.hidden} hidden units",
+        "digits-grid": f"digits MLP grid of lr x batch size 32/64 ({args.hidden} hidden units",
     }[args.model]
     fused, unfused = statistics.median(rates["fused"]), statistics.median(rates["unfused"])
     spread = f" (rounds: {', '.join(f'{r:.2f}x' for r in ratios)})" if len(ratios) > 1 else ""
@@ -199,6 +225,9 @@ def one_worker(
         study = CNN_STUDY.format(
             name=name, root=images, size=args.image_size, trials=args.trials, epochs=args.epochs
         )
+    elif args.model == "digits-grid":
+        lrs = [round(1e-3 * 1.5**i, 6) for i in range(args.trials // 2)]
+        study = GRID_STUDY.format(name=name, hidden=args.hidden, lrs=lrs, epochs=args.epochs)
     else:
         study = STUDY.format(name=name, hidden=args.hidden, trials=args.trials, epochs=args.epochs)
     path.write_text(study)

@@ -9,9 +9,13 @@ Contract (what :class:`FusedGroups` guarantees on top of :mod:`hpo.worker`'s):
 * after the first claim the worker keeps claiming while the group has fewer than K members (and
   this worker's ``--n-trials`` allows) and the next trial can fuse with the first
   (:func:`hpo._fused.why_not_fusable` over the objective's ``may_differ``; the objective's
-  ``why_not_fusable`` for the trial itself). A trial that cannot fuse is not put back: it is held,
-  beating, and starts the next group (or runs alone), so the queue is never reordered or starved.
-  A group of one runs as an ordinary trial;
+  ``why_not_fusable`` for the trial itself). A queued trial whose parameters are fixed before it
+  is claimed (a grid point, an enqueued configuration) is claimed for the group only if they fuse
+  with the first member's; it is otherwise left queued, so a grid whose batch size varies fastest
+  (report 002's) still fills groups, one batch size each. The oldest queued trial still starts
+  the next group, so nothing is starved. A trial drawn after its claim (an empty slot of a
+  random or TPE study) that cannot fuse is not put back: it is held, beating, and starts the next
+  group (or runs alone). A group of one runs as an ordinary trial;
 * each member is an ordinary trial: its own intermediate values and metric history, pruning
   decision, early stopping, checkpoint, and its own final state, told the moment it leaves the
   group (a pruned member leaves; the others go on);
@@ -118,9 +122,12 @@ class FusedGroups:
             )
         return self._objective
 
-    def _claim(self) -> Claim | None:
+    def _claim(self, joining: Claim | None = None) -> Claim | None:
+        """Claim a queued trial; given ``joining`` (a group's first member), only one that can
+        join it, as far as its fixed parameters tell (see :meth:`_could_join`)."""
         w = self.worker
-        claimed = claim_trial(w.study, w.identity)
+        accept = None if joining is None else lambda fixed: self._could_join(joining, fixed)
+        claimed = claim_trial(w.study, w.identity, accept)
         if claimed is None:
             return None
         heartbeat = Heartbeat(_optuna.study_storage(w.study), claimed[0])
@@ -141,20 +148,41 @@ class FusedGroups:
 
     def _config(self, claim: Claim) -> str | None:
         """Sets ``claim.config``; why the trial cannot fuse at all, or None."""
+        assert claim.job is not None
+        config, reason = self._fusable_config(claim.job.params)
+        claim.config = config
+        return reason
+
+    def _fusable_config(self, params: dict[str, Any]) -> tuple[dict[str, Any] | None, str | None]:
+        """The objective's validated configuration for ``params``, and why it cannot fuse at all
+        (None when it can)."""
         objective = self.objective()
         if objective.fused_train is None:
-            return f"objective {self.worker.spec.objective} has no fused trainer"
-        assert claim.job is not None
-        config = self.worker.spec.config_for(claim.job.params)
+            return None, f"objective {self.worker.spec.objective} has no fused trainer"
+        config = self.worker.spec.config_for(params)
         if objective.config is not None:
             try:
                 config = objective.config(**config).model_dump()
             except Exception as exc:  # the trainer fails it with the full message
-                return f"its configuration is invalid: {type(exc).__name__}"
-        claim.config = config
+                return None, f"its configuration is invalid: {type(exc).__name__}"
         if objective.why_not_fusable is not None:
-            return objective.why_not_fusable(config, self.worker.options.device)
-        return None
+            return config, objective.why_not_fusable(config, self.worker.options.device)
+        return config, None
+
+    def _could_join(self, first: Claim, fixed: dict[str, Any] | None) -> bool:
+        """Whether a queued trial with these fixed parameters could join ``first``'s group.
+
+        A grid point's (or enqueued configuration's) parameters are known before claiming, so
+        the group takes the queued trials that fuse with it (a grid over learning rate x batch
+        size queues the batch sizes interleaved: report 002's). An empty slot's parameters are
+        drawn after the claim: it is accepted, and checked once drawn. Skipped trials stay
+        queued for this worker's next group or any other worker."""
+        if fixed is None:
+            return True
+        config, reason = self._fusable_config(fixed)
+        if reason is not None or config is None or first.config is None:
+            return False
+        return why_not_fusable([first.config, config], self.objective().may_differ) is None
 
     def _why_not(self, first: Claim, other: Claim) -> str | None:
         if other.alone is not None:
@@ -180,7 +208,7 @@ class FusedGroups:
             while first.alone is None and len(members) < self.size:
                 if limit is not None and len(members) + len(results) >= limit:
                     break
-                claim = self._claim()
+                claim = self._claim(joining=first)
                 if claim is None:
                     break
                 if not self._prepare(claim, results):

@@ -26,12 +26,14 @@ from __future__ import annotations
 import contextlib
 import datetime
 import json
-from collections.abc import Iterator, Sequence
+import math
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import optuna
 import sqlalchemy
+from optuna.distributions import BaseDistribution
 from optuna.storages import RDBStorage
 from optuna.trial import TrialState
 from sqlalchemy import orm
@@ -47,12 +49,15 @@ RETRY_OF_ATTR = "hpo:retry_of"
 FAILED_TRIAL_ATTR = "failed_trial"
 RETRY_HISTORY_ATTR = "retry_history"
 FAIL_REASON_ATTR = "fail_reason"
+FIXED_PARAMS_ATTR = "fixed_params"  # Optuna's: a queued trial's preset parameters
 WORKER_ATTR = "hpo:worker"  # which worker holds (held) the trial: host:pid[:slot]
 # System attributes that describe one attempt, not the configuration: a retry starts without them.
 # (A retry's metric history is its own: a resumed retry re-records the restored epochs.)
 ATTEMPT_ATTRS = frozenset(
     {FAIL_REASON_ATTR, WORKER_ATTR, "hpo:traceback", "hpo:heartbeat", METRICS_KEY, EPOCH_SECONDS_KEY}
 )
+
+T = TypeVar("T")
 
 _FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 
@@ -179,8 +184,81 @@ class HpoRDBStorage(RDBStorage):
                 _set_attr(session, models.TrialSystemAttributeModel, trial_id, WORKER_ATTR, worker)
         return True
 
-    def claim_next(self, study_id: int, limit: int = 16, worker: str | None = None) -> tuple[int, int] | None:
-        """Claim one WAITING trial of the study: retries first, then the oldest; (id, number)."""
+    def set_trial_params(self, trial_id: int, params: Sequence[tuple[str, float, BaseDistribution]]) -> None:
+        """Write a trial's sampled parameters (``(name, internal value, distribution)``) in one
+        transaction, as Optuna's ``set_trial_param`` writes one: refused for a finished trial,
+        each distribution checked against the study's earlier one of that name.
+
+        All or none: a worker killed while preparing a trial never leaves it with part of its
+        configuration. Repeatable: a parameter the trial already holds with the same value and
+        distribution (the first attempt committed, its answer was lost) is skipped; one it holds
+        with another value raises ``ValueError``.
+        """
+        trials = models.TrialModel.__table__
+        table = models.TrialParamModel.__table__
+        with self._transaction() as session:
+            # A no-op update of an unfinished trial: takes its row (the database, on SQLite) for
+            # this transaction, so nobody finishes the trial between this check and the inserts.
+            locked = session.execute(
+                sqlalchemy.update(trials)
+                .where(trials.c.trial_id == trial_id, trials.c.state.notin_(_FINISHED))
+                .values(state=trials.c.state)
+            )
+            if _rowcount(locked) != 1:
+                self._state_of(session, trial_id)  # KeyError when there is no such trial
+                raise optuna.exceptions.UpdateFinishedTrialError(
+                    f"trial {trial_id} is already finished; its parameters cannot be set"
+                )
+            columns = (table.c.param_name, table.c.param_value, table.c.distribution_json)
+            held = {
+                str(row[0]): (float(row[1]), str(row[2]))
+                for row in session.execute(sqlalchemy.select(*columns).where(table.c.trial_id == trial_id))
+            }
+            study = sqlalchemy.select(trials.c.study_id).where(trials.c.trial_id == trial_id)
+            for name, value, distribution in params:
+                as_json = optuna.distributions.distribution_to_json(distribution)
+                if name in held:
+                    if not _same_param(held[name], value, as_json):
+                        raise ValueError(
+                            f"trial {trial_id} already has parameter {name!r} with another value "
+                            "or distribution"
+                        )
+                    continue
+                earlier = session.execute(
+                    sqlalchemy.select(table.c.distribution_json)
+                    .join(trials, trials.c.trial_id == table.c.trial_id)
+                    .where(trials.c.study_id == study.scalar_subquery(), table.c.param_name == name)
+                    .limit(1)
+                ).scalar_one_or_none()
+                if earlier is not None:
+                    before = optuna.distributions.json_to_distribution(earlier)
+                    try:
+                        optuna.distributions.check_distribution_compatibility(before, distribution)
+                    except ValueError as exc:
+                        raise ValueError(
+                            f"parameter {name!r}: {exc} (earlier trials of the study drew it from {before}, "
+                            f"this one from {distribution})"
+                        ) from exc
+                session.execute(
+                    sqlalchemy.insert(table).values(
+                        trial_id=trial_id, param_name=name, param_value=value, distribution_json=as_json
+                    )
+                )
+
+    def claim_next(
+        self,
+        study_id: int,
+        limit: int = 16,
+        worker: str | None = None,
+        accept: Callable[[dict[str, Any] | None], bool] | None = None,
+    ) -> tuple[int, int] | None:
+        """Claim one WAITING trial of the study: retries first, then the oldest; (id, number).
+
+        ``accept`` (``hpo worker --fuse``: a trial that can join the group) narrows the choice
+        to the candidates it accepts, given each one's fixed parameters (Optuna's
+        ``fixed_params``: a grid point, an enqueued configuration) or None for an empty slot
+        (parameters still to be drawn); None when it accepts none of the first ``limit``.
+        """
         trials = models.TrialModel.__table__
         attrs = models.TrialSystemAttributeModel.__table__
         retry = (
@@ -188,8 +266,14 @@ class HpoRDBStorage(RDBStorage):
             .where(attrs.c.trial_id == trials.c.trial_id, attrs.c.key == FAILED_TRIAL_ATTR)
             .exists()
         )
+        fixed = (
+            sqlalchemy.select(attrs.c.value_json)
+            .where(attrs.c.trial_id == trials.c.trial_id, attrs.c.key == FIXED_PARAMS_ATTR)
+            .limit(1)
+            .scalar_subquery()
+        )
         query = (
-            sqlalchemy.select(trials.c.trial_id, trials.c.number)
+            sqlalchemy.select(trials.c.trial_id, trials.c.number, fixed)
             .where(trials.c.study_id == study_id, trials.c.state == TrialState.WAITING)
             # Retries of trials whose worker died come first: they resume from a checkpoint,
             # and multi-fidelity samplers (BOHB) wait on them to finish a rung.
@@ -197,7 +281,15 @@ class HpoRDBStorage(RDBStorage):
             .limit(limit)
         )
         while True:
-            candidates = self._trials_of(query)
+            with self._engine().connect() as conn:
+                rows = [(int(row[0]), int(row[1]), row[2]) for row in conn.execute(query)]
+            if not rows:
+                return None
+            candidates = [
+                (trial_id, number)
+                for trial_id, number, fixed_json in rows
+                if accept is None or accept(_fixed_params(fixed_json))
+            ]
             if not candidates:
                 return None
             for trial_id, number in candidates:
@@ -371,6 +463,24 @@ def _rowcount(result: Any) -> int:
     return int(result.rowcount)
 
 
+def _fixed_params(value_json: Any) -> dict[str, Any] | None:
+    """A queued trial's ``fixed_params`` attribute, None when it has none (or an empty one)."""
+    if value_json is None:
+        return None
+    value = json.loads(value_json)
+    return value if isinstance(value, dict) and value else None
+
+
+def _same_param(held: tuple[float, str], value: float, as_json: str) -> bool:
+    """Whether a stored parameter is ``value`` from the distribution ``as_json``: the same
+    distribution, and the value equal up to the float precision the column stores."""
+    stored, stored_json = held
+    same_distribution = optuna.distributions.json_to_distribution(
+        stored_json
+    ) == optuna.distributions.json_to_distribution(as_json)
+    return same_distribution and math.isclose(stored, float(value), rel_tol=1e-6, abs_tol=0.0)
+
+
 def _set_attr(session: orm.Session, model: Any, trial_id: int, key: str, value: Any) -> None:
     table = model.__table__
     session.execute(sqlalchemy.delete(table).where(table.c.trial_id == trial_id, table.c.key == key))
@@ -409,6 +519,29 @@ def fail_stale(storage: Any, study_id: int, grace_period: float | None = None) -
         if outcome.failed:
             outcomes.append(outcome)
     return outcomes
+
+
+def with_retries(storage: Any, fn: Callable[[], T]) -> T:
+    """``fn()`` (raw SQL on the database) with the storage's retries (``hpo.resilient``'s
+    ``RetryingStorage.call``) when it has them; ``fn`` must be safe to repeat."""
+    call = getattr(storage, "call", None)
+    return call(fn) if callable(call) and hasattr(storage, "inner") else fn()
+
+
+def set_trial_params(
+    storage: Any, trial_id: int, params: Sequence[tuple[str, float, BaseDistribution]]
+) -> None:
+    """Write ``params`` (``hpo._optuna.deferred_param_writes``) of the trial: in one transaction
+    on a database (:meth:`HpoRDBStorage.set_trial_params`, with the storage's retries), one call
+    each through other storages (the gRPC proxy)."""
+    if not params:
+        return
+    rdb = rdb_of(storage)
+    if rdb is None:
+        for name, value, distribution in params:
+            storage.set_trial_param(trial_id, name, value, distribution)
+        return
+    with_retries(storage, lambda: rdb.set_trial_params(trial_id, params))
 
 
 def rdb_of(storage: Any) -> HpoRDBStorage | None:

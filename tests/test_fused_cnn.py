@@ -28,7 +28,7 @@ import optuna
 import pytest
 import torch
 from conftest import cli_env, run_cli, write_study
-from synthetic_data import make_imagefolder, make_voc
+from synthetic_data import make_caltech101, make_imagefolder, make_voc
 from test_fused_trials import checkpoint, make_run
 
 from hpo.spec import StudySpec, parse_study
@@ -177,6 +177,31 @@ def test_multilabel_voc_resnet18_fused_members_equal_their_unfused_runs(tmp_path
         assert_equal_runs(member, run, tmp_path / f"fused{i}", tmp_path / f"alone{i}", metrics, tol=TOL32)
 
 
+def test_report_004_alexnet_with_test_metrics_fused_members_equal_their_unfused_runs(tmp_path: Path) -> None:
+    # Report 004's sweeps (studies/r004_caltech_lr_sgd.yaml...) report the held-out test list's
+    # metrics every epoch (test_metrics: true); each member's test_* are its unfused run's.
+    root = make_caltech101(tmp_path / "caltech", classes=3, per_class=6, size=64)
+    data = {
+        "format": "caltech101",
+        "root": str(root),
+        "train_list": "train.txt",
+        "test_list": "test.txt",
+        "val_fraction": 0.5,
+        "image_size": 63,
+    }
+    settings = {"model": "alexnet", "test_metrics": True, "momentum": 0.9, "batch_size": 4}
+    spec = make_spec(data, settings, epochs=2)
+    members = [{"lr": 0.01}, {"lr": 0.003, "weight_decay": 1e-3}]
+    alone, fused = alone_and_fused(spec, members, tmp_path)
+    metrics = SINGLE_LABEL | {"test_loss", "test_acc", "test_top5"}
+    for i, (member, run) in enumerate(zip(fused, alone, strict=True)):
+        assert member.error is None and member.epochs_trained == 2
+        assert_equal_runs(member, run, tmp_path / f"fused{i}", tmp_path / f"alone{i}", metrics, tol=TOL32)
+    # the test split is not the validation split, and the members differ on it
+    assert fused[0].run.history["test_loss"] != fused[0].run.history["val_loss"]
+    assert fused[0].run.history["test_loss"] != fused[1].run.history["test_loss"]
+
+
 class PruneTrial(optuna.pruners.BasePruner):
     """Prunes one trial (by number) from a given step on: deterministic, in both studies alike."""
 
@@ -211,13 +236,13 @@ def test_why_not_fusable_names_the_reason_for_cnns() -> None:
     base = ImageClassifierConfig(model="resnet18").model_dump()
     assert why_not_fusable(base, "cpu") is None
     assert why_not_fusable({**base, "transfer": "finetune", "pretrained": False}, "cpu") is None
+    assert why_not_fusable({**base, "test_metrics": True}, "cpu") is None  # report 004's studies
     refused = {
         ("transfer", "features"): "freezes",
         ("loss", "center"): "center",
         ("loss", "triplet"): "triplet",
         ("compile", True): "compile",
         ("precision", "bf16"): "bf16",
-        ("test_metrics", True): "test_metrics",
         ("model", "resnet18_mlp"): "no fused trainer",
     }
     for (option, value), words in refused.items():

@@ -3,7 +3,8 @@
 A fused run gives every trial the value and curves of an unfused ``hpo worker`` run of the same
 study (relative tolerance 1e-5: batched matmuls and torch's fused optimizer kernels round
 differently, measured ~7e-7 here with SGD); a pruned member leaves its group while the others go
-on; a trial that cannot fuse starts the next group or runs alone; a worker SIGKILLed mid-group
+on; a trial that cannot fuse starts the next group or runs alone, and a group takes the queued
+grid points that fuse with it (report 002's interleaved batch sizes); a worker SIGKILLed mid-group
 leaves its members to the heartbeat/lease mechanism, which fails and retries each exactly once.
 """
 
@@ -127,9 +128,10 @@ def test_fused_trials_equal_unfused_ones_and_unfusable_trials_run_alone(
     assert [c.wait(timeout=300) for c in creating] == [0, 0]
     out = run_both(sqlite_url, tmp_path, "fused", "unfused", 4)
     # grid order: sgd x 5 learning rates, then adam: one group of 4, then the 5th SGD trial alone
-    # (the Adam trial claimed after it cannot join it), then the Adam trial alone
+    # (the queued Adam trial cannot join it: its grid point says so, so it is not even claimed),
+    # then the Adam trial alone
     assert "trials 0, 1, 2, 3 train as one fused group" in out, out
-    assert "trial 5 starts the next group, not 4's: configuration 1 has optimizer='adam'" in out, out
+    assert "starts the next group" not in out, out
     assert out.count("train as one fused group") == 1, out
     fused, unfused = by_params(sqlite_url, "fused"), by_params(sqlite_url, "unfused")
     assert len(fused) == len(unfused) == 6 and fused.keys() == unfused.keys()
@@ -138,6 +140,38 @@ def test_fused_trials_equal_unfused_ones_and_unfusable_trials_run_alone(
         assert_close(fused[key], trial)
     # nothing doubled: 6 trials, each told once, no failures, no retries
     assert len(optuna.load_study(study_name="fused", storage=sqlite_url).get_trials()) == 6
+
+
+def test_a_grid_over_batch_sizes_fuses_the_queued_trials_of_each_batch_size(
+    tmp_path: Path, sqlite_url: str
+) -> None:
+    # Report 002's grid is learning rate x batch size, the batch size varying fastest in the
+    # queue: consecutive trials never fuse. The group takes the queued grid points that fuse with
+    # its first member instead; the others stay queued for the next group.
+    body = """
+name: bs_grid
+objective: digits_mlp
+data: {val_fraction: 0.2}
+settings: {hidden_units: 32, hidden_layers: 2, optimizer: sgd, scheduler: none}
+search_space:
+  lr: {type: float, low: 0.01, high: 0.2, log: true, grid: [0.1, 0.05, 0.02]}
+  batch_size: {type: int, low: 16, high: 128, grid: [32, 64]}
+metric: val_loss
+direction: minimize
+budget: {max_epochs: 2}
+seed: 0
+sampler: grid
+"""
+    path = write_study(tmp_path, body, "bs_grid.yaml")
+    args = ["worker", str(path), *worker(sqlite_url, "bs_grid", tmp_path / "ck", "--fuse", "3")[3:]]
+    result = run_cli(args, env=ENV, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "trials 0, 2, 4 train as one fused group" in result.stdout, result.stdout
+    assert "trials 1, 3, 5 train as one fused group" in result.stdout, result.stdout
+    trials = optuna.load_study(study_name="bs_grid", storage=sqlite_url).get_trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 6  # each point once, nothing failed
+    assert [t.params["batch_size"] for t in trials] == [32, 64] * 3
+    assert all(sorted(t.intermediate_values) == [1, 2] for t in trials)
 
 
 def test_a_pruned_member_leaves_its_group_and_the_others_go_on(tmp_path: Path, postgres_url: str) -> None:

@@ -200,6 +200,35 @@ def test_trial_for_runs_before_trial_and_suggests_into_the_claimed_trial(storage
     assert storage.get_trial(_optuna.trial_id(waiting[0])).state == TrialState.WAITING
 
 
+def test_deferred_param_writes_collects_what_suggest_would_write(storage: BaseStorage) -> None:
+    study = optuna.create_study(
+        study_name="seam", storage=storage, sampler=optuna.samplers.RandomSampler(seed=1)
+    )
+    trial = study.ask()
+    tid = _optuna.trial_id(trial)
+    original = trial.storage
+    with _optuna.deferred_param_writes(trial) as pending:
+        x = _optuna.suggest(trial, "x", FloatDistribution(1e-3, 1.0, log=True))
+        c = _optuna.suggest(trial, "c", CategoricalDistribution(["a", "b"]))
+        # Nothing reached the database, yet the trial knows its values (a repeated suggest). (In
+        # memory, the trial's cached copy is the storage's own object, so there is nothing to see.)
+        if isinstance(storage, RDBStorage):
+            assert storage.get_trial(tid).params == {}, changed("Trial._suggest (writes past Trial.storage)")
+        assert _optuna.suggest(trial, "x", FloatDistribution(1e-3, 1.0, log=True)) == x, changed(
+            "Trial._suggest (no longer reads its cached trial)"
+        )
+        assert trial.number == storage.get_trial(tid).number  # other calls pass through
+    assert trial.storage is original
+    assert [(name, dist) for name, _, dist in pending] == [
+        ("x", FloatDistribution(1e-3, 1.0, log=True)),
+        ("c", CategoricalDistribution(["a", "b"])),
+    ]
+    assert pending[0][1] == x and pending[1][1] == ["a", "b"].index(c)  # internal representations
+    for name, value, dist in pending:
+        storage.set_trial_param(tid, name, value, dist)
+    assert storage.get_trial(tid).params == {"x": x, "c": c}
+
+
 def test_distribution_contains() -> None:
     assert _optuna.distribution_contains(FloatDistribution(0.0, 1.0), 0.5)
     assert not _optuna.distribution_contains(FloatDistribution(0.0, 1.0), 1.5), changed(

@@ -112,6 +112,44 @@ def test_one_short_trial_of_the_study_through_hpo_worker(
         assert trial.number == 0 and trial.params == spec.enqueue[0]
 
 
+# hpo worker --fuse on the reports' own sweeps: report 004's learning-rate sweep (AlexNet, test_metrics:
+# the held-out test list each epoch) and report 002's grid (learning rate x batch size, the batch
+# size varying fastest in the queue: a group takes the grid points of its first member's batch size).
+FUSED_REPORT_STUDIES = {"r004_caltech_lr_sgd": "trials 0, 1, 2, 3", "r002_scene15_grid": "trials 0, 4, 8, 12"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stem", sorted(FUSED_REPORT_STUDIES))
+def test_report_sweeps_train_as_fused_groups_through_hpo_worker(
+    stem: str,
+    tmp_path: Path,
+    sqlite_url: str,
+    datasets: dict[str, Path],
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # fused CNN groups are CPU-only
+    copy = short_copy(ROOT / "studies" / f"{stem}.yaml", tmp_path, datasets)
+    spec = load_study_file(copy)
+    args = ["worker", str(copy), "--storage", sqlite_url, "--n-trials", "4", "--fuse", "4", "--no-progress"]
+    code = main([*args, "--checkpoint-dir", str(tmp_path / "checkpoints")])
+    output = capsys.readouterr()
+    assert code == 0, output.out + output.err
+    assert f"{FUSED_REPORT_STUDIES[stem]} train as one fused group" in output.out, output.out
+    trials = [
+        t
+        for t in optuna.load_study(study_name=spec.name, storage=sqlite_url).get_trials()
+        if t.state.is_finished()
+    ]
+    assert len(trials) == 4 and all(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
+    expected = {"train_loss", "val_loss", "val_acc"} | (
+        {"test_loss", "test_acc"} if spec.settings.get("test_metrics") else set()
+    )
+    for trial in trials:
+        assert expected <= set(trial_metrics(trial)), trial.number
+        assert trial.intermediate_values == {1: trial_metrics(trial)[spec.metric][0]}
+
+
 def test_report_settings_are_enqueued_where_the_report_had_them() -> None:
     """Each report's own setting (000: sections 2.1-2.3; 001: its config listing; 002: Table 1)
     is its study's first trial; 003 gives no learning rate (its files fix or search it)."""

@@ -38,7 +38,7 @@ from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from hpo import _optuna
-from hpo._rdb import fail_stale
+from hpo._rdb import fail_stale, set_trial_params
 from hpo.ray_backend._schedulers import EPOCH_KEY
 from hpo.ray_backend._trainable import (
     FINAL_KEY,
@@ -61,9 +61,13 @@ class _DefineByRun:
         self.space = space
 
     def __call__(self, trial: Any) -> dict[str, Any]:
-        # ``trial`` is OptunaSearch's wrapper around the claimed optuna.Trial.
-        params = suggest(trial, self.space)
-        return {**params, TRIAL_ID_KEY: _optuna.trial_id(_optuna.define_by_run_trial(trial))}
+        # ``trial`` is OptunaSearch's wrapper around the claimed optuna.Trial; the configuration
+        # is written in one transaction, as hpo's workers write it.
+        claimed = _optuna.define_by_run_trial(trial)
+        with _optuna.deferred_param_writes(claimed) as sampled:
+            params = suggest(trial, self.space)
+        set_trial_params(_optuna.study_storage(claimed.study), _optuna.trial_id(claimed), sampled)
+        return {**params, TRIAL_ID_KEY: _optuna.trial_id(claimed)}
 
 
 class _Heartbeats:

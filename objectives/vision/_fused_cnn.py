@@ -76,6 +76,6 @@ def why_not_fusable_cnn(config: Mapping[str, Any], device: str) -> str | None:
         )
     if config.get("loss") not in ("auto", "cross_entropy", "bce"):
         return f"loss {config.get('loss')} cannot be fused (auto, cross_entropy or bce can)"
-    if config.get("compile") or config.get("test_metrics") or config.get("precision") == "bf16":
-        return "compile, test_metrics and bf16 cannot be fused"
+    if config.get("compile") or config.get("precision") == "bf16":
+        return "compile and bf16 cannot be fused"
     return None

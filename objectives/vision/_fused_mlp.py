@@ -33,7 +33,14 @@ from hpo._fused import Member, Stack, dropout_noise, train_group, why_not_fusabl
 from hpo.objective import TrialRun
 from hpo.training import build_scheduler, epoch_seed, load_checkpoint, seed_everything
 from objectives.vision._fused_cnn import stacked_forward, why_not_fusable_cnn
-from objectives.vision._inputs import make_criterion, make_inputs, split_ignore, with_ignore
+from objectives.vision._inputs import (
+    Inputs,
+    held_out_inputs,
+    make_criterion,
+    make_inputs,
+    split_ignore,
+    with_ignore,
+)
 from objectives.vision.augment import Augmentation
 from objectives.vision.data import DataConfig, load_image_data
 from objectives.vision.metrics import EpochMeter
@@ -145,6 +152,7 @@ def why_not_fusable(config: Mapping[str, Any], device: str) -> str | None:
         return "fused attribute_mlp trials match the unfused dropout masks on the CPU only"
     if config.get("loss") not in ("auto", "bce"):
         return f"loss {config.get('loss')} cannot be fused (auto or bce can)"
+    # test_metrics needs test images, which attribute rows are not: the trial fails alone, saying so
     if config.get("compile") or config.get("test_metrics") or config.get("precision") == "bf16":
         return "compile, test_metrics and bf16 cannot be fused"
     return _unclassified_option(config)
@@ -173,8 +181,9 @@ def _member(run: TrialRun) -> tuple[Member, Any]:
 
     cfg = _parse_config(run.config)
     data_cfg = DataConfig(**run.data)
-    data = load_image_data(data_cfg, run.seed, cache=run.cache, device=run.device, test=False)
+    data = load_image_data(data_cfg, run.seed, cache=run.cache, device=run.device, test=cfg.test_metrics)
     inputs = make_inputs(cfg, data)
+    test_inputs = held_out_inputs(cfg, data, inputs)  # test_metrics: true (report 004's test list)
     criterion = make_criterion(cfg, inputs)
     seed_everything(run.seed)
     model = build_trial_model(cfg, inputs, criterion).to(run.device)
@@ -200,7 +209,7 @@ def _member(run: TrialRun) -> tuple[Member, Any]:
         checkpoint_every=cfg.checkpoint_every,
         checkpoint_async=cfg.checkpoint_async,
     )
-    return member, (cfg, inputs, criterion)
+    return member, (cfg, inputs, test_inputs, criterion)
 
 
 def train_fused(runs: Sequence[TrialRun], on_leave: Callable[[Member], None] | None = None) -> list[Member]:
@@ -228,7 +237,7 @@ def train_fused(runs: Sequence[TrialRun], on_leave: Callable[[Member], None] | N
         raise ValueError(f"these image_classifier trials cannot be fused: {reason}")
     built = [_member(run) for run in runs]
     members = [member for member, _ in built]
-    cfg, inputs, criterion = built[0][1]  # equal for every member: same data, seed and options
+    cfg, inputs, test_inputs, criterion = built[0][1]  # equal for every member: same data, seed, options
     on = Device.for_run(runs[0].device, cfg.precision)
     augmentation = Augmentation.preset(cfg.augment) if inputs.images else None
     forward = residual_mlp_forward if cfg.model == "attribute_mlp" else stacked_forward
@@ -275,15 +284,25 @@ def train_fused(runs: Sequence[TrialRun], on_leave: Callable[[Member], None] | N
         model = reference(stack)
         for m in stack.models:
             m.eval()
-        n = len(inputs.val_y)
-        logits = torch.empty(stack.size, n, inputs.num_outputs, dtype=torch.float32)
-        for start, stop in _batches(n, cfg.eval_batch_size, drop_single=False):
-            x = _model_input(inputs.val_x[start:stop], inputs.images, on, None, None)
-            logits[:, start:stop] = forward(model, stack.params, stack.buffers, x, False).float()
-        return [
-            {**val_sums(logits[k], criterion, inputs, on).compute(), **pending.pop(id(m))}
-            for k, m in enumerate(stack.models)
-        ]
+
+        def all_logits(part: Inputs) -> torch.Tensor:  # every member's, for every sample of part.val_x
+            n = len(part.val_y)
+            logits = torch.empty(stack.size, n, part.num_outputs, dtype=torch.float32)
+            for start, stop in _batches(n, cfg.eval_batch_size, drop_single=False):
+                x = _model_input(part.val_x[start:stop], part.images, on, None, None)
+                logits[:, start:stop] = forward(model, stack.params, stack.buffers, x, False).float()
+            return logits
+
+        val = all_logits(inputs)
+        test = all_logits(test_inputs) if test_inputs is not None else None
+        out = []
+        for k, m in enumerate(stack.models):
+            metrics = val_sums(val[k], criterion, inputs, on).compute()
+            if test is not None and test_inputs is not None:  # named as the unfused run names them
+                held_out = val_sums(test[k], criterion, test_inputs, on).compute()
+                metrics |= {"test_" + name.removeprefix("val_"): value for name, value in held_out.items()}
+            out.append(metrics | pending.pop(id(m)))
+        return out
 
     train_group(members, train_epoch, evaluate, on_leave)
     return members
