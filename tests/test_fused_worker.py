@@ -174,6 +174,40 @@ sampler: grid
     assert all(sorted(t.intermediate_values) == [1, 2] for t in trials)
 
 
+def test_two_fused_workers_racing_over_a_batch_size_grid_train_each_point_once(
+    tmp_path: Path, sqlite_url: str
+) -> None:
+    # Both workers skip and pick queued grid points by their batch size at the same moments: the
+    # conditional claim lets one of them win each point; none is trained twice or lost.
+    lrs = [0.1, 0.07, 0.05, 0.03, 0.02, 0.01]
+    body = f"""
+name: race
+objective: digits_mlp
+data: {{val_fraction: 0.2}}
+settings: {{hidden_units: 16, hidden_layers: 1, optimizer: sgd, scheduler: none}}
+search_space:
+  lr: {{type: float, low: 0.005, high: 0.2, log: true, grid: {lrs}}}
+  batch_size: {{type: int, low: 16, high: 128, grid: [32, 64]}}
+metric: val_loss
+direction: minimize
+budget: {{max_epochs: 2}}
+seed: 0
+sampler: grid
+"""
+    path = write_study(tmp_path, body, "race.yaml")
+    assert run_cli(["create-study", str(path), "--storage", sqlite_url], env=ENV).returncode == 0
+    procs = [
+        start_cli(worker(sqlite_url, "race", tmp_path / f"ck{i}", "--fuse", "3"), env=ENV) for i in range(2)
+    ]
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    trials = optuna.load_study(study_name="race", storage=sqlite_url).get_trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 12, outputs
+    points = Counter((t.params["lr"], t.params["batch_size"]) for t in trials)
+    assert set(points.values()) == {1} and len(points) == 12
+    assert sum(out.count("train as one fused group") for out in outputs) >= 2, outputs
+
+
 def test_a_pruned_member_leaves_its_group_and_the_others_go_on(tmp_path: Path, postgres_url: str) -> None:
     # group 1: four middling learning rates (they complete: the median pruner's startup trials);
     # group 2: two learning rates too small to learn are pruned early, two better ones finish.
