@@ -1,6 +1,7 @@
 """Trials per hour of ``hpo worker --fuse K`` against ``hpo worker``, on the digits quickstart MLP,
-report 000's MLP (``--model r000-mlp``), a grid shaped like report 002's (``--model digits-grid``)
-or a tiny ResNet-18 (``--model resnet18``).
+report 000's MLP (``--model r000-mlp``), a grid shaped like report 002's (``--model digits-grid``),
+a tiny ResNet-18 (``--model resnet18``) or report 004's frozen-convolution AlexNet
+(``--model alexnet-features``, ``alexnet-features-augment``).
 
 Both workers are real CLI processes on their own SQLite study (same file, same trials: a random
 search over the learning rate, weight decay and the schedule, which all fuse), run one after
@@ -25,6 +26,15 @@ rows (``make_celeba``; 60% train, 20% validation), fused by ``objectives/vision/
 ``--model resnet18``: SGD (momentum 0.9), ``transfer: scratch``, batch 16, on a synthetic
 ImageFolder tree (``tests/support/synthetic_data.py``: 4 classes x 16 solid-colour images,
 ``--image-size`` px, a quarter held out), fused by ``objectives/vision/_fused_cnn.py``.
+
+``--model alexnet-features``: AlexNet with frozen convolutions (``transfer: features``, random
+weights: no download), SGD over learning rate, weight decay and momentum, batch 16, on the same
+synthetic tree at 63 px (AlexNet's minimum): both workers train the classifier on cached features
+(one computation per worker). ``alexnet-features-augment`` adds ``augment: flip_jitter``: no
+cache, so the unfused trial runs the convolutions every batch and the fused group once per batch
+for all its members (``objectives/vision/_fused_frozen.py``). ``resnet18-features-augment``: a
+frozen ResNet-18 (batch norm adapting, ``frozen_mode: train``), augmented, only the new last layer
+trains: report 004's frozen ResNet-50 BOHB study in small.
 
 ``--rounds N`` alternates N unfused/fused pairs and prints the median rates and each round's ratio
 (this machine is shared and noisy: compare only within a run).
@@ -87,7 +97,7 @@ CNN_STUDY = """
 name: {name}
 objective: image_classifier
 data: {{format: imagefolder, root: {root}, image_size: {size}, val_fraction: 0.25}}
-settings: {{model: resnet18, optimizer: sgd, batch_size: 16, scheduler: step}}
+settings: {{{settings}}}
 search_space:
   lr: {{type: float, low: 1.0e-3, high: 1.0e-1, log: true}}
   weight_decay: {{type: float, low: 1.0e-6, high: 1.0e-2, log: true}}
@@ -149,13 +159,27 @@ def span(url: str, name: str) -> tuple[int, float]:
     return len(complete), (last - first).total_seconds()
 
 
+CNN_SETTINGS = {
+    "resnet18": "model: resnet18, optimizer: sgd, batch_size: 16, scheduler: step",
+    "alexnet-features": "model: alexnet, transfer: features, pretrained: false, optimizer: sgd, "
+    "momentum: 0.9, batch_size: 16, scheduler: step",
+}
+CNN_SETTINGS["alexnet-features-augment"] = CNN_SETTINGS["alexnet-features"] + ", augment: flip_jitter"
+# Report 004's ResNet-50 BOHB study shape (studies/r004_caltech_resnet50_bohb_features.yaml): a frozen
+# ResNet whose batch norm adapts (frozen_mode: train), augmented, only the new last layer trains.
+CNN_SETTINGS["resnet18-features-augment"] = (
+    "model: resnet18, transfer: features, pretrained: false, augment: flip_jitter, optimizer: sgd, "
+    "momentum: 0.9, batch_size: 16, scheduler: step"
+)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--k", type=int, default=8, help="trials per fused group (default 8)")
     parser.add_argument("--trials", type=int, default=16, help="trials per study (default 16)")
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--hidden", type=int, default=128, help="hidden units (quickstart: 128)")
-    models = ["digits", "digits-grid", "resnet18", "r000-mlp"]
+    models = ["digits", "digits-grid", "r000-mlp", *CNN_SETTINGS]
     parser.add_argument("--model", choices=models, default="digits")
     parser.add_argument("--rows", type=int, default=2000, help="r000-mlp: CelebA rows (default 2000)")
     parser.add_argument("--image-size", type=int, default=32, help="resnet18: image size (default 32)")
@@ -172,7 +196,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         images = None
-        if args.model == "resnet18":
+        if args.model.startswith("alexnet"):
+            args.image_size = max(args.image_size, 63)  # AlexNet's smallest input
+        if args.model in CNN_SETTINGS:
             sys.path.insert(0, str(ROOT / "tests" / "support"))
             from synthetic_data import make_imagefolder
 
@@ -190,6 +216,15 @@ def main() -> None:
             ratios.append(rates["fused"][-1] / rates["unfused"][-1])
     what = {
         "resnet18": f"resnet18 ({args.image_size} px, 48 training images, batch 16",
+        "alexnet-features": (
+            f"frozen-conv alexnet, cached features ({args.image_size} px, 48 training images, batch 16"
+        ),
+        "alexnet-features-augment": (
+            f"frozen-conv alexnet, augmented ({args.image_size} px, 48 training images, batch 16"
+        ),
+        "resnet18-features-augment": (
+            f"frozen resnet18, augmented ({args.image_size} px, 48 training images, batch 16"
+        ),
         "r000-mlp": f"report 000's MLP ({args.rows} synthetic CelebA rows, 60% for training, batch 16",
         "digits": f"digits MLP ({args.hidden} hidden units",
         "digits-grid": f"digits MLP grid of lr x batch size 32/64 ({args.hidden} hidden units",
@@ -223,7 +258,12 @@ def one_worker(
         study = R000_STUDY.format(name=name, root=images, trials=args.trials, epochs=args.epochs)
     elif images is not None:
         study = CNN_STUDY.format(
-            name=name, root=images, size=args.image_size, trials=args.trials, epochs=args.epochs
+            name=name,
+            root=images,
+            size=args.image_size,
+            settings=CNN_SETTINGS[args.model],
+            trials=args.trials,
+            epochs=args.epochs,
         )
     elif args.model == "digits-grid":
         lrs = [round(1e-3 * 1.5**i, 6) for i in range(args.trials // 2)]

@@ -297,7 +297,12 @@ class StackedOptimizer:
 
 @dataclass
 class Member:
-    """One trial in a fused group: its run, model, optimizer, scheduler and checkpoint identity."""
+    """One trial in a fused group: its run, model, optimizer, scheduler and checkpoint identity.
+
+    ``model`` is what the member's checkpoint holds; ``net``, when set, is the part of it the group
+    stacks and trains (sharing its parameters), e.g. the trainable rest of a model whose frozen
+    prefix runs once for the whole group. The optimizer holds exactly ``net``'s parameters.
+    """
 
     run: TrialRun
     model: nn.Module
@@ -312,6 +317,12 @@ class Member:
     checkpoint_when_pruned: bool = False  # as the unfused loop does (image_classifier: yes)
     checkpoint_every: int = 1  # hpo.training.checkpoint_due: every N epochs and the last
     checkpoint_async: bool = False  # the trial asked for background writes whatever their size
+    net: nn.Module | None = None  # what the group trains (default: model)
+
+    @property
+    def trained(self) -> nn.Module:
+        """The module the group stacks: ``net``, or the whole ``model``."""
+        return self.net if self.net is not None else self.model
 
     def finish(self) -> None:
         self.done = True
@@ -342,6 +353,11 @@ class Stack:
         names = list(params[0])
         if any(list(p) != names for p in params) or any(list(b) != list(buffers[0]) for b in buffers):
             raise ValueError("fused members must have the same architecture")
+        for model_params, opt in zip(params, self.optimizers, strict=True):
+            # the stacked optimizer pairs the i-th stacked parameter with the optimizer's i-th one
+            held = [id(p) for group in opt.param_groups for p in group["params"]]
+            if held != [id(p) for p in model_params.values()]:
+                raise ValueError("a fused member's optimizer must hold its model's parameters, in order")
         with torch.no_grad():
             for name in names:
                 self.params[name] = torch.stack([p[name].detach() for p in params]).requires_grad_(True)
@@ -404,10 +420,11 @@ def train_group(
     epoch = min((m.next_epoch for m in members if not m.done), default=0)
     # Leaving the block waits for the write in flight, however the group ends.
     with CheckpointWriter(writes_in_background(members)) as writer:
+        stack: Stack | None = None
         while any(not m.done for m in members):
             active = [m for m in members if not m.done and m.next_epoch == epoch]
             if active:
-                _train_epoch(active, epoch, train_epoch, evaluate, leave, writer)
+                stack = _train_epoch(active, epoch, train_epoch, evaluate, leave, writer, stack)
             epoch += 1
 
 
@@ -426,8 +443,18 @@ def _train_epoch(
     evaluate: Evaluate,
     leave: OnLeave,
     writer: CheckpointWriter,
-) -> None:
-    stack = Stack([m.model for m in active], [m.optimizer for m in active])
+    previous: Stack | None,
+) -> Stack:
+    """One epoch of the active members; returns their stack, which the next epoch reuses when the
+    same members train it (after ``write_back`` the stack and the members hold the same values, so
+    stacking again would only copy every parameter and optimizer state: seconds per epoch for
+    AlexNet's classifier)."""
+    modules = [m.trained for m in active]
+    same = previous is not None and len(previous.models) == len(modules)
+    if previous is not None and same and all(a is b for a, b in zip(previous.models, modules, strict=True)):
+        stack = previous
+    else:
+        stack = Stack(modules, [m.optimizer for m in active])
     train_losses = train_epoch(stack, epoch)
     stack.write_back()
     with warnings.catch_warnings():
@@ -463,6 +490,7 @@ def _train_epoch(
         writer.wait()  # a leaving member's result is told only once its checkpoint is on disk
         for member in leaving:
             leave(member)
+    return stack
 
 
 def _checkpoint_state(member: Member, epoch: int) -> dict[str, Any]:
@@ -499,9 +527,26 @@ def sequential_forward(
     ``model`` is one member (the architecture); ``params`` the stacked parameters by name. Layers:
     Linear, ReLU, LeakyReLU, Dropout (what the digits MLP is made of); anything else is refused.
     """
+    return layers_forward(list(model.named_children()), params, x, training)
+
+
+LAYERS_FORWARD = (nn.Linear, nn.ReLU, nn.LeakyReLU, nn.Dropout, nn.Identity)
+
+
+def layers_forward(
+    layers: Sequence[tuple[str, nn.Module]],
+    params: Mapping[str, torch.Tensor],
+    x: torch.Tensor,
+    training: bool,
+) -> torch.Tensor:
+    """:func:`sequential_forward` over ``layers`` (qualified name, module) applied in order: the
+    K members' outputs (K, B, out) for a shared input ``x`` (B, in) or per-member inputs (K, B, in).
+    Layers: ``LAYERS_FORWARD``; the weights are ``params[f"{name}.weight"]`` (K, out, in)."""
     k = next(iter(params.values())).shape[0]
     h = x
-    for name, layer in model.named_children():
+    for name, layer in layers:
+        if isinstance(layer, nn.Identity):
+            continue
         if isinstance(layer, nn.Linear):
             weight, bias = params[f"{name}.weight"], params[f"{name}.bias"]
             if h.dim() == 2:

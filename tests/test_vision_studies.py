@@ -113,9 +113,16 @@ def test_one_short_trial_of_the_study_through_hpo_worker(
 
 
 # hpo worker --fuse on the reports' own sweeps: report 004's learning-rate sweep (AlexNet, test_metrics:
-# the held-out test list each epoch) and report 002's grid (learning rate x batch size, the batch
-# size varying fastest in the queue: a group takes the grid points of its first member's batch size).
-FUSED_REPORT_STUDIES = {"r004_caltech_lr_sgd": "trials 0, 1, 2, 3", "r002_scene15_grid": "trials 0, 4, 8, 12"}
+# the held-out test list each epoch) and its frozen-convolution grid (nesterov x lr x weight decay, on
+# cached features), report 000's frozen encoder + MLP (batch norm adapting: the encoder runs once per
+# batch for the group) and report 002's grid (learning rate x batch size, the batch size varying
+# fastest in the queue: a group takes the grid points of its first member's batch size).
+FUSED_REPORT_STUDIES = {
+    "r004_caltech_lr_sgd": "trials 0, 1, 2, 3",
+    "r004_caltech_features_sgd": "trials 0, 1, 2, 3",
+    "r000_celeba_resnet_mlp": "trials 0, 1, 2, 3",
+    "r002_scene15_grid": "trials 0, 4, 8, 12",
+}
 
 
 @pytest.mark.slow

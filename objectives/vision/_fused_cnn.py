@@ -1,8 +1,9 @@
 """Batched forward pass of the torchvision CNNs of ``image_classifier`` for fused trials (``hpo worker
 --fuse K``, see :mod:`hpo._fused` and :mod:`objectives.vision._fused_mlp`, whose trainer runs it).
 
-K members of one architecture (resnet18, resnet50, alexnet, vgg16, efficientnet_b0 with every
-parameter trainable: ``transfer: scratch`` or ``finetune``) run as one: ``torch.func.vmap`` over
+K members of one architecture (resnet18, resnet50, alexnet, vgg16, efficientnet_b0, resnet18_mlp
+with ``transfer: scratch`` or ``finetune``, and with ``transfer: features``, whose frozen prefix
+runs once for the group: :mod:`objectives.vision._fused_frozen`) run as one: ``torch.func.vmap`` over
 ``torch.func.functional_call`` of one member's module with the stacked ``(K, ...)`` parameters and
 buffers of :class:`hpo._fused.Stack` and the shared input batch (``in_dims=(0, 0, None)``). What
 each member sees is its own:
@@ -29,11 +30,11 @@ import torch
 from torch import nn
 from torch.func import functional_call, vmap
 
-# The models whose trials fuse with this forward pass, and the transfer modes that train every
-# parameter (the frozen ones train on the frozen-feature cache or with frozen parameters the
-# stacked optimizer does not hold).
-FUSABLE_CNNS = ("resnet18", "resnet50", "alexnet", "vgg16", "efficientnet_b0")
-FUSABLE_TRANSFER = ("scratch", "finetune")
+# The models whose trials fuse with this forward pass, and the transfer modes: every parameter
+# trains, or (features) a frozen prefix shared by the members runs once and the rest is stacked.
+# classifier / classifier_all freeze layers between trainable ones, which the stack cannot skip.
+FUSABLE_CNNS = ("resnet18", "resnet50", "alexnet", "vgg16", "efficientnet_b0", "resnet18_mlp")
+FUSABLE_TRANSFER = ("scratch", "finetune", "features")
 
 
 def stacked_forward(
@@ -42,10 +43,12 @@ def stacked_forward(
     buffers: Mapping[str, torch.Tensor],
     x: torch.Tensor,
     training: bool,
+    per_member: bool = False,
 ) -> torch.Tensor:
-    """The K members' logits (K, B, C) for a shared batch ``x`` (B, ...); ``model`` is one member
-    (the architecture, in the mode the trainer set: ``training`` must agree with it), ``params`` /
-    ``buffers`` the stacked ones by name. Buffers are updated in place (batch norm in training)."""
+    """The K members' logits (K, B, C) for a shared batch ``x`` (B, ...), or with ``per_member``
+    each member's own batch ``x`` (K, B, ...); ``model`` is one member (the architecture, in the
+    mode the trainer set: ``training`` must agree with it), ``params`` / ``buffers`` the stacked
+    ones by name. Buffers are updated in place (batch norm in training)."""
     if model.training != training:
         raise ValueError(f"the reference model is in {'training' if model.training else 'eval'} mode")
 
@@ -53,7 +56,7 @@ def stacked_forward(
         out: torch.Tensor = functional_call(model, (p, b), (inp,))
         return out
 
-    batched = vmap(one, in_dims=(0, 0, None), randomness="same")
+    batched = vmap(one, in_dims=(0, 0, 0 if per_member else None), randomness="same")
     logits: torch.Tensor = batched(dict(params), dict(buffers), x)
     return logits
 
@@ -66,8 +69,9 @@ def why_not_fusable_cnn(config: Mapping[str, Any], device: str) -> str | None:
         return f"model {model} has no fused trainer (attribute_mlp and {', '.join(FUSABLE_CNNS)} do)"
     if config.get("transfer") not in FUSABLE_TRANSFER:
         return (
-            f"transfer {config.get('transfer')} freezes part of {model} (frozen features are cached or "
-            "frozen parameters kept out of the optimizer); only scratch and finetune fuse"
+            f"transfer {config.get('transfer')} freezes layers of {model} between trainable ones, "
+            "which a fused group cannot leave out of its stacked parameters; scratch, finetune and "
+            "features fuse"
         )
     if not device.startswith("cpu"):
         return (

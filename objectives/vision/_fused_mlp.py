@@ -11,9 +11,11 @@ head's dropout mask is drawn once per batch, as the unfused member draws it (CPU
 :func:`train_fused` is the fused trainer of ``image_classifier`` (CPU): of report 000's attribute
 MLP (``model: attribute_mlp``, with the forward pass above) and of the torchvision CNNs with every
 parameter trainable (``transfer: scratch`` or ``finetune``, with
-:func:`objectives.vision._fused_cnn.stacked_forward`). Each member is set up as
-:func:`objectives.vision.train.train` sets the unfused trial up, and each epoch replays its
-training loop (seeded order, augmentation and dropout, batch-norm batches, the loss,
+:func:`objectives.vision._fused_cnn.stacked_forward`) or a frozen backbone (``transfer: features``:
+the frozen part runs once for the group, :mod:`objectives.vision._fused_frozen`; the trainable rest
+through :func:`hpo._fused.layers_forward`, the MLP forward pass above or ``stacked_forward``).
+Each member is set up as :func:`objectives.vision.train.train` sets the unfused trial up, and
+each epoch replays its training loop (seeded order, augmentation and dropout, batch-norm batches, the loss,
 ``train_loss``/``train_acc``, the schedule) and evaluation (``val_loss``/``val_acc``/``val_top5``
 or ``val_map``, ``lr``) for all members at once, with the unfused loop's own metric code
 (``add_train_batch``, ``val_sums``). Checkpoints follow each member's ``checkpoint_every`` (and
@@ -29,10 +31,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hpo._fused import Member, Stack, dropout_noise, train_group, why_not_fusable_runs
+from hpo._fused import Member, Stack, dropout_noise, layers_forward, train_group, why_not_fusable_runs
 from hpo.objective import TrialRun
 from hpo.training import build_scheduler, epoch_seed, load_checkpoint, seed_everything
 from objectives.vision._fused_cnn import stacked_forward, why_not_fusable_cnn
+from objectives.vision._fused_frozen import FrozenPrefix, head_layers, share_frozen_prefix
 from objectives.vision._inputs import (
     Inputs,
     held_out_inputs,
@@ -54,11 +57,12 @@ from objectives.vision.models import LEAKY_SLOPE, ImageClassifier, ResidualMLP
 # What may differ between fused members: the optimizer's and the schedule's hyperparameters (each
 # member keeps its own optimizer and schedule), and options with no effect on a fused group:
 # checkpoint_every and checkpoint_async (each member's own, honoured by hpo._fused.train_group;
-# neither changes what is trained), feature_cache (an MLP on attributes, or a
-# CNN in scratch/finetune mode, has no frozen backbone to cache), compile_mode (compile: true is
+# neither changes what is trained), feature_cache (cached and recomputed features are the same run
+# within rounding; a transfer: features group uses the cache only when every member allows it),
+# compile_mode (compile: true is
 # refused) and precision (bf16 is refused and fusing is CPU-only, where auto is fp32).
 ATTRIBUTE_MLP_MAY_DIFFER = frozenset(
-    {"lr", "weight_decay", "momentum", "scheduler", "step_size", "gamma"}
+    {"lr", "weight_decay", "momentum", "nesterov", "scheduler", "step_size", "gamma"}
     | {"checkpoint_every", "checkpoint_async", "feature_cache", "compile_mode", "precision"}
 )
 # What must be equal: the architecture, the batches, the loss and the evaluation the fused trainer
@@ -68,7 +72,7 @@ ATTRIBUTE_MLP_MAY_DIFFER = frozenset(
 # CNN group shares (one augmented batch for all members; the same initial weights).
 ATTRIBUTE_MLP_MUST_EQUAL = frozenset(
     {"model", "mlp_width", "mlp_layers", "dropout", "target_attribute"}
-    | {"optimizer", "nesterov", "batch_size", "eval_batch_size", "loss", "test_metrics", "compile"}
+    | {"optimizer", "batch_size", "eval_batch_size", "loss", "test_metrics", "compile"}
     | {"transfer", "pretrained", "encoder_checkpoint", "frozen_mode", "augment"}
     | {"center_loss_lambda", "center_alpha", "triplet_margin"}
 )
@@ -120,12 +124,15 @@ def residual_mlp_forward(
     buffers: Mapping[str, torch.Tensor],
     x: torch.Tensor,
     training: bool,
+    per_member: bool = False,
 ) -> torch.Tensor:
-    """The K members' logits (K, B, C) for a shared batch ``x``; ``model`` is one member (the
-    architecture), ``params`` / ``buffers`` the stacked ones by name (:class:`hpo._fused.Stack`)."""
+    """The K members' logits (K, B, C) for a shared batch ``x`` (or, ``per_member``, each member's
+    own: (K, B, ...)); ``model`` is one member (the architecture), ``params`` / ``buffers`` the
+    stacked ones by name (:class:`hpo._fused.Stack`). Also the trainable rest of ``resnet18_mlp``
+    on its frozen encoder's features (:mod:`objectives.vision._fused_frozen`)."""
     trunk = model.trunk
     if not isinstance(model.backbone, nn.Identity) or not isinstance(trunk, ResidualMLP):
-        raise TypeError("only report 000's MLP (model: mlp) has a fused forward pass")
+        raise TypeError("only report 000's MLP (Identity backbone, ResidualMLP trunk) has this forward pass")
 
     def layer(h: torch.Tensor, prefix: str, block: nn.Module) -> torch.Tensor:
         if not isinstance(block, nn.Sequential) or not isinstance(block[1], nn.BatchNorm1d):
@@ -134,13 +141,17 @@ def residual_mlp_forward(
         h = _batch_norm(h, block[1], f"{prefix}.1", params, buffers, training)
         return F.leaky_relu(h, LEAKY_SLOPE)
 
-    h = layer(x.flatten(1), "trunk.inp", trunk.inp)
+    h = layer(x.flatten(2) if per_member else x.flatten(1), "trunk.inp", trunk.inp)
     for index, block in enumerate(trunk.blocks):
         h = h + layer(h, f"trunk.blocks.{index}", block)
     dropout = model.head[0]
     if training and isinstance(dropout, nn.Dropout) and dropout.p > 0:
         h = h * dropout_noise(h.shape[-2:], dropout.p, h)  # the unfused member's (B, H) mask
     return _linear(h, params["head.1.weight"], params["head.1.bias"])
+
+
+def _is_residual_mlp(model: ImageClassifier) -> bool:
+    return isinstance(model.backbone, nn.Identity) and isinstance(model.trunk, ResidualMLP)
 
 
 def why_not_fusable(config: Mapping[str, Any], device: str) -> str | None:
@@ -225,6 +236,7 @@ def train_fused(runs: Sequence[TrialRun], on_leave: Callable[[Member], None] | N
         _model_input,
         _parse_config,
         add_train_batch,
+        feature_data_key,
         val_sums,
     )
 
@@ -240,7 +252,24 @@ def train_fused(runs: Sequence[TrialRun], on_leave: Callable[[Member], None] | N
     cfg, inputs, test_inputs, criterion = built[0][1]  # equal for every member: same data, seed, options
     on = Device.for_run(runs[0].device, cfg.precision)
     augmentation = Augmentation.preset(cfg.augment) if inputs.images else None
-    forward = residual_mlp_forward if cfg.model == "attribute_mlp" else stacked_forward
+    frozen: FrozenPrefix | None = None  # transfer: features: the frozen prefix runs once for the group
+    if cfg.transfer == "features":
+        inputs, frozen = share_frozen_prefix(
+            members,
+            inputs,
+            feature_cache=all(_parse_config(run.config).feature_cache == "auto" for run in runs),
+            augmentation=augmentation,
+            cache=runs[0].cache,
+            data_key=feature_data_key(DataConfig(**runs[0].data), runs[0]),
+            batch_size=cfg.eval_batch_size,
+            device=on.device,
+        )
+    # The trainable rest on the frozen prefix: report 000's MLP (resnet18_mlp) or a chain of linear
+    # layers (AlexNet/VGG's classifier, a ResNet's head) run as (batched) matmuls, not through vmap.
+    rest = members[0].trained
+    mlp_rest = frozen is not None and isinstance(rest, ImageClassifier) and _is_residual_mlp(rest)
+    linear_rest = head_layers(rest) if frozen is not None and not mlp_rest else None
+    whole = {id(m.trained): m.model for m in members}  # the trained module -> the member's whole model
     pending: dict[int, dict[str, float]] = {}  # each model's train_acc and lr, until evaluated
 
     def reference(stack: Stack) -> ImageClassifier:
@@ -249,10 +278,27 @@ def train_fused(runs: Sequence[TrialRun], on_leave: Callable[[Member], None] | N
             raise TypeError("a fused image_classifier member is an ImageClassifier")
         return model
 
-    def train_epoch(stack: Stack, epoch: int) -> list[float]:
-        model = reference(stack)
+    def set_mode(stack: Stack, training: bool) -> None:
         for m in stack.models:
-            m.train()
+            m.train(training)
+            whole[id(m)].train(training)  # its frozen prefix too (frozen_mode), outside the stack
+        if frozen is not None:
+            frozen.begin(stack.models)
+
+    def forward(stack: Stack, x: torch.Tensor, training: bool, images: bool) -> torch.Tensor:
+        """Every member's logits for the input batch ``x`` (images through the shared frozen prefix)."""
+        model = reference(stack)
+        per_member = False
+        if frozen is not None and images:
+            x, per_member = frozen(x)
+        if cfg.model == "attribute_mlp" or mlp_rest:
+            return residual_mlp_forward(model, stack.params, stack.buffers, x, training, per_member)
+        if linear_rest is not None:
+            return layers_forward(linear_rest, stack.params, x, training)
+        return stacked_forward(model, stack.params, stack.buffers, x, training, per_member)
+
+    def train_epoch(stack: Stack, epoch: int) -> list[float]:
+        set_mode(stack, True)
         seed = epoch_seed(runs[0].seed, epoch)
         torch.manual_seed(seed)  # dropout masks, as the unfused epoch draws them
         order = torch.randperm(len(inputs.train_y), generator=torch.Generator().manual_seed(seed))
@@ -265,13 +311,15 @@ def train_fused(runs: Sequence[TrialRun], on_leave: Callable[[Member], None] | N
             index = order[start:stop]
             y, ignore = split_ignore(targets[index], width)
             x = _model_input(inputs.train_x[index], inputs.images, on, augmentation, generator)
-            logits = forward(model, stack.params, stack.buffers, x, True)
+            logits = forward(stack, x, True, inputs.images)
             # each member's own mean loss: their sum's gradient is every member's own gradient
             losses = [criterion(logits[k], logits[k], y, None, ignore=ignore) for k in range(stack.size)]
             torch.stack(losses).sum().backward()
             stack.step()
             for k, meter in enumerate(meters):
                 add_train_batch(meter, losses[k], logits[k], y, ignore, inputs.multilabel)
+        if frozen is not None:
+            frozen.end()  # members sharing a prefix get its updated batch-norm statistics
         out = []
         for k, m in enumerate(stack.models):
             metrics = meters[k].compute()
@@ -281,16 +329,14 @@ def train_fused(runs: Sequence[TrialRun], on_leave: Callable[[Member], None] | N
 
     @torch.no_grad()
     def evaluate(stack: Stack) -> list[dict[str, float]]:
-        model = reference(stack)
-        for m in stack.models:
-            m.eval()
+        set_mode(stack, False)
 
         def all_logits(part: Inputs) -> torch.Tensor:  # every member's, for every sample of part.val_x
             n = len(part.val_y)
             logits = torch.empty(stack.size, n, part.num_outputs, dtype=torch.float32)
             for start, stop in _batches(n, cfg.eval_batch_size, drop_single=False):
                 x = _model_input(part.val_x[start:stop], part.images, on, None, None)
-                logits[:, start:stop] = forward(model, stack.params, stack.buffers, x, False).float()
+                logits[:, start:stop] = forward(stack, x, False, part.images).float()
             return logits
 
         val = all_logits(inputs)

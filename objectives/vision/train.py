@@ -393,6 +393,11 @@ def build_trial_model(cfg: ImageClassifierConfig, inputs: Inputs, criterion: Cri
     )
 
 
+def feature_data_key(data_cfg: DataConfig, run: TrialRun) -> str:
+    """The dataset a trial's frozen features are cached under (fused groups share the entry)."""
+    return f"{data_cfg.model_dump_json()}:{run.seed}:{run.device}"
+
+
 def checkpoint_identity(
     cfg: ImageClassifierConfig, data_cfg: DataConfig, seed: int, max_epochs: int
 ) -> dict[str, Any]:
@@ -455,7 +460,7 @@ def train(run: TrialRun) -> float:
         inputs,
         augmentation=augmentation,
         cache=run.cache,
-        data_key=f"{data_cfg.model_dump_json()}:{run.seed}:{run.device}",
+        data_key=feature_data_key(data_cfg, run),
         batch_size=cfg.eval_batch_size,
         device=on.device,
         bf16=on.bf16,
@@ -519,9 +524,9 @@ IMAGE_CLASSIFIER = Objective(
         *("val_loss", "val_acc", "val_top5", "val_map", "train_loss", "train_acc", "lr"),
         *("test_loss", "test_acc", "test_top5", "test_map"),
     ),
-    # hpo worker --fuse K: report 000's attribute MLP trials and the CNNs' scratch/finetune trials on
-    # the CPU train as one batched model (objectives/vision/_fused_mlp.py, _fused_cnn.py); every
-    # other trial runs alone, with the reason (why_not_fusable).
+    # hpo worker --fuse K: report 000's attribute MLP trials and the CNNs' scratch/finetune/features
+    # trials on the CPU train as one batched model (objectives/vision/_fused_mlp.py, _fused_cnn.py,
+    # _fused_frozen.py); every other trial runs alone, with the reason (why_not_fusable).
     fused_train=train_fused,
     may_differ=ATTRIBUTE_MLP_MAY_DIFFER,
     why_not_fusable=why_not_fusable,
