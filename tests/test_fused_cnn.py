@@ -30,7 +30,7 @@ import pytest
 import torch
 from conftest import cli_env, run_cli, write_study
 from synthetic_data import make_caltech101, make_imagefolder, make_voc
-from test_fused_trials import checkpoint, make_run
+from test_fused_trials import WorkerKilled, checkpoint, make_run
 
 from hpo.spec import StudySpec, parse_study
 from objectives.vision._fused_mlp import train_fused, why_not_fusable
@@ -256,6 +256,43 @@ def test_report_000_frozen_encoder_members_share_one_encoder_pass_per_batch(
     encoder_stats = checkpoint(tmp_path / "fused1")["model"]["backbone.bn1.running_mean"]
     assert not torch.equal(encoder_stats, torch.zeros_like(encoder_stats))  # it adapted, in every member
     assert not any(key.startswith(FEATURES_ENTRY) for key in fused[0].run.cache)
+
+
+@pytest.mark.usefixtures("float64")
+def test_a_killed_frozen_encoder_group_resumes_from_its_members_checkpoints(
+    colours: Path, tmp_path: Path
+) -> None:
+    """The group of frozen-encoder members dies at epoch 2 (member 1's report kills the worker):
+    each member has its epoch-1 checkpoint, the whole model with the encoder's adapted batch-norm
+    statistics. The retried group resumes every member from it and ends as the uninterrupted
+    unfused runs (metrics, checkpoints, encoder statistics)."""
+    data = {"format": "imagefolder", "root": str(colours), "image_size": 32, "val_fraction": 0.25}
+    settings = {"model": "resnet18", "transfer": "features", "pretrained": False, "augment": "flip_jitter"}
+    spec = make_spec(data, {**settings, "batch_size": 6}, epochs=3)
+    study = optuna.create_study()
+    alone = [make_run(study, spec, p, tmp_path / f"alone{i}") for i, p in enumerate(SGD_MEMBERS[:2])]
+    for run in alone:
+        train_alone(run)
+    crashing = [
+        make_run(study, spec, p, tmp_path / f"trial{i}", crash_after=2 if i == 1 else None)
+        for i, p in enumerate(SGD_MEMBERS[:2])
+    ]
+    with pytest.raises(WorkerKilled):
+        train_fused(crashing)
+    assert [checkpoint(tmp_path / f"trial{i}")["epoch"] for i in range(2)] == [1, 1]
+    retry = train_fused(
+        [make_run(study, spec, p, tmp_path / f"trial{i}") for i, p in enumerate(SGD_MEMBERS[:2])]
+    )
+    for i, (member, run) in enumerate(zip(retry, alone, strict=True)):
+        resumed = study._storage.get_trial(member.run.trial._trial_id).user_attrs["resumed_from_epoch"]
+        assert resumed == 1 and member.epochs_trained == 2 and member.error is None
+        for name, values in run.history.items():  # epoch 1 restored from the checkpoint, 2-3 trained
+            assert member.run.history[name] == pytest.approx(values, abs=METRIC_TOL64, rel=0), name
+        assert member.value == pytest.approx(run.final_value(), abs=METRIC_TOL64, rel=0)
+        left, right = checkpoint(tmp_path / f"trial{i}"), checkpoint(tmp_path / f"alone{i}")
+        assert left["epoch"] == right["epoch"] == 3
+        for key, tensor in left["model"].items():  # the frozen encoder's statistics included
+            torch.testing.assert_close(tensor, right["model"][key], atol=TOL64, rtol=RTOL64, msg=key)
 
 
 def test_members_with_different_frozen_statistics_each_get_their_own_prefix_output() -> None:
