@@ -23,10 +23,12 @@ from typing import Any
 import optuna
 import pytest
 import torch
+import torch.nn.functional as F
 
 from hpo._fused import (
     Stack,
     StackedOptimizer,
+    batched_linear,
     fusable_groups,
     member_cross_entropy,
     why_not_fusable,
@@ -283,6 +285,63 @@ def test_stacked_optimizer_steps_as_torch_does() -> None:
             for index in expected:
                 for key, value in expected[index].items():
                     torch.testing.assert_close(state[index][key], value, atol=1e-6, rtol=0)
+
+
+def test_exported_optimizer_state_is_the_members_own_and_stays_as_exported() -> None:
+    """Each export writes the stacks' state into the members' optimizers as copies (into the
+    tensors they already hold, from the second export on): a later stacked step never changes
+    what was exported, and each export holds the state of its own step."""
+    for name in ("sgd", "adamw"):
+        torch.manual_seed(0)
+        weights = [torch.randn(3, 2, requires_grad=True) for _ in range(2)]
+        opts = [build_optimizer(name, [w], 0.1, 0.01, 0.9) for w in weights]
+        stacked = {"w": torch.stack([w.detach() for w in weights]).requires_grad_(True)}
+        fused = StackedOptimizer(opts, ["w"])
+        fused.import_from(stacked)
+        exported: list[dict[str, torch.Tensor]] = []
+        for _ in range(3):
+            stacked["w"].grad = torch.randn(2, 3, 2)
+            fused.step()
+            fused.export_to()
+            state = opts[1].state[weights[1]]
+            expected = {
+                key: (fused.state["w"][key][1] if key != "step" else fused.steps[1, 0]).clone()
+                for key in state
+            }
+            for key, value in state.items():
+                torch.testing.assert_close(value, expected[key], atol=0, rtol=0)
+            exported.append({key: value.clone() for key, value in state.items()})
+            snapshot = {key: value for key, value in state.items()}
+            stacked["w"].grad = torch.randn(2, 3, 2)
+            fused.step()  # not exported: the members' state must not move with the stacks
+            for key, value in snapshot.items():
+                torch.testing.assert_close(value, exported[-1][key], atol=0, rtol=0)
+        assert not torch.equal(exported[0][next(iter(exported[0]))], exported[-1][next(iter(exported[-1]))])
+
+
+def test_batched_linear_is_each_members_linear_with_its_gradients() -> None:
+    """The fused layers' batched Linear (its own backward pass, in the weights' layout) against K
+    ``F.linear`` calls: outputs and every gradient, for member-major and member-minor inputs, and
+    with the input's gradient not needed (a shared first layer)."""
+    torch.manual_seed(0)
+    k, batch, width_in, width_out = 3, 5, 4, 6
+    weight = torch.randn(k, width_out, width_in, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(k, width_out, dtype=torch.float64, requires_grad=True)
+    member_major = torch.randn(k, batch, width_in, dtype=torch.float64, requires_grad=True)
+    member_minor = torch.randn(batch, k, width_in, dtype=torch.float64, requires_grad=True)
+    for h in (member_major, member_minor.transpose(0, 1)):
+        assert torch.autograd.gradcheck(batched_linear, (h, weight, bias))
+        upstream = torch.randn(k, batch, width_out, dtype=torch.float64)
+        fused = torch.autograd.grad((batched_linear(h, weight, bias) * upstream).sum(), (h, weight, bias))
+        one_by_one = torch.stack([F.linear(h[m], weight[m], bias[m]) for m in range(k)])
+        expected = torch.autograd.grad((one_by_one * upstream).sum(), (h, weight, bias))
+        for got, want in zip(fused, expected, strict=True):
+            torch.testing.assert_close(got, want)
+    frozen = member_major.detach()
+    out = batched_linear(frozen, weight, bias)
+    weight_grad, bias_grad = torch.autograd.grad(out.sum(), (weight, bias))
+    torch.testing.assert_close(weight_grad, frozen.sum(1, keepdim=True).expand(k, width_out, width_in))
+    torch.testing.assert_close(bias_grad, torch.full((k, width_out), float(batch), dtype=torch.float64))
 
 
 def test_configurations_that_cannot_fuse_are_rejected(tmp_path: Path) -> None:

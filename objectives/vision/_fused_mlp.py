@@ -31,7 +31,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hpo._fused import Member, Stack, dropout_noise, layers_forward, train_group, why_not_fusable_runs
+from hpo._fused import (
+    Member,
+    Stack,
+    batched_linear,
+    dropout_noise,
+    layers_forward,
+    train_group,
+    why_not_fusable_runs,
+)
 from hpo.objective import TrialRun
 from hpo.training import build_scheduler, epoch_seed, load_checkpoint, seed_everything
 from objectives.vision._fused_cnn import stacked_forward, why_not_fusable_cnn
@@ -78,13 +86,16 @@ ATTRIBUTE_MLP_MUST_EQUAL = frozenset(
 )
 
 
+# The members' activations are (B, K, H), member-minor: batch norm's K * H channels are then a view
+# of them, where a (K, B, H) layout costs two strided copies per layer and their backward passes.
+
+
 def _linear(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """(B, in) shared or (K, B, in) per member -> (K, B, out)."""
+    """(B, in) shared or (B, K, in) per member -> (B, K, out)."""
     k, out = weight.shape[0], weight.shape[1]
     if h.dim() == 2:  # the shared input: one wide matmul against every member's weights
-        wide = F.linear(h, weight.reshape(k * out, -1), bias.reshape(k * out))
-        return wide.view(h.shape[0], k, out).transpose(0, 1)
-    return torch.baddbmm(bias.unsqueeze(1), h, weight.transpose(1, 2))
+        return F.linear(h, weight.reshape(k * out, -1), bias.reshape(k * out)).view(h.shape[0], k, out)
+    return batched_linear(h.transpose(0, 1), weight, bias).transpose(0, 1)
 
 
 def _batch_norm(
@@ -95,9 +106,8 @@ def _batch_norm(
     buffers: Mapping[str, torch.Tensor],
     training: bool,
 ) -> torch.Tensor:
-    """Each member's BatchNorm1d over its own (B, H) slice of ``h`` (K, B, H)."""
-    k, b, width = h.shape
-    channels = h.transpose(0, 1).reshape(b, k * width)  # member-major channels: (B, K * H)
+    """Each member's BatchNorm1d over its own (B, H) slice of ``h`` (B, K, H)."""
+    b, k, width = h.shape
     running_mean = buffers[f"{prefix}.running_mean"]
     running_var = buffers[f"{prefix}.running_var"]
     momentum = layer.momentum
@@ -106,7 +116,7 @@ def _batch_norm(
         if momentum is None:  # a cumulative average, as BatchNorm computes it
             momentum = 1.0 / float(buffers[f"{prefix}.num_batches_tracked"][0])
     out = F.batch_norm(
-        channels,
+        h.reshape(b, k * width),  # member-major channels
         running_mean.view(-1),  # views: the stacked buffers are updated in place
         running_var.view(-1),
         params[f"{prefix}.weight"].reshape(-1),
@@ -115,7 +125,7 @@ def _batch_norm(
         momentum if momentum is not None else 0.0,
         layer.eps,
     )
-    return out.view(b, k, width).transpose(0, 1)
+    return out.view(b, k, width)
 
 
 def residual_mlp_forward(
@@ -141,13 +151,14 @@ def residual_mlp_forward(
         h = _batch_norm(h, block[1], f"{prefix}.1", params, buffers, training)
         return F.leaky_relu(h, LEAKY_SLOPE)
 
-    h = layer(x.flatten(2) if per_member else x.flatten(1), "trunk.inp", trunk.inp)
+    h = layer(x.flatten(2).transpose(0, 1) if per_member else x.flatten(1), "trunk.inp", trunk.inp)
     for index, block in enumerate(trunk.blocks):
         h = h + layer(h, f"trunk.blocks.{index}", block)
     dropout = model.head[0]
     if training and isinstance(dropout, nn.Dropout) and dropout.p > 0:
-        h = h * dropout_noise(h.shape[-2:], dropout.p, h)  # the unfused member's (B, H) mask
-    return _linear(h, params["head.1.weight"], params["head.1.bias"])
+        # the unfused member's (B, H) mask, the same for every member
+        h = h * dropout_noise((h.shape[0], h.shape[2]), dropout.p, h).unsqueeze(1)
+    return _linear(h, params["head.1.weight"], params["head.1.bias"]).transpose(0, 1)
 
 
 def _is_residual_mlp(model: ImageClassifier) -> bool:
