@@ -158,6 +158,28 @@ def test_resnet18_fused_members_equal_their_unfused_runs(colours: Path, tmp_path
     assert len({round(v, 3) for v in finals}) == 3  # the members really differ
 
 
+@pytest.mark.usefixtures("float64")
+def test_pixel_mlp_fused_members_equal_their_unfused_runs(colours: Path, tmp_path: Path) -> None:
+    # model: mlp, report 000's residual MLP on flattened (augmented) pixels: the attribute MLP's
+    # fused forward pass (batch norm per member, one shared dropout mask) on image batches
+    data = {"format": "imagefolder", "root": str(colours), "image_size": 8, "val_fraction": 0.25}
+    settings = {
+        "model": "mlp",
+        "mlp_width": 16,
+        "mlp_layers": 3,
+        "dropout": 0.3,
+        "augment": "flip_jitter",
+        "batch_size": 5,
+    }
+    spec = make_spec(data, settings, epochs=2)
+    alone, fused = alone_and_fused(spec, SGD_MEMBERS, tmp_path)
+    for i, (member, run) in enumerate(zip(fused, alone, strict=True)):
+        assert member.error is None and member.epochs_trained == 2
+        assert_equal_runs(member, run, tmp_path / f"fused{i}", tmp_path / f"alone{i}", SINGLE_LABEL)
+    finals = [m.run.history["train_loss"][-1] for m in fused]
+    assert len({round(v, 4) for v in finals}) == len(SGD_MEMBERS)  # the members really differ
+
+
 def test_alexnet_with_dropout_fused_members_equal_their_unfused_runs(tmp_path: Path) -> None:
     # AlexNet's classifier has two Dropout(0.5) layers and the head one more: one shared mask per
     # layer and batch (vmap randomness="same") is each unfused run's mask. 63 px: AlexNet's minimum.
@@ -391,6 +413,10 @@ def test_why_not_fusable_names_the_reason_for_cnns() -> None:
     assert why_not_fusable({**base, "test_metrics": True}, "cpu") is None  # report 004's studies
     assert why_not_fusable({**base, "transfer": "features", "pretrained": False}, "cpu") is None
     assert why_not_fusable({**base, "model": "resnet18_mlp", "transfer": "features"}, "cpu") is None
+    assert why_not_fusable({**base, "model": "mlp", "test_metrics": True}, "cpu") is None
+    attribute_test = why_not_fusable({**base, "model": "attribute_mlp", "test_metrics": True}, "cpu")
+    assert "attribute rows" in str(attribute_test)
+    assert "CPU only" in str(why_not_fusable({**base, "model": "mlp"}, "cuda"))
     refused = {
         ("transfer", "classifier"): "between trainable ones",
         ("transfer", "classifier_all"): "between trainable ones",
@@ -398,7 +424,7 @@ def test_why_not_fusable_names_the_reason_for_cnns() -> None:
         ("loss", "triplet"): "triplet",
         ("compile", True): "compile",
         ("precision", "bf16"): "bf16",
-        ("model", "mlp"): "no fused trainer",
+        ("model", "vit_b_16"): "no fused trainer",
     }
     for (option, value), words in refused.items():
         reason = why_not_fusable({**base, option: value}, "cpu")

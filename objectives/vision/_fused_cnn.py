@@ -66,7 +66,7 @@ def why_not_fusable_cnn(config: Mapping[str, Any], device: str) -> str | None:
     every fused trial (must-equal / may-differ classification) are checked by the caller."""
     model = config.get("model")
     if model not in FUSABLE_CNNS:
-        return f"model {model} has no fused trainer (attribute_mlp and {', '.join(FUSABLE_CNNS)} do)"
+        return f"model {model} has no fused trainer (mlp, attribute_mlp and {', '.join(FUSABLE_CNNS)} do)"
     if config.get("transfer") not in FUSABLE_TRANSFER:
         return (
             f"transfer {config.get('transfer')} freezes layers of {model} between trainable ones, "

@@ -9,7 +9,8 @@ statistics (updated in place in the stacked buffers) and affine parameters are i
 head's dropout mask is drawn once per batch, as the unfused member draws it (CPU).
 
 :func:`train_fused` is the fused trainer of ``image_classifier`` (CPU): of report 000's attribute
-MLP (``model: attribute_mlp``, with the forward pass above) and of the torchvision CNNs with every
+MLP (``model: attribute_mlp``, and ``model: mlp``, the same network on flattened pixels, with the
+forward pass above) and of the torchvision CNNs with every
 parameter trainable (``transfer: scratch`` or ``finetune``, with
 :func:`objectives.vision._fused_cnn.stacked_forward`) or a frozen backbone (``transfer: features``:
 the frozen part runs once for the group, :mod:`objectives.vision._fused_frozen`; the trainable rest
@@ -55,7 +56,7 @@ from objectives.vision._inputs import (
 from objectives.vision.augment import Augmentation
 from objectives.vision.data import DataConfig, load_image_data
 from objectives.vision.metrics import EpochMeter
-from objectives.vision.models import LEAKY_SLOPE, ImageClassifier, ResidualMLP
+from objectives.vision.models import LEAKY_SLOPE, MLP_MODELS, ImageClassifier, ResidualMLP
 
 # The two sets classify the options for every fused image_classifier trial (attribute MLP and CNNs).
 # Every option of ImageClassifierConfig is in exactly one of the two sets below (tests/test_vision_train.py
@@ -167,16 +168,20 @@ def _is_residual_mlp(model: ImageClassifier) -> bool:
 
 def why_not_fusable(config: Mapping[str, Any], device: str) -> str | None:
     """Why a trial of the image classifier (its validated configuration) cannot fuse, or None:
-    attribute_mlp and the CNNs (:func:`objectives.vision._fused_cnn.why_not_fusable_cnn`) can."""
-    if config.get("model") != "attribute_mlp":
+    the residual MLPs (``attribute_mlp`` on attribute rows, ``mlp`` on flattened pixels) and the
+    CNNs (:func:`objectives.vision._fused_cnn.why_not_fusable_cnn`) can."""
+    model = config.get("model")
+    if model not in MLP_MODELS:
         return why_not_fusable_cnn(config, device) or _unclassified_option(config)
     if not device.startswith("cpu"):
-        return "fused attribute_mlp trials match the unfused dropout masks on the CPU only"
-    if config.get("loss") not in ("auto", "bce"):
-        return f"loss {config.get('loss')} cannot be fused (auto or bce can)"
+        return f"fused {model} trials match the unfused dropout masks on the CPU only"
+    if config.get("loss") not in ("auto", "bce", "cross_entropy"):
+        return f"loss {config.get('loss')} cannot be fused (auto, bce or cross_entropy can)"
     # test_metrics needs test images, which attribute rows are not: the trial fails alone, saying so
-    if config.get("compile") or config.get("test_metrics") or config.get("precision") == "bf16":
-        return "compile, test_metrics and bf16 cannot be fused"
+    if model == "attribute_mlp" and config.get("test_metrics"):
+        return "test_metrics cannot be fused with attribute_mlp (attribute rows have no test images)"
+    if config.get("compile") or config.get("precision") == "bf16":
+        return "compile and bf16 cannot be fused"
     return _unclassified_option(config)
 
 
@@ -190,7 +195,7 @@ def _unclassified_option(config: Mapping[str, Any]) -> str | None:
         default = fields[name].default if name in fields else None
         if name not in fields or config[name] != default:
             return (
-                f"option {name}={config[name]!r} is not known to the fused attribute_mlp trainer "
+                f"option {name}={config[name]!r} is not known to the fused image_classifier trainer "
                 "(it fuses only at its default)"
             )
     return None
@@ -302,7 +307,7 @@ def train_fused(runs: Sequence[TrialRun], on_leave: Callable[[Member], None] | N
         per_member = False
         if frozen is not None and images:
             x, per_member = frozen(x)
-        if cfg.model == "attribute_mlp" or mlp_rest:
+        if cfg.model in MLP_MODELS or mlp_rest:  # model: mlp is the same network on pixels
             return residual_mlp_forward(model, stack.params, stack.buffers, x, training, per_member)
         if linear_rest is not None:
             return layers_forward(linear_rest, stack.params, x, training)
