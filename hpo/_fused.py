@@ -536,9 +536,10 @@ class _BatchedLinear(torch.autograd.Function):
 
     Why not ``torch.baddbmm(bias, h, weight.transpose(1, 2))`` under autograd: its backward
     computes the weight gradient as ``h^T g`` in the transposed (K, in, out) layout and
-    accumulates it into the (K, out, in) weights by a strided copy, which on a CPU costs more than
-    all the members' matmuls together (report 000's MLP, K=8, width 256, batch 16: 4 ms of a 5 ms
-    layer). Here the weight gradient is ``g^T h``, written in the weights' own layout."""
+    accumulates it into the (K, out, in) weights by a strided copy, which on a CPU can cost more
+    than the matmuls. Here the weight gradient is ``g^T h``, written in the weights' own layout:
+    with it (and member-minor activations) a fused epoch of report 000's MLP (K=8, width 256,
+    batch 16) went from 5.5 s to 4.3 s on 2 cores; the 8 unfused trials took 6.6 s."""
 
     @staticmethod
     def forward(ctx: Any, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
