@@ -587,6 +587,17 @@ def sequential_forward(
 LAYERS_FORWARD = (nn.Linear, nn.ReLU, nn.LeakyReLU, nn.Dropout, nn.Identity)
 
 
+def shared_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """Every member's Linear on one shared input ``x`` (B, in): (B, K, out), for weights (K, out, in).
+
+    One matmul against the members' weights side by side: a wider (so faster) GEMM than K small
+    ones, and no copy of the input per member."""
+    k, out = weight.shape[0], weight.shape[1]
+    return torch.nn.functional.linear(x, weight.reshape(k * out, -1), bias.reshape(k * out)).view(
+        x.shape[0], k, out
+    )
+
+
 def layers_forward(
     layers: Sequence[tuple[str, nn.Module]],
     params: Mapping[str, torch.Tensor],
@@ -596,7 +607,6 @@ def layers_forward(
     """:func:`sequential_forward` over ``layers`` (qualified name, module) applied in order: the
     K members' outputs (K, B, out) for a shared input ``x`` (B, in) or per-member inputs (K, B, in).
     Layers: ``LAYERS_FORWARD``; the weights are ``params[f"{name}.weight"]`` (K, out, in)."""
-    k = next(iter(params.values())).shape[0]
     h = x
     for name, layer in layers:
         if isinstance(layer, nn.Identity):
@@ -604,11 +614,7 @@ def layers_forward(
         if isinstance(layer, nn.Linear):
             weight, bias = params[f"{name}.weight"], params[f"{name}.bias"]
             if h.dim() == 2:
-                # The shared input: one matmul against all members' weights side by side, a
-                # wider (so faster) GEMM than K small ones, then (B, K, out) -> (K, B, out).
-                out = weight.shape[1]
-                wide = torch.nn.functional.linear(h, weight.reshape(k * out, -1), bias.reshape(k * out))
-                h = wide.view(h.shape[0], k, out).transpose(0, 1)
+                h = shared_linear(h, weight, bias).transpose(0, 1)  # (B, K, out) -> (K, B, out)
             else:
                 h = batched_linear(h, weight, bias)
         elif isinstance(layer, nn.ReLU):

@@ -38,6 +38,7 @@ from hpo._fused import (
     batched_linear,
     dropout_noise,
     layers_forward,
+    shared_linear,
     train_group,
     why_not_fusable_runs,
 )
@@ -93,9 +94,8 @@ ATTRIBUTE_MLP_MUST_EQUAL = frozenset(
 
 def _linear(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """(B, in) shared or (B, K, in) per member -> (B, K, out)."""
-    k, out = weight.shape[0], weight.shape[1]
-    if h.dim() == 2:  # the shared input: one wide matmul against every member's weights
-        return F.linear(h, weight.reshape(k * out, -1), bias.reshape(k * out)).view(h.shape[0], k, out)
+    if h.dim() == 2:
+        return shared_linear(h, weight, bias)
     return batched_linear(h.transpose(0, 1), weight, bias).transpose(0, 1)
 
 
