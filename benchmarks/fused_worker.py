@@ -36,6 +36,9 @@ for all its members (``objectives/vision/_fused_frozen.py``). ``resnet18-feature
 frozen ResNet-18 (batch norm adapting, ``frozen_mode: train``), augmented, only the new last layer
 trains: report 004's frozen ResNet-50 BOHB study in small.
 
+``--storage URL`` runs both workers on a PostgreSQL database instead (each study under a name of
+its own), where every claim and result is a network round trip.
+
 ``--rounds N`` alternates N unfused/fused pairs and prints the median rates and each round's ratio
 (this machine is shared and noisy: compare only within a run).
 """
@@ -50,6 +53,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 import optuna
@@ -186,6 +190,12 @@ def main() -> None:
     parser.add_argument(
         "--rounds", type=int, default=1, help="unfused/fused pairs, alternating (default 1); medians printed"
     )
+    parser.add_argument(
+        "--storage",
+        default=None,
+        help="a PostgreSQL URL to run the studies on (each under its own name); default: a new "
+        "SQLite file per worker",
+    )
     args = parser.parse_args()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONPATH=str(ROOT))
@@ -232,7 +242,8 @@ def main() -> None:
     fused, unfused = statistics.median(rates["fused"]), statistics.median(rates["unfused"])
     spread = f" (rounds: {', '.join(f'{r:.2f}x' for r in ratios)})" if len(ratios) > 1 else ""
     print(
-        f"{what}, {args.epochs} epochs, 1 thread, SQLite, {args.rounds} round(s)): "
+        f"{what}, {args.epochs} epochs, 1 thread, {'PostgreSQL' if args.storage else 'SQLite'}, "
+        f"{args.rounds} round(s)): "
         f"hpo worker --fuse {args.k} {fused:.0f} trials/h vs hpo worker {unfused:.0f} trials/h, "
         f"median ratio {statistics.median(ratios):.2f}x{spread}"
     )
@@ -252,7 +263,10 @@ def one_worker(
     """Create the study ``name`` in a new database under ``folder`` and run one worker on it:
     (trials per hour over the training span, the worker's CPU seconds)."""
     folder.mkdir(parents=True, exist_ok=True)
-    url = f"sqlite:///{folder / 'bench.db'}"
+    url = args.storage or f"sqlite:///{folder / 'bench.db'}"
+    label = name
+    if args.storage:  # a shared database: a name of its own for each run
+        name = f"bench_{name}_{uuid.uuid4().hex[:8]}"
     path = folder / f"{name}.yaml"
     if args.model == "r000-mlp":
         study = R000_STUDY.format(name=name, root=images, trials=args.trials, epochs=args.epochs)
@@ -289,7 +303,7 @@ def one_worker(
     count, seconds = span(url, name)
     rate = 3600 * count / seconds
     print(
-        f"{name:8s} {count} trials in {seconds:.1f} s of training ({wall:.1f} s worker wall, "
+        f"{label:8s} {count} trials in {seconds:.1f} s of training ({wall:.1f} s worker wall, "
         f"{cpu:.1f} CPU s with start-up): {rate:.0f} trials/h",
         flush=True,
     )

@@ -24,10 +24,20 @@ Contract (what :class:`FusedGroups` guarantees on top of :mod:`hpo.worker`'s):
   checkpoint, alone or in a new group. ``budget.trial_timeout`` applies to the group as a whole;
   a member whose lease was lost (the database was unreachable past the grace period) stops the
   group, and the others are re-queued to resume from their checkpoints;
+* claims overlap training where asking early loses nothing (grid and random samplers): near the
+  end of a group (its last epoch, or its estimated rest within twice the time its own claims
+  took) the worker claims and prepares the next group between the trainer's messages, and once
+  the trainer reports the group done it sends the next one before telling the members that
+  finished meanwhile, so neither the claims nor the results' writes leave the trainer idle. A
+  member's final message is kept until then (its checkpoint is on disk: killed before telling it,
+  the trial is retried from that checkpoint and ends at once with the same result). Adaptive
+  samplers (TPE, BOHB, ...) claim after the group ends, so each ask sees every result before it;
 * the worker killed at any line (SIGKILL included) leaves its members and its held trial RUNNING
   without heartbeats: they turn stale and are failed and re-queued by other workers, exactly as
-  an unfused trial; SIGTERM/SIGINT fails and re-queues each of them at once. A trial held for the
-  next group when the worker stops for another reason (its failure limit) is re-queued the same way.
+  an unfused trial; SIGTERM/SIGINT tells the results already received, then fails and re-queues
+  each of the others at once. Trials held for the next group when the worker stops for another
+  reason (its failure limit) are re-queued the same way, the trainer stopped first if the group
+  was already sent to it (so it never writes into a checkpoint folder a retry resumes from).
 """
 
 from __future__ import annotations
@@ -35,7 +45,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import optuna
@@ -66,6 +76,12 @@ if TYPE_CHECKING:
 # the stacked weights leave the cache).
 AUTO_MAX = 8
 AUTO_BYTES_PER_MEMBER = 1 << 30
+# Samplers whose asks do not depend on results, so the next group may be claimed (and its
+# parameters drawn) while the current one trains without drawing them blinder.
+PREFETCH_SAMPLERS = frozenset({"grid", "random"})
+# Claiming the next group starts when the current one's estimated rest is within this many times
+# the time its own claims took (or at its last epoch).
+PREFETCH_LEAD = 2.0
 
 
 def available_memory(device: str) -> int:
@@ -101,6 +117,17 @@ class Claim:
     alone: str | None = None  # why it cannot fuse with any trial, if so
 
 
+@dataclass
+class Forming:
+    """A group being claimed, one trial at a time (:meth:`FusedGroups._grow`)."""
+
+    members: list[Claim] = field(default_factory=list)
+    complete: bool = False
+    limit: int | None = None  # at most this many trials (this worker's --n-trials left)
+    failed: int = 0  # claimed for it, failed while being prepared (recorded): counted in the limit
+    seconds: float = 0.0  # spent claiming and preparing it
+
+
 class FusedGroups:
     """The claiming and supervising of fused groups for one :class:`hpo.worker.Worker`."""
 
@@ -112,6 +139,15 @@ class FusedGroups:
         self.carry: Claim | None = None  # claimed, could not join the last group: starts the next
         self._held: dict[int, Claim] = {}  # claimed and not told, by number
         self._objective: Objective | None = worker.objective_object
+        self.prefetches = worker.spec.sampler.name in PREFETCH_SAMPLERS
+        self._next: Forming | None = None  # the next group, claimed while the current one trains
+        self._sent: tuple[int, float] | None = None  # it was sent: (trainer generation, when)
+        self._claim_seconds = 0.0  # the current group's claims took this long
+
+    @property
+    def holds_next(self) -> bool:
+        """Whether trials are claimed for the next group (they must run, or be released)."""
+        return self.carry is not None or (self._next is not None and bool(self._next.members))
 
     # ------------------------------------------------------------------ claiming
     def objective(self) -> Objective:
@@ -190,44 +226,77 @@ class FusedGroups:
         assert first.config is not None and other.config is not None
         return why_not_fusable([first.config, other.config], self.objective().may_differ)
 
-    def run_next(self, limit: int | None) -> list[tuple[int, TrialState | None]] | None:
+    def run_next(
+        self, limit: int | None, deadline: float | None = None
+    ) -> list[tuple[int, TrialState | None]] | None:
         """Claim and run the next group (or lone trial); each trial's (id, state), None when no
-        trial could be claimed. ``limit``: at most this many trials (this worker's ``--n-trials``)."""
-        w = self.worker
+        trial could be claimed. ``limit``: at most this many trials (this worker's ``--n-trials``);
+        ``deadline``: no trial is claimed ahead after this ``time.monotonic()`` (its ``--timeout``)."""
         results: list[tuple[int, TrialState | None]] = []
         try:
-            first, self.carry = self.carry or self._claim(), None
-            if first is None:
-                return None
-            self._read_counts()
-            if first.trial is None and not self._prepare(first, results):
-                return results
-            members = [first]
-            if first.alone is not None:
-                w.say(f"trial {first.number} runs alone: {first.alone}")
-            while first.alone is None and len(members) < self.size:
-                if limit is not None and len(members) + len(results) >= limit:
-                    break
-                claim = self._claim(joining=first)
-                if claim is None:
-                    break
-                if not self._prepare(claim, results):
-                    continue
-                reason = self._why_not(first, claim)
-                if reason is not None:
-                    self.carry = claim
-                    w.say(f"trial {claim.number} starts the next group, not {first.number}'s: {reason}")
-                    break
-                members.append(claim)
-            if len(members) == 1:
-                self._alone(first, results)
+            prefetched, self._next = self._next, None
+            forming = prefetched if prefetched is not None and prefetched.members else Forming()
+            forming.limit, forming.failed = limit, 0  # failures while prefetching were counted
+            if forming.members:
+                self._read_counts()
+            while not forming.complete:
+                first_claim = not forming.members
+                self._grow(forming, results)
+                if not forming.members:  # nothing queued, or the first trial could not be prepared
+                    return results or None
+                if first_claim:
+                    self._read_counts()
+            self._claim_seconds = forming.seconds
+            if len(forming.members) == 1:
+                self._alone(forming.members[0], results)
             else:
-                self._group(members, results)
+                self._group(forming.members, results, limit, deadline)
         except WorkerInterrupted as interrupt:
+            w = self.worker
             w.trainer.stop()
             self.release(f"worker interrupted by {interrupt}")
             raise
         return results
+
+    def _grow(self, forming: Forming, results: list[tuple[int, TrialState | None]]) -> None:
+        """Claim (and prepare) one more trial for ``forming``, or find it complete.
+
+        Its first trial is the carried one or the oldest queued; the others join while it has
+        fewer than K members (and the limit allows) and the next trial can fuse with the first. A
+        drawn trial that cannot is carried to start the group after (it is not put back)."""
+        w = self.worker
+        began = time.monotonic()
+        try:
+            room = self.size if forming.limit is None else min(self.size, forming.limit - forming.failed)
+            first = forming.members[0] if forming.members else None
+            if len(forming.members) >= room or (first is not None and first.alone is not None):
+                forming.complete = True
+                return
+            if first is None:
+                claim, self.carry = self.carry or self._claim(), None
+            else:
+                claim = self._claim(joining=first)
+            if claim is None:
+                forming.complete = True
+                return
+            if claim.trial is None and not self._prepare(claim, results):
+                forming.failed += 1
+                return
+            if first is None:
+                forming.members.append(claim)
+                if claim.alone is not None:
+                    w.say(f"trial {claim.number} runs alone: {claim.alone}")
+                    forming.complete = True
+                return
+            reason = self._why_not(first, claim)
+            if reason is not None:
+                self.carry = claim
+                w.say(f"trial {claim.number} starts the next group, not {first.number}'s: {reason}")
+                forming.complete = True
+                return
+            forming.members.append(claim)
+        finally:
+            forming.seconds += time.monotonic() - began
 
     def _read_counts(self) -> None:
         w = self.worker
@@ -236,7 +305,11 @@ class FusedGroups:
 
     def release(self, reason: str) -> None:
         """Fail and re-queue every trial still held (each resumes from its checkpoint)."""
-        self.carry = None
+        if self._sent is not None:
+            # The trainer trains the group sent ahead: stopped before its trials are re-queued, it
+            # never writes into a checkpoint folder that a retry resumes from.
+            self.worker.trainer.stop()
+        self.carry, self._next, self._sent = None, None, None
         for claim in list(self._held.values()):
             outcome = self.worker.record_failure(claim.trial_id, reason, retry=True, keep_checkpoint=True)
             self._end(claim, outcome, [])
@@ -254,15 +327,42 @@ class FusedGroups:
         assert claim.trial is not None and claim.job is not None
         self._end(claim, self.worker.supervise(claim.trial, claim.job), results)
 
-    def _group(self, members: list[Claim], results: list[tuple[int, TrialState | None]]) -> None:
+    def _group(
+        self,
+        members: list[Claim],
+        results: list[tuple[int, TrialState | None]],
+        limit: int | None,
+        deadline: float | None,
+    ) -> None:
         w = self.worker
         by_number = {m.number: m for m in members}
         recorders = {m.number: Recorder(w.fast_study(), m.trial_id, w.say) for m in members}
+        finished: dict[int, tuple[Any, ...]] = {}  # final messages kept until the next group is sent
+        counts_fresh = False
 
         def still_in() -> list[Claim]:
-            return [m for m in members if m.number in self._held]
+            return [m for m in members if m.number in self._held and m.number not in finished]
+
+        def tell(member: Claim, message: tuple[Any, ...]) -> None:
+            nonlocal counts_fresh
+            assert member.trial is not None
+            if not counts_fresh:  # the study before this result, for its line
+                self._read_counts()
+            outcome = w.conclude(member.trial, recorders[member.number], message)
+            self._end(member, outcome, results)
+            # Members leaving after the same epoch share one read of the study (a read of every
+            # trial, on the critical path between groups): the counts are brought forward by this
+            # result instead.
+            after = w.counts.after(outcome.frozen, w.direction) if w.counts and outcome.frozen else None
+            w.counts, counts_fresh = (after, True) if after is not None else (w.counts, False)
+
+        def tell_finished() -> None:
+            while finished:
+                number = next(iter(finished))
+                tell(by_number[number], finished.pop(number))
 
         def end_all(reason: str, *, retry: bool) -> None:
+            tell_finished()
             for m in still_in():
                 if recorders[m.number].lost:
                     self._end(m, w.lost_outcome(m.number), results)
@@ -271,18 +371,25 @@ class FusedGroups:
                     self._end(m, outcome, results)
 
         w.say(f"trials {', '.join(str(m.number) for m in members)} train as one fused group")
-        counted_epoch, counts_fresh = 0, False
-        limit = w.spec.budget.trial_timeout
+        pace = _Pace(max(m.job.max_epochs for m in members if m.job is not None))
+        next_limit = None if limit is None else limit - len(members) - len(results)
+        prefetch = self.prefetches and (next_limit is None or next_limit > 0)
+        cap = w.spec.budget.trial_timeout
         try:
             w.trainer.ensure_started(w.interrupts)
-            started = time.monotonic()
-            w.trainer.send(("group", [asdict(m.job) for m in members if m.job is not None]))
+            sent, self._sent = self._sent, None
+            if sent is not None and sent[0] == w.trainer.generation:
+                started = sent[1]  # sent ahead, as the last group ended: it trains already
+            else:
+                started = time.monotonic()
+                w.trainer.send(("group", [asdict(m.job) for m in members if m.job is not None]))
+            pace.start(started)
             while True:
                 w.interrupts.check()
-                if limit is not None and time.monotonic() - started > limit:
+                if cap is not None and time.monotonic() - started > cap:
                     w.trainer.kill()
                     end_all(
-                        f"exceeded budget.trial_timeout of {limit:g}s (fused group); the trainer was stopped",
+                        f"exceeded budget.trial_timeout of {cap:g}s (fused group); the trainer was stopped",
                         retry=False,
                     )
                     return
@@ -295,10 +402,14 @@ class FusedGroups:
                     w.trainer.stop()
                     end_all(f"its fused group stopped: trial {lost[0]}'s lease was lost", retry=True)
                     return
-                message = w.trainer.poll(POLL_S)
+                claiming = prefetch and self._next_wanted(pace, deadline)
+                message = w.trainer.poll(0.0 if claiming else POLL_S)
                 if message is None:
+                    if claiming:
+                        prefetch = self._prefetch_one(next_limit, results)
                     continue
                 if message[0] == "group_done":
+                    self._send_next(results, deadline)
                     end_all("the fused trainer ended without this trial's result", retry=False)
                     return
                 if message[0] != "member":
@@ -308,8 +419,8 @@ class FusedGroups:
                 kind = inner[0]
                 if kind == "report":
                     recorder.report(float(inner[1]), int(inner[2]))
-                    if int(inner[2]) > counted_epoch:  # a new epoch: others may have finished since
-                        counted_epoch, counts_fresh = int(inner[2]), False
+                    if pace.reported(int(inner[2])):  # a new epoch: others may have finished since
+                        counts_fresh = False
                 elif kind == "should_prune":
                     answer = ("abort",) if recorder.lost else ("prune", recorder.should_prune())
                     w.trainer.send(answer)
@@ -320,21 +431,95 @@ class FusedGroups:
                 elif kind == "artifact":
                     assert member.trial is not None
                     w.trainer.send(w.upload(member.trial, str(inner[1])))
-                elif member.number in self._held:  # its last message: it leaves the group
-                    assert member.trial is not None
-                    if not counts_fresh:  # the study before this result, for its line
-                        self._read_counts()
-                    outcome = w.conclude(member.trial, recorder, inner)
-                    self._end(member, outcome, results)
-                    # Members leaving after the same epoch share one read of the study (a read
-                    # of every trial, on the critical path between groups): the counts are
-                    # brought forward by this result instead.
-                    after = (
-                        w.counts.after(outcome.frozen, w.direction) if w.counts and outcome.frozen else None
-                    )
-                    w.counts, counts_fresh = (after, True) if after is not None else (w.counts, False)
+                elif member.number in self._held and member.number not in finished:
+                    # Its last message: it leaves the group. While the next group is being
+                    # claimed, told once that group is sent (the trainer is not kept waiting).
+                    if self._next is not None:
+                        finished[member.number] = inner
+                    else:
+                        tell(member, inner)
+        except WorkerInterrupted:
+            tell_finished()  # results already here are told, not re-queued
+            raise
         except TrainerDied as died:
             w.trainer.close()
             for m in still_in():
                 recorders[m.number].drain_blocking(w.storage_patience, w.interrupts)
             end_all(str(died), retry=True)
+
+    # ------------------------------------------------------------------ the next group, early
+    def _next_wanted(self, pace: _Pace, deadline: float | None) -> bool:
+        """Whether to claim for the next group now: it is not complete, the worker's deadline has
+        not passed (a group claimed ahead runs after it), and the current group is at its last
+        epoch or its estimated rest is within PREFETCH_LEAD times its claims' time."""
+        if self._next is not None and self._next.complete:
+            return False
+        if deadline is not None and time.monotonic() >= deadline:
+            return False
+        rest = pace.rest()
+        return rest is not None and rest <= PREFETCH_LEAD * self._claim_seconds
+
+    def _prefetch_one(self, limit: int | None, results: list[tuple[int, TrialState | None]]) -> bool:
+        """Claim one trial for the next group; False to claim no more while this group trains."""
+        if self._next is None:
+            self._next = Forming(limit=limit)
+        self._grow(self._next, results)
+        if not self._next.members and (self._next.failed or self._next.complete):
+            # Nothing queued, or its first trial failed to prepare: claimed after this group,
+            # where the worker's loop sees that failure first.
+            self._next = None
+            return False
+        return True
+
+    def _send_next(self, results: list[tuple[int, TrialState | None]], deadline: float | None) -> None:
+        """The group is done: complete the next group's claims, if begun (none more once the
+        worker's deadline has passed), and send it ahead."""
+        forming = self._next
+        if forming is None:
+            return
+        if deadline is not None and time.monotonic() >= deadline:
+            forming.complete = True  # the trials claimed already run; no more are taken
+        while not forming.complete:
+            self._grow(forming, results)
+            if not forming.members and forming.failed:
+                self._next = None  # its first trial failed to prepare: run_next starts afresh
+                return
+        if not forming.members:
+            self._next = None
+        elif len(forming.members) > 1:
+            jobs = [asdict(m.job) for m in forming.members if m.job is not None]
+            self.worker.trainer.send(("group", jobs))
+            self._sent = (self.worker.trainer.generation, time.monotonic())
+
+
+class _Pace:
+    """A group's progress in epochs, for when to claim the next group."""
+
+    def __init__(self, max_epochs: int) -> None:
+        self.max_epochs = max_epochs
+        self.started = time.monotonic()
+        self.first: int | None = None  # the first epoch reported in this group
+        self.last = 0
+
+    def start(self, when: float) -> None:
+        self.started = when
+
+    def reported(self, epoch: int) -> bool:
+        """Note an epoch's report; True when it is the first report of that epoch."""
+        if self.first is None:
+            self.first = epoch
+        if epoch <= self.last:
+            return False
+        self.last = epoch
+        return True
+
+    def rest(self) -> float | None:
+        """Estimated seconds left (0 at the last epoch), None before any report. Resumed
+        members re-report their restored epochs at once, so this errs early, never late."""
+        if self.first is None:
+            return None
+        left = self.max_epochs - self.last
+        if left <= 1:
+            return 0.0
+        per_epoch = (time.monotonic() - self.started) / (self.last - self.first + 1)
+        return left * per_epoch

@@ -305,6 +305,8 @@ class Trainer:
         self._warm = warm
         self._process: Any = None
         self._conn: Connection | None = None
+        # Counts the trainers started: a message sent to one is not in a later one's pipe.
+        self.generation = 0
 
     @property
     def pid(self) -> int | None:
@@ -335,6 +337,7 @@ class Trainer:
                     os.environ[name] = value
         child.close()
         self._process, self._conn = process, parent
+        self.generation += 1
         deadline = time.monotonic() + TRAINER_START_TIMEOUT_S
         warm_until: float | None = None  # set once the warm-up job is sent
         while True:
@@ -435,6 +438,7 @@ class InlineTrainer(Trainer):
         )
         thread.start()
         self._process, self._conn = _ThreadHandle(thread, child), parent
+        self.generation += 1
         while self.poll(POLL_S) is None:
             interrupts.check()
 
@@ -695,8 +699,8 @@ class Worker:
             if self.options.n_trials is not None and summary.total >= self.options.n_trials:
                 summary.stopped_because = f"ran its {self.options.n_trials} trial(s)"
                 return
-            holds_next = self._groups is not None and self._groups.carry is not None
-            # (a trial claimed for the next fused group, before the timeout, still runs)
+            holds_next = self._groups is not None and self._groups.holds_next
+            # (trials claimed for the next fused group, before the timeout, still run)
             if (
                 self.options.timeout is not None
                 and time.monotonic() - started >= self.options.timeout
@@ -714,7 +718,8 @@ class Worker:
             results: list[tuple[int, TrialState | None]] | None
             if self._groups is not None:
                 left = None if self.options.n_trials is None else self.options.n_trials - summary.total
-                results = self._groups.run_next(left)
+                deadline = None if self.options.timeout is None else started + self.options.timeout
+                results = self._groups.run_next(left, deadline)
             else:
                 claimed = claim_trial(self.study, self.identity)
                 results = None if claimed is None else [(claimed[0], self._run_trial(*claimed))]

@@ -10,7 +10,10 @@ leaves its members to the heartbeat/lease mechanism, which fails and retries eac
 
 from __future__ import annotations
 
+import contextlib
+import re
 import signal
+import sqlite3
 import time
 from collections import Counter
 from pathlib import Path
@@ -270,6 +273,178 @@ def test_sigkill_of_a_fused_worker_leaves_its_members_to_the_lease_mechanism(
     for trial in complete:
         assert trial.user_attrs["resumed_from_epoch"] >= 1  # from its own checkpoint
         assert sorted(trial.intermediate_values) == list(range(1, 26))
+
+
+def groups_in(output: str) -> list[list[int]]:
+    """The fused groups a worker printed, in order, as trial numbers."""
+    found = re.findall(r"trials ([\d, ]+) train as one fused group", output)
+    return [[int(n) for n in group.split(", ")] for group in found]
+
+
+def test_a_grid_worker_claims_the_next_group_while_the_current_one_trains(
+    tmp_path: Path, sqlite_url: str
+) -> None:
+    # A grid's asks do not depend on results: the second group is claimed (and its parameters
+    # set) during the first group's last epochs, sent to the trainer the moment the first ends,
+    # and only then are the first group's results told. Each trial's values stay the unfused ones.
+    lrs = [0.05, 0.03, 0.02, 0.01, 0.007, 0.005, 0.003, 0.002]  # small: rounding is not amplified
+    for name in ("ahead", "plain"):
+        digits_study(tmp_path, name, lrs, epochs=4, hidden=128, batch=16, lone_adam=False)
+    out = run_both(sqlite_url, tmp_path, "ahead", "plain", 4, files=True)
+    assert groups_in(out) == [[0, 1, 2, 3], [4, 5, 6, 7]], out
+    trials = optuna.load_study(study_name="ahead", storage=sqlite_url).get_trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 8, out  # nothing doubled or failed
+    first, second = trials[:4], trials[4:]
+    claimed_next = max(t.datetime_start for t in second if t.datetime_start is not None)
+    assert claimed_next < min(t.datetime_complete for t in first if t.datetime_complete is not None)
+    fused, unfused = by_params(sqlite_url, "ahead"), by_params(sqlite_url, "plain")
+    assert fused.keys() == unfused.keys() and len(fused) == 8
+    for key, trial in unfused.items():
+        assert_close(fused[key], trial)
+
+
+def lr_study(directory: Path, name: str, sampler: str, *, n_trials: int) -> Path:
+    """A search over the SGD learning rate alone (every trial fuses), 4 epochs of a 256-unit MLP
+    at batch 16 (a group of 4 trains for about a second)."""
+    body = f"""
+name: {name}
+objective: digits_mlp
+data: {{val_fraction: 0.2}}
+settings: {{hidden_units: 256, hidden_layers: 2, batch_size: 16, optimizer: sgd, scheduler: none}}
+search_space:
+  lr: {{type: float, low: 0.005, high: 0.2, log: true}}
+metric: val_loss
+direction: minimize
+n_trials: {n_trials}
+budget: {{max_epochs: 4}}
+seed: 0
+sampler: {sampler}
+"""
+    return write_study(directory, body, f"{name}.yaml")
+
+
+@pytest.mark.parametrize("sampler", ["random", "tpe"])
+def test_only_samplers_that_ignore_results_claim_the_next_group_early(
+    sampler: str, tmp_path: Path, sqlite_url: str
+) -> None:
+    # TPE's asks learn from every result: its next group is claimed after the current group's
+    # results are told, so each of its asks sees them. Random asks do not: claimed early.
+    path = lr_study(tmp_path, f"{sampler}_ahead", sampler, n_trials=8)
+    args = ["worker", str(path), *worker(sqlite_url, f"{sampler}_ahead", tmp_path / "ck", "--fuse", "4")[3:]]
+    result = run_cli(args, env=ENV, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert groups_in(result.stdout) == [[0, 1, 2, 3], [4, 5, 6, 7]], result.stdout
+    trials = optuna.load_study(study_name=f"{sampler}_ahead", storage=sqlite_url).get_trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 8
+    starts = [t.datetime_start for t in trials[4:] if t.datetime_start is not None]
+    completes = [t.datetime_complete for t in trials[:4] if t.datetime_complete is not None]
+    if sampler == "tpe":
+        assert min(starts) >= max(completes)
+    else:
+        assert max(starts) < min(completes)
+
+
+def test_a_worker_past_its_timeout_claims_no_group_ahead(tmp_path: Path, sqlite_url: str) -> None:
+    # Claimed trials must run, so a worker whose --timeout has passed claims nothing ahead: it
+    # ends with the group it is training (and one claimed before the deadline), not the study.
+    path = lr_study(tmp_path, "timed", "random", n_trials=80)
+    args = [
+        "worker",
+        str(path),
+        *worker(sqlite_url, "timed", tmp_path / "ck", "--fuse", "4", "--timeout", "6")[3:],
+    ]
+    result = run_cli(args, env=ENV, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "timeout of 6s reached" in result.stdout, result.stdout
+    states = Counter(t.state for t in optuna.load_study(study_name="timed", storage=sqlite_url).get_trials())
+    # a group takes under a second here: at most the groups begun or claimed in 6 s, not all 80
+    assert 4 <= states[TrialState.COMPLETE] <= 40, result.stdout
+    assert set(states) == {TrialState.COMPLETE, TrialState.WAITING}, result.stdout  # none left held
+
+
+WINDOW_LRS = [0.2, 0.1, 0.07, 0.05, 0.03, 0.02, 0.01, 0.005]
+WINDOW_EPOCHS = 6
+
+
+def signal_in_the_window(tmp_path: Path, url: str, name: str, signum: int) -> tuple[list[FrozenTrial], str]:
+    """Start a fused worker (K=4) on 8 grid points; send it ``signum`` once the study holds 8 RUNNING
+    trials (the next group claimed while the first is in its last epochs, its results not told
+    yet); the trials as it left them, and its output."""
+    path = digits_study(
+        tmp_path, name, WINDOW_LRS, epochs=WINDOW_EPOCHS, hidden=256, batch=16, lone_adam=False
+    )
+    assert run_cli(["create-study", str(path), "--storage", url], env=ENV).returncode == 0
+    victim = start_cli(worker(url, name, tmp_path / "ck", "--fuse", "4"), env=ENV)
+    out = Output(victim)
+    database = url.removeprefix("sqlite:///")
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert time.monotonic() < deadline and victim.poll() is None, out.text
+            with contextlib.closing(sqlite3.connect(database, timeout=5)) as conn:
+                states = dict(conn.execute("SELECT state, count(*) FROM trials GROUP BY state").fetchall())
+            if states.get("RUNNING", 0) == 8:
+                break
+            time.sleep(0.02)
+        victim.send_signal(signum)
+        victim.wait(timeout=60)
+    finally:
+        if victim.poll() is None:
+            victim.kill()
+    out.finish(timeout=10)
+    return optuna.load_study(study_name=name, storage=url).get_trials(), out.text
+
+
+def rescued(tmp_path: Path, url: str, name: str) -> tuple[list[FrozenTrial], list[FrozenTrial]]:
+    """Run a second worker to the study's end: (every trial, the COMPLETE ones), each grid point
+    COMPLETE exactly once with all its epochs."""
+    rescue = run_cli(worker(url, name, tmp_path / "ck", "--fuse", "4"), env=ENV, timeout=300)
+    assert rescue.returncode == 0, rescue.stdout + rescue.stderr
+    trials = optuna.load_study(study_name=name, storage=url).get_trials()
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert sorted(t.params["lr"] for t in complete) == sorted(WINDOW_LRS)  # nothing doubled or lost
+    assert {t.state for t in trials} == {TrialState.COMPLETE, TrialState.FAIL}
+    for trial in complete:
+        assert sorted(trial.intermediate_values) == list(range(1, WINDOW_EPOCHS + 1))
+    return trials, complete
+
+
+def test_sigkill_while_the_next_group_is_claimed_and_results_are_held_loses_and_doubles_nothing(
+    tmp_path: Path, sqlite_url: str
+) -> None:
+    # The worker dies holding 8 RUNNING trials, the first four trained to (or nearly to) their
+    # end. Each is failed as stale and retried once: those that had finished end at once from
+    # their last checkpoint.
+    killed, out = signal_in_the_window(tmp_path, sqlite_url, "window", signal.SIGKILL)
+    running = [t for t in killed if t.state == TrialState.RUNNING]
+    assert {t.state for t in killed} <= {TrialState.RUNNING, TrialState.COMPLETE}, out
+    assert [t.number for t in running][-4:] == [4, 5, 6, 7], out  # the next group: claimed, held
+    trials, complete = rescued(tmp_path, sqlite_url, "window")
+    failed = [t for t in trials if t.state == TrialState.FAIL]
+    assert sorted(t.number for t in failed) == sorted(t.number for t in running)  # each failed once
+    assert all("heartbeat" in t.system_attrs["fail_reason"] for t in failed)
+    first_group = {t.params["lr"] for t in killed if t.number < 4}
+    for trial in complete:
+        if trial.params["lr"] in first_group and RETRY_OF_ATTR in trial.system_attrs:
+            # trained to its last epoch or the one before when the worker died: resumed from there
+            assert trial.user_attrs["resumed_from_epoch"] >= WINDOW_EPOCHS - 1
+
+
+def test_sigterm_while_the_next_group_is_claimed_tells_what_finished_and_requeues_the_rest(
+    tmp_path: Path, sqlite_url: str
+) -> None:
+    stopped, out = signal_in_the_window(tmp_path, sqlite_url, "window_term", signal.SIGTERM)
+    assert "interrupted by SIGTERM" in out, out
+    states = Counter(t.state for t in stopped)
+    # nothing left RUNNING: the next group's trials (and any member still training) are failed
+    # and re-queued at once, a result already received is told
+    assert TrialState.RUNNING not in states, out
+    next_group = [t for t in stopped if t.number in (4, 5, 6, 7)]
+    assert all(t.state == TrialState.FAIL for t in next_group), out
+    assert all("interrupted" in t.system_attrs["fail_reason"] for t in next_group)
+    assert states[TrialState.WAITING] == states[TrialState.FAIL], out  # each failure re-queued once
+    trials, _complete = rescued(tmp_path, sqlite_url, "window_term")
+    assert sum(t.state == TrialState.FAIL for t in trials) == states[TrialState.FAIL]
 
 
 def test_bad_fuse_values_are_one_line_errors_and_create_no_database(tmp_path: Path) -> None:
