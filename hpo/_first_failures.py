@@ -73,13 +73,19 @@ class FirstFailures:
     _failed: list[tuple[int, int, TrialError]] = field(default_factory=list)  # (id, number, error)
     _armed: bool = True
     _broken_at: int | None = None  # the trial id whose failure made the objective look broken
+    # _failed[:_settled] have been (or are being) re-queued. A fused group's members fail in one
+    # batch: each failure after the broken streak began is re-queued as it is recorded, and
+    # requeue_earlier must not queue a second retry of any.
+    _settled: int = 0
 
     requeued: bool = True  # every earlier trial got its retry (see requeue_earlier)
 
     def failed(self, trial_id: int, number: int, error: TrialError) -> bool:
         """Trial ``trial_id`` failed with ``error`` (not recorded yet). False: record it as usual.
         True: the objective looks broken; call :meth:`requeue_earlier`, fail and re-queue this
-        trial too, and stop the worker once it has ended (:meth:`ended`)."""
+        trial too, and stop the worker once it has ended (:meth:`ended`). Further alike failures
+        told before the worker stops (the other members of a fused group) are True as well: each
+        is re-queued once, and the worker stops after the last of them."""
         if not self._armed:
             return False
         if self._failed and self._failed[0][2].key != error.key:
@@ -95,7 +101,8 @@ class FirstFailures:
         """Re-queue the earlier trials of the broken streak (already recorded FAIL), first: a
         worker killed before it re-queues the current trial leaves that one RUNNING, and stale
         trials are failed and re-queued by the next worker."""
-        for trial_id, _, _ in self._failed[:-1]:
+        earlier, self._settled = self._failed[self._settled : -1], len(self._failed)
+        for trial_id, _, _ in earlier:
             outcome = requeue_failed(study, trial_id, reason, max_retry)
             self.requeued = self.requeued and outcome.retry_trial_id is not None
 

@@ -275,10 +275,18 @@ def _create_rdb_storage(
                     max_retry=heartbeat.max_retry if heartbeat else HeartbeatSettings.max_retry,
                     skip_table_creation=read_only,
                 )
-        except (sqlalchemy.exc.ProgrammingError, sqlalchemy.exc.IntegrityError):
-            # Several workers opening a new database at once race to create Optuna's tables
-            # (PostgreSQL: "type ... already exists"); the loser retries and finds them made.
-            if attempt == attempts:
+        except (
+            sqlalchemy.exc.ProgrammingError,
+            sqlalchemy.exc.IntegrityError,
+            sqlalchemy.exc.OperationalError,
+        ) as exc:
+            # Several processes opening a new database at once race to create Optuna's tables
+            # (PostgreSQL: "type ... already exists"; SQLite: "table ... already exists", or
+            # alembic_version's UNIQUE constraint); the loser retries and finds them made. hpo's
+            # own processes take turns on SQLite (_creating_sqlite), but optuna-dashboard or the
+            # Optuna CLI opening the same new file do not.
+            lost_race = not isinstance(exc, sqlalchemy.exc.OperationalError) or "already exists" in str(exc)
+            if not lost_race or attempt == attempts:
                 raise
             time.sleep(0.2 * attempt)
     raise RuntimeError("unreachable")  # the loop returns or raises

@@ -16,6 +16,7 @@ import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+import optuna
 import pytest
 import sqlalchemy
 
@@ -126,6 +127,22 @@ def start_cli(
         stderr=subprocess.STDOUT,
         text=True,
     )
+
+
+def study_if_created(url: str, name: str) -> optuna.Study | None:
+    """The study ``name`` once a worker has created it, else None.
+
+    The storage is opened as hpo's own processes open it (``hpo.storage.open_storage`` serialises
+    creating a new SQLite database): a plain ``optuna.load_study`` polling a database that a worker
+    is creating at that moment races it to create Optuna's tables, and fails with "UNIQUE
+    constraint failed: alembic_version" (seen in CI).
+    """
+    from hpo.storage import open_storage
+
+    try:
+        return optuna.load_study(study_name=name, storage=open_storage(url))
+    except KeyError:
+        return None
 
 
 def write_study(directory: Path, body: str, name: str = "study.yaml") -> Path:

@@ -13,8 +13,9 @@ from conftest import cli_env, run_cli
 from optuna.trial import TrialState
 from studyfiles import quadratic_study
 
-from hpo._first_failures import FirstFailures, TrialError
+from hpo._first_failures import FirstFailures, TrialError, requeue_failed
 from hpo._rdb import RETRY_OF_ATTR
+from hpo.storage import open_storage
 
 TRACEBACK = """Traceback (most recent call last):
   File "/x/hpo/trainer.py", line 218, in _run
@@ -46,6 +47,28 @@ def test_two_first_trials_failing_alike_make_the_objective_look_broken() -> None
     assert message.startswith("the objective looks broken: the first 2 trials of this worker (0, 1)")
     assert "ZeroDivisionError: division by zero at /p/myproj/model.py:6 in train" in message
     assert "re-queued" in message and "(fix: correct the objective" in message and "\n" not in message
+
+
+def test_a_fused_groups_alike_failures_each_end_the_streak_once(sqlite_url: str) -> None:
+    # A fused group's four members fail alike and are told one after another before the worker
+    # stops: every one is re-queued exactly once, and the worker stops after the last.
+    study = optuna.create_study(study_name="g", storage=open_storage(sqlite_url))
+    watch = FirstFailures()
+    group = [study.ask() for _ in range(4)]  # claimed together, as a fused group is
+    ids = [trial._trial_id for trial in group]
+    for number, (trial, trial_id) in enumerate(zip(group, ids, strict=True)):
+        if watch.failed(trial_id, number, error()):
+            watch.requeue_earlier(study, "broken", max_retry=3)
+            study.tell(trial, state=TrialState.FAIL)
+            requeue_failed(study, trial_id, "broken", max_retry=3)  # as record_failure(retry=True)
+        else:
+            study.tell(trial, state=TrialState.FAIL)
+    assert [watch.ended(trial_id) for trial_id in ids] == [False, False, False, True]
+    retries = Counter(
+        t.system_attrs.get(RETRY_OF_ATTR) for t in study.get_trials() if t.state == TrialState.WAITING
+    )
+    assert retries == {0: 1, 1: 1, 2: 1, 3: 1}
+    assert "the first 4 trials of this worker (0, 1, 2, 3)" in watch.stop_message()
 
 
 @pytest.mark.parametrize(

@@ -14,6 +14,7 @@ import contextlib
 import re
 import signal
 import sqlite3
+import subprocess
 import time
 from collections import Counter
 from pathlib import Path
@@ -445,6 +446,96 @@ def test_sigterm_while_the_next_group_is_claimed_tells_what_finished_and_requeue
     assert states[TrialState.WAITING] == states[TrialState.FAIL], out  # each failure re-queued once
     trials, _complete = rescued(tmp_path, sqlite_url, "window_term")
     assert sum(t.state == TrialState.FAIL for t in trials) == states[TrialState.FAIL]
+
+
+GROUP_XS = [0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 3.5]
+
+
+def quadratic_group_study(directory: Path, name: str, **settings: object) -> Path:
+    """8 grid points of the fused quadratic test objective (``hpo_test_objectives.FUSED_QUADRATIC``),
+    5 epochs of 0.3 s: a group of 4 trains for about 1.5 s. ``settings``: its fault switches."""
+    extra = "".join(f", {key}: {value}" for key, value in settings.items())
+    body = f"""
+name: {name}
+objective: hpo_test_objectives:FUSED_QUADRATIC
+settings: {{sleep: 0.3{extra}}}
+search_space:
+  x: {{type: float, low: -5, high: 5, grid: {GROUP_XS}}}
+  y: {{type: float, low: -5, high: 5, grid: [0.0]}}
+metric: loss
+direction: minimize
+budget: {{max_epochs: 5}}
+sampler: grid
+pruner: none
+"""
+    return write_study(directory, body, f"{name}.yaml")
+
+
+def run_group_study(
+    tmp_path: Path, url: str, name: str, **settings: object
+) -> subprocess.CompletedProcess[str]:
+    path = quadratic_group_study(tmp_path, name, **settings)
+    env = cli_env({"OMP_NUM_THREADS": "1", "HPO_TEST_MARKERS": str(tmp_path / "markers")})
+    args = ["worker", str(path), *worker(url, name, tmp_path / "ck", "--fuse", "4")[3:]]
+    return run_cli(args, env=env, timeout=300)
+
+
+def assert_claimed_ahead(trials: list[FrozenTrial]) -> None:
+    """Trials 4-7 were claimed (and their group sent) before trials 0-3's results were told."""
+    claimed = max(t.datetime_start for t in trials[4:8] if t.datetime_start is not None)
+    assert claimed < min(t.datetime_complete for t in trials[:4] if t.datetime_complete is not None)
+
+
+def test_a_trainer_killed_in_the_group_sent_ahead_loses_and_doubles_nothing(
+    tmp_path: Path, sqlite_url: str
+) -> None:
+    # The second group is sent to the trainer before the first group's results are told; the
+    # trainer is SIGKILLed (as by the OOM killer) one epoch into that group. The first group's
+    # results, held until then, are told; the second group's trials are failed and retried once
+    # (had the worker seen the death before it waited on that group: sent to a new trainer).
+    result = run_group_study(tmp_path, sqlite_url, "died_ahead", die_with=4)
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, out
+    assert (tmp_path / "markers" / "trainer-died").read_text() == "4,5,6,7", out
+    assert groups_in(out)[:2] == [[0, 1, 2, 3], [4, 5, 6, 7]], out
+    trials = optuna.load_study(study_name="died_ahead", storage=sqlite_url).get_trials()
+    assert [t.state for t in trials[:4]] == [TrialState.COMPLETE] * 4, out  # held results: told
+    assert_claimed_ahead(trials)
+    assert {t.state for t in trials} <= {TrialState.COMPLETE, TrialState.FAIL}, out
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert sorted(t.params["x"] for t in complete) == GROUP_XS, out  # every point once
+    for trial in complete:
+        assert sorted(trial.intermediate_values) == [1, 2, 3, 4, 5]
+    failed = [t for t in trials if t.state == TrialState.FAIL]
+    assert {t.number for t in failed} <= {4, 5, 6, 7}, out
+    assert all("killed by SIGKILL" in t.system_attrs["fail_reason"] for t in failed)
+    retries = Counter(t.system_attrs.get(RETRY_OF_ATTR) for t in trials if RETRY_OF_ATTR in t.system_attrs)
+    assert retries == Counter(t.number for t in failed), "each failed member retried exactly once"
+
+
+def test_a_worker_stopping_with_a_group_sent_ahead_stops_it_and_requeues_every_trial_once(
+    tmp_path: Path, sqlite_url: str
+) -> None:
+    # The first group's members fail alike at their last epoch (the objective looks broken) just
+    # after the second group was sent to the trainer. The worker stops: it stops that training
+    # and fails and re-queues its trials, each of the first group's is re-queued once (not once
+    # per failure told after it), and a second worker then runs every point exactly once.
+    result = run_group_study(tmp_path, sqlite_url, "broken_ahead", fail_below=4)
+    out = result.stdout + result.stderr
+    assert result.returncode == 1, out
+    assert "the objective looks broken: the first 4 trials of this worker (0, 1, 2, 3)" in out
+    trials = optuna.load_study(study_name="broken_ahead", storage=sqlite_url).get_trials()
+    assert [t.state for t in trials[:8]] == [TrialState.FAIL] * 8, out  # nothing left RUNNING
+    assert_claimed_ahead(trials)
+    assert all("worker stopped" in t.system_attrs["fail_reason"] for t in trials[4:8])
+    assert all(t.state == TrialState.WAITING for t in trials[8:])
+    assert Counter(t.system_attrs[RETRY_OF_ATTR] for t in trials[8:]) == Counter(range(8))
+    rescue = run_group_study(tmp_path, sqlite_url, "broken_ahead", fail_below=4)
+    assert rescue.returncode == 0, rescue.stdout + rescue.stderr
+    trials = optuna.load_study(study_name="broken_ahead", storage=sqlite_url).get_trials()
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert sorted(t.params["x"] for t in complete) == GROUP_XS  # every point once
+    assert len(trials) == 16 and {t.state for t in trials} == {TrialState.COMPLETE, TrialState.FAIL}
 
 
 def test_bad_fuse_values_are_one_line_errors_and_create_no_database(tmp_path: Path) -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 import optuna
 import pytest
 import yaml
-from conftest import cli_env, run_cli, start_cli, write_study
+from conftest import cli_env, run_cli, start_cli, study_if_created, write_study
 from optuna.trial import FrozenTrial, TrialState
 
 from hpo._records import trial_metrics
@@ -279,11 +279,8 @@ def test_sigterm_hands_the_trials_back_to_the_queue(tmp_path: Path, sqlite_url: 
         trained: list[FrozenTrial] = []
         while not trained and time.monotonic() < deadline and worker.poll() is None:
             time.sleep(1.0)
-            try:
-                study = optuna.load_study(study_name="ray_stop", storage=sqlite_url)
-            except KeyError:
-                continue
-            trained = [t for t in study.get_trials() if t.intermediate_values]
+            study = study_if_created(sqlite_url, "ray_stop")
+            trained = [t for t in study.get_trials() if t.intermediate_values] if study else []
         if not trained and worker.poll() is not None:  # say why the worker ended
             raise AssertionError(f"the worker exited {worker.returncode}: {worker.communicate()[0]}")
         assert trained, "no trial reported an epoch"

@@ -8,7 +8,6 @@ against what ran, not only against what the database says.
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import os
 import random
@@ -22,7 +21,7 @@ import optuna
 import pytest
 import sqlalchemy
 from background import Output
-from conftest import cli_env, run_cli, start_cli
+from conftest import cli_env, run_cli, start_cli, study_if_created
 from optuna.trial import TrialState
 from studyfiles import quadratic_study
 
@@ -231,10 +230,11 @@ def test_sigterm_requeues_the_running_trial_and_exits_143(tmp_path: Path, sqlite
         while True:
             assert time.monotonic() < deadline, out.text
             time.sleep(0.2)
-            with contextlib.suppress(KeyError):  # the worker has not created the study yet
-                study = optuna.load_study(study_name="quad", storage=sqlite_url)
-                if [t for t in study.get_trials() if t.state == TrialState.RUNNING and t.intermediate_values]:
-                    break
+            study = study_if_created(sqlite_url, "quad")
+            if study and [
+                t for t in study.get_trials() if t.state == TrialState.RUNNING and t.intermediate_values
+            ]:
+                break
         worker.send_signal(signal.SIGTERM)
         assert out.finish(timeout=120) == 143, out.text
     finally:
@@ -349,10 +349,10 @@ def test_a_worker_paused_past_its_lease_neither_writes_twice_nor_deletes_the_ret
         while True:
             assert time.monotonic() < deadline, paused_out.text
             time.sleep(0.1)
-            with contextlib.suppress(KeyError):
-                trials = optuna.load_study(study_name="quad", storage=sqlite_url).get_trials()
-                if trials and len(trials[0].intermediate_values) >= 4:
-                    break
+            study = study_if_created(sqlite_url, "quad")
+            trials = study.get_trials() if study else []
+            if trials and len(trials[0].intermediate_values) >= 4:
+                break
         tree = _process_tree(paused.pid)
         assert len(tree) >= 2, "the worker should have a trainer process"
         for pid in tree:  # the whole worker freezes (a laptop lid, a VM paused, SIGSTOP)

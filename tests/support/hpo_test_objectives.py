@@ -6,7 +6,10 @@ from __future__ import annotations
 import math
 import os
 import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from hpo.objective import Objective, TrialRun
 
@@ -122,3 +125,59 @@ def checkpointed(run: TrialRun) -> float:
         if run.report(epoch, {"loss": value}):
             break
     return run.final_value()
+
+
+@dataclass
+class _Leaving:
+    """What ``fused_train``'s ``on_leave`` is given: the member's run and its own error, if any."""
+
+    run: TrialRun
+    error: Exception | None = None
+
+
+def _fused_quadratic(runs: Sequence[TrialRun], on_leave: Callable[[Any], None]) -> list[_Leaving]:
+    """K :func:`quadratic` trials trained as one group: one ``settings.sleep`` per epoch for all.
+
+    ``settings.fail_below``: members numbered below it raise at their last epoch (the first
+    group fails, its retries do not); ``settings.die_with``: the first group holding that trial
+    number SIGKILLs its trainer after epoch 1 (once per ``$HPO_TEST_MARKERS`` folder)."""
+    import signal as signal_module
+
+    config = runs[0].config
+    sleep = float(config.get("sleep", 0.0))
+    fail_below = int(config.get("fail_below", -1))
+    die_with = config.get("die_with")
+    members = [_Leaving(run) for run in runs]
+    training = list(members)
+    for epoch in range(1, max(run.max_epochs for run in runs) + 1):
+        if sleep:
+            time.sleep(sleep)
+        for member in list(training):
+            run = member.run
+            target = (float(run.config.get("x", 0.0)) - 2.0) ** 2 + (
+                float(run.config.get("y", 0.0)) + 1.0
+            ) ** 2
+            try:
+                stop = run.report(epoch, {"loss": target + 1.0 / epoch})
+            except Exception as exc:  # pruned: this member's own end
+                member.error, stop = exc, True
+            if epoch == run.max_epochs and run.number < fail_below:
+                member.error = RuntimeError("a member fails at its last epoch")
+            if stop or epoch >= run.max_epochs:
+                training.remove(member)
+                on_leave(member)
+        if die_with is not None and epoch == 1 and any(run.number == int(die_with) for run in runs):
+            marker = Path(os.environ["HPO_TEST_MARKERS"]) / "trainer-died"
+            if not marker.exists():
+                marker.parent.mkdir(parents=True, exist_ok=True)
+                marker.write_text(",".join(str(run.number) for run in runs))
+                os.kill(os.getpid(), signal_module.SIGKILL)  # as the OOM killer would
+    return members
+
+
+FUSED_QUADRATIC = Objective(
+    train=quadratic,
+    description="quadratic, with a fused trainer (hpo worker --fuse K)",
+    fused_train=_fused_quadratic,
+    may_differ=frozenset({"x", "y"}),
+)
