@@ -75,7 +75,7 @@ direction: minimize
 n_trials: {trials}
 budget: {{max_epochs: {epochs}}}
 seed: 0
-sampler: random
+sampler: {sampler}
 """
 
 
@@ -112,7 +112,7 @@ direction: minimize
 n_trials: {trials}
 budget: {{max_epochs: {epochs}}}
 seed: 0
-sampler: random
+sampler: {sampler}
 """
 
 # Report 000's residual MLP (studies/r000_celeba_attribute_mlp.yaml: width 256, 11 layers, batch
@@ -133,7 +133,7 @@ direction: minimize
 n_trials: {trials}
 budget: {{max_epochs: {epochs}}}
 seed: 0
-sampler: random
+sampler: {sampler}
 """
 
 
@@ -187,6 +187,12 @@ def main() -> None:
     parser.add_argument("--model", choices=models, default="digits")
     parser.add_argument("--rows", type=int, default=2000, help="r000-mlp: CelebA rows (default 2000)")
     parser.add_argument("--image-size", type=int, default=32, help="resnet18: image size (default 32)")
+    parser.add_argument(
+        "--sampler",
+        choices=["random", "tpe"],
+        default="random",
+        help="the sampler of the searches (not digits-grid); tpe asks after each group's results",
+    )
     parser.add_argument(
         "--rounds", type=int, default=1, help="unfused/fused pairs, alternating (default 1); medians printed"
     )
@@ -269,7 +275,9 @@ def one_worker(
         name = f"bench_{name}_{uuid.uuid4().hex[:8]}"
     path = folder / f"{name}.yaml"
     if args.model == "r000-mlp":
-        study = R000_STUDY.format(name=name, root=images, trials=args.trials, epochs=args.epochs)
+        study = R000_STUDY.format(
+            name=name, root=images, trials=args.trials, epochs=args.epochs, sampler=args.sampler
+        )
     elif images is not None:
         study = CNN_STUDY.format(
             name=name,
@@ -278,12 +286,15 @@ def one_worker(
             settings=CNN_SETTINGS[args.model],
             trials=args.trials,
             epochs=args.epochs,
+            sampler=args.sampler,
         )
     elif args.model == "digits-grid":
         lrs = [round(1e-3 * 1.5**i, 6) for i in range(args.trials // 2)]
         study = GRID_STUDY.format(name=name, hidden=args.hidden, lrs=lrs, epochs=args.epochs)
     else:
-        study = STUDY.format(name=name, hidden=args.hidden, trials=args.trials, epochs=args.epochs)
+        study = STUDY.format(
+            name=name, hidden=args.hidden, trials=args.trials, epochs=args.epochs, sampler=args.sampler
+        )
     path.write_text(study)
     hpo(["create-study", str(path), "--storage", url], env)
     worker = [

@@ -321,6 +321,58 @@ def test_workers_outlive_a_postgresql_restart_and_a_20s_outage(tmp_path: Path) -
     assert sum(trainings(counts).values()) == 24  # nothing trained twice
 
 
+def test_fused_workers_claiming_ahead_outlive_a_postgresql_restart_and_a_20s_outage(tmp_path: Path) -> None:
+    # Two `--fuse 4` workers on a random search: each claims its next group during the current
+    # group's last epoch and holds the current group's results until that group is sent. The
+    # database restarts right after a group's results are told (the next claims come a second
+    # later) and then goes away for 20 s mid-group: every trial still trains once and completes.
+    from pg_server import PgServer, missing_reason
+
+    reason = missing_reason()
+    if reason is not None:
+        from conftest import require_real
+
+        require_real(reason)
+    counts = tmp_path / "counts"
+    path = quadratic_study(
+        tmp_path,
+        n_trials=24,
+        epochs=5,
+        sleep=0.3,
+        objective="hpo_test_objectives:FUSED_QUADRATIC",
+        sampler="random",
+    )
+    env = cli_env({"HPO_TEST_COUNTS": str(counts), "OMP_NUM_THREADS": "1"})
+    with PgServer() as pg:
+        assert run_cli(["create-study", str(path), "--storage", pg.url]).returncode == 0
+        args = ["worker", "--study-name", "quad", "--storage", pg.url, "--no-progress", "--fuse", "4"]
+        args += ["--heartbeat-interval", "2", "--grace-period", "60", "--storage-patience", "120"]
+        workers = [start_cli(args, env=env) for _ in range(2)]
+        outputs = [Output(w) for w in workers]
+        try:
+            outputs[0].wait_for(r"trial \d+ COMPLETE", timeout=180)
+            pg.restart(down_for=1.5)
+            outputs[0].wait_for(r"train as one fused group", timeout=180)
+            time.sleep(1.0)
+            pg.stop()
+            time.sleep(20)
+            pg.start()
+            codes = [out.finish(timeout=600) for out in outputs]
+        finally:
+            for worker in workers:
+                if worker.poll() is None:
+                    worker.kill()
+        text = "\n----\n".join(out.text for out in outputs)
+        assert codes == [0, 0], text
+        assert "unreachable" in text and "reachable again" in text, text
+        assert "train as one fused group" in outputs[1].text, text  # both workers fused
+        trials = optuna.load_study(study_name="quad", storage=pg.url).get_trials()
+    states = Counter(t.state for t in trials)
+    assert states == {TrialState.COMPLETE: 24}, text
+    assert all(len(t.intermediate_values) == 5 for t in trials)  # no epoch's record lost
+    assert sum(trainings(counts).values()) == 24  # nothing trained twice
+
+
 def _process_tree(pid: int) -> list[int]:
     """``pid`` and its descendants (the worker and its trainer)."""
     pids = [pid]

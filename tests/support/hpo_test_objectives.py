@@ -140,9 +140,16 @@ def _fused_quadratic(runs: Sequence[TrialRun], on_leave: Callable[[Any], None]) 
 
     ``settings.fail_below``: members numbered below it raise at their last epoch (the first
     group fails, its retries do not); ``settings.die_with``: the first group holding that trial
-    number SIGKILLs its trainer after epoch 1 (once per ``$HPO_TEST_MARKERS`` folder)."""
+    number SIGKILLs its trainer after epoch 1 (once per ``$HPO_TEST_MARKERS`` folder). With
+    ``$HPO_TEST_COUNTS`` set, each member leaves a file there as :func:`counted` does."""
     import signal as signal_module
 
+    if "HPO_TEST_COUNTS" in os.environ:
+        counts = Path(os.environ["HPO_TEST_COUNTS"])
+        counts.mkdir(parents=True, exist_ok=True)
+        for run in runs:
+            name = f"{run.config['x']}_{run.config['y']}_{os.getpid()}_{time.monotonic_ns()}"
+            (counts / name).write_text(str(run.number))
     config = runs[0].config
     sleep = float(config.get("sleep", 0.0))
     fail_below = int(config.get("fail_below", -1))
