@@ -21,9 +21,12 @@ Contract (what :class:`FusedGroups` guarantees on top of :mod:`hpo.worker`'s):
   group (a pruned member leaves; the others go on);
 * the group's trainer process dying (a crash, the OOM killer) fails every member still in it with
   the cause and re-queues it (``max_retry`` as for any trial): each retry resumes from its own
-  checkpoint, alone or in a new group. ``budget.trial_timeout`` applies to the group as a whole;
-  a member whose lease was lost (the database was unreachable past the grace period) stops the
-  group, and the others are re-queued to resume from their checkpoints;
+  checkpoint, alone. Which member took the process down (a poison configuration) or whether the
+  K members together were too big for memory is unknown; fused again, one poison member would
+  fail all its group's retries until every one had used up ``max_retry``.
+  ``budget.trial_timeout`` applies to the group as a whole; a member whose lease was lost (the
+  database was unreachable past the grace period) stops the group, and the others are re-queued
+  to resume from their checkpoints;
 * claims overlap training where asking early loses nothing (grid and random samplers): near the
   end of a group (its last epoch, or its estimated rest within twice the time its own claims
   took) the worker claims and prepares the next group between the trainer's messages, and once
@@ -54,6 +57,7 @@ from optuna.trial import TrialState
 from hpo import _optuna
 from hpo._fused import why_not_fusable
 from hpo._progress import read_counts
+from hpo._rdb import FUSED_CRASH_ATTR
 from hpo.objective import Objective, resolve_objective
 from hpo.trainer import TrialJob
 from hpo.worker import (
@@ -180,6 +184,10 @@ class FusedGroups:
             return False
         claim.trial, claim.job = prepared
         claim.alone = self._config(claim)
+        storage = _optuna.study_storage(self.worker.study)
+        died = storage.get_trial_system_attrs(claim.trial_id).get(FUSED_CRASH_ATTR)  # cached: no query
+        if died is not None:
+            claim.alone = f"a retry of a fused group whose trainer died ({died}) runs alone"
         return True
 
     def _config(self, claim: Claim) -> str | None:
@@ -445,6 +453,12 @@ class FusedGroups:
             w.trainer.close()
             for m in still_in():
                 recorders[m.number].drain_blocking(w.storage_patience, w.interrupts)
+            storage = _optuna.study_storage(w.study)
+            for m in still_in():  # before the retry is queued: it carries the mark
+                if not recorders[m.number].lost:
+                    # Best effort: unmarked, the retry fuses again, as it did before this mark.
+                    with contextlib.suppress(Exception):
+                        storage.set_trial_system_attr(m.trial_id, FUSED_CRASH_ATTR, str(died))
             end_all(str(died), retry=True)
 
     # ------------------------------------------------------------------ the next group, early

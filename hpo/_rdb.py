@@ -51,6 +51,10 @@ RETRY_HISTORY_ATTR = "retry_history"
 FAIL_REASON_ATTR = "fail_reason"
 FIXED_PARAMS_ATTR = "fixed_params"  # Optuna's: a queued trial's preset parameters
 WORKER_ATTR = "hpo:worker"  # which worker holds (held) the trial: host:pid[:slot]
+# Set on the members of a fused group whose trainer process died (why it died), and carried to
+# their retries: each retry runs alone (hpo._fused_worker), so a member that takes its process
+# down, or K members too big together for memory, cannot fail the others' retries again.
+FUSED_CRASH_ATTR = "hpo:fused_trainer_died"
 # System attributes that describe one attempt, not the configuration: a retry starts without them.
 # (A retry's metric history is its own: a resumed retry re-records the restored epochs.)
 ATTEMPT_ATTRS = frozenset(

@@ -513,6 +513,29 @@ def test_a_trainer_killed_in_the_group_sent_ahead_loses_and_doubles_nothing(
     assert retries == Counter(t.number for t in failed), "each failed member retried exactly once"
 
 
+def test_a_member_that_kills_its_trainer_fails_alone_and_its_groups_retries_complete(
+    tmp_path: Path, sqlite_url: str
+) -> None:
+    # x = 1.0 SIGKILLs whatever process trains it, every time (a poison configuration, or what
+    # the OOM killer does to a group too big for memory). Its group dies with it; retried as a
+    # group, it would take its innocent members down with it until all had used up --max-retry.
+    # Each retry of a group whose trainer died runs alone: the other members complete on their
+    # first retry, and only the poison configuration fails for good.
+    result = run_group_study(tmp_path, sqlite_url, "poisoned", poison_x=1.0)
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, out  # the worker is not taken down
+    trials = optuna.load_study(study_name="poisoned", storage=sqlite_url).get_trials()
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert sorted(t.params["x"] for t in complete) == [x for x in GROUP_XS if x != 1.0], out
+    failed = [t for t in trials if t.state == TrialState.FAIL]
+    assert {t.state for t in trials} == {TrialState.COMPLETE, TrialState.FAIL}, out
+    innocent = [t for t in failed if t.params["x"] != 1.0]
+    assert {t.number for t in innocent} <= {0, 1, 2, 3}, out  # failed once, with the first group
+    assert len([t for t in failed if t.params["x"] == 1.0]) == 1 + 3, out  # its first try, 3 retries
+    assert all("killed by SIGKILL" in t.system_attrs["fail_reason"] for t in failed)
+    assert "runs alone: a retry of a fused group whose trainer died" in out, out
+
+
 def test_a_worker_stopping_with_a_group_sent_ahead_stops_it_and_requeues_every_trial_once(
     tmp_path: Path, sqlite_url: str
 ) -> None:

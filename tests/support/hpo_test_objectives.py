@@ -139,7 +139,9 @@ def _fused_quadratic(runs: Sequence[TrialRun], on_leave: Callable[[Any], None]) 
     """K :func:`quadratic` trials trained as one group: one ``settings.sleep`` per epoch for all.
 
     ``settings.fail_below``: members numbered below it raise at their last epoch (the first
-    group fails, its retries do not); ``settings.die_with``: the first group holding that trial
+    group fails, its retries do not); ``settings.poison_x``: the trainer of a group (or lone
+    trial) holding that x SIGKILLs itself after epoch 1, every time (see :func:`_poisoned`);
+    ``settings.die_with``: the first group holding that trial
     number SIGKILLs its trainer after epoch 1 (once per ``$HPO_TEST_MARKERS`` folder). With
     ``$HPO_TEST_COUNTS`` set, each member leaves a file there as :func:`counted` does."""
     import signal as signal_module
@@ -173,6 +175,8 @@ def _fused_quadratic(runs: Sequence[TrialRun], on_leave: Callable[[Any], None]) 
             if stop or epoch >= run.max_epochs:
                 training.remove(member)
                 on_leave(member)
+        if epoch == 1 and any(_poisoned(run) for run in runs):
+            os.kill(os.getpid(), signal_module.SIGKILL)
         if die_with is not None and epoch == 1 and any(run.number == int(die_with) for run in runs):
             marker = Path(os.environ["HPO_TEST_MARKERS"]) / "trainer-died"
             if not marker.exists():
@@ -182,8 +186,23 @@ def _fused_quadratic(runs: Sequence[TrialRun], on_leave: Callable[[Any], None]) 
     return members
 
 
+def _poisoned(run: TrialRun) -> bool:
+    poison = run.config.get("poison_x")
+    return poison is not None and float(run.config["x"]) == float(poison)
+
+
+def _quadratic_unless_poisoned(run: TrialRun) -> float:
+    """:func:`quadratic`; the trial whose x is ``settings.poison_x`` SIGKILLs its process after epoch 1."""
+    import signal as signal_module
+
+    if _poisoned(run):
+        run.report(1, {"loss": 100.0})
+        os.kill(os.getpid(), signal_module.SIGKILL)
+    return quadratic(run)
+
+
 FUSED_QUADRATIC = Objective(
-    train=quadratic,
+    train=_quadratic_unless_poisoned,
     description="quadratic, with a fused trainer (hpo worker --fuse K)",
     fused_train=_fused_quadratic,
     may_differ=frozenset({"x", "y"}),
