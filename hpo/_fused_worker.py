@@ -23,10 +23,11 @@ Contract (what :class:`FusedGroups` guarantees on top of :mod:`hpo.worker`'s):
   the cause and re-queues it (``max_retry`` as for any trial): each retry resumes from its own
   checkpoint, alone. Which member took the process down (a poison configuration) or whether the
   K members together were too big for memory is unknown; fused again, one poison member would
-  fail all its group's retries until every one had used up ``max_retry``.
-  ``budget.trial_timeout`` applies to the group as a whole; a member whose lease was lost (the
-  database was unreachable past the grace period) stops the group, and the others are re-queued
-  to resume from their checkpoints;
+  fail all its group's retries until every one had used up ``max_retry``. A group of K may run
+  K times ``budget.trial_timeout``; past that, its members are failed and re-queued the same
+  way, each retry alone (where the limit applies as to any trial). A member whose lease was lost
+  (the database was unreachable past the grace period) stops the group, and the others are
+  re-queued to resume from their checkpoints;
 * claims overlap training where asking early loses nothing (grid and random samplers): near the
   end of a group (its last epoch, or its estimated rest within twice the time its own claims
   took) the worker claims and prepares the next group between the trainer's messages, and once
@@ -57,7 +58,7 @@ from optuna.trial import TrialState
 from hpo import _optuna
 from hpo._fused import why_not_fusable
 from hpo._progress import read_counts
-from hpo._rdb import FUSED_CRASH_ATTR
+from hpo._rdb import RETRY_ALONE_ATTR
 from hpo.objective import Objective, resolve_objective
 from hpo.trainer import TrialJob
 from hpo.worker import (
@@ -185,9 +186,9 @@ class FusedGroups:
         claim.trial, claim.job = prepared
         claim.alone = self._config(claim)
         storage = _optuna.study_storage(self.worker.study)
-        died = storage.get_trial_system_attrs(claim.trial_id).get(FUSED_CRASH_ATTR)  # cached: no query
-        if died is not None:
-            claim.alone = f"a retry of a fused group whose trainer died ({died}) runs alone"
+        why = storage.get_trial_system_attrs(claim.trial_id).get(RETRY_ALONE_ATTR)  # cached: no query
+        if why is not None:
+            claim.alone = f"a retry after {why}"
         return True
 
     def _config(self, claim: Claim) -> str | None:
@@ -369,6 +370,15 @@ class FusedGroups:
                 number = next(iter(finished))
                 tell(by_number[number], finished.pop(number))
 
+        def retry_alone(why: str) -> None:
+            """Mark the members still in so that each one's retry runs alone (before the retry is
+            queued: it carries the mark). Best effort: unmarked, a retry may fuse again."""
+            storage = _optuna.study_storage(w.study)
+            for m in still_in():
+                if not recorders[m.number].lost:
+                    with contextlib.suppress(Exception):
+                        storage.set_trial_system_attr(m.trial_id, RETRY_ALONE_ATTR, why)
+
         def end_all(reason: str, *, retry: bool) -> None:
             tell_finished()
             for m in still_in():
@@ -382,7 +392,10 @@ class FusedGroups:
         pace = _Pace(max(m.job.max_epochs for m in members if m.job is not None))
         next_limit = None if limit is None else limit - len(members) - len(results)
         prefetch = self.prefetches and (next_limit is None or next_limit > 0)
-        cap = w.spec.budget.trial_timeout
+        # budget.trial_timeout bounds one trial; K members trained together may take up to K times
+        # as long (on a CPU a fused group is compute-bound), so the group gets K times the limit.
+        limit_s = w.spec.budget.trial_timeout
+        cap = None if limit_s is None else limit_s * len(members)
         try:
             w.trainer.ensure_started(w.interrupts)
             sent, self._sent = self._sent, None
@@ -396,10 +409,13 @@ class FusedGroups:
                 w.interrupts.check()
                 if cap is not None and time.monotonic() - started > cap:
                     w.trainer.kill()
-                    end_all(
-                        f"exceeded budget.trial_timeout of {cap:g}s (fused group); the trainer was stopped",
-                        retry=False,
+                    # Which member was too slow is unknown: each retries alone (from its
+                    # checkpoint), where the limit fails only a trial that exceeds it alone.
+                    exceeded = (
+                        f"its fused group of {len(members)} exceeded {len(members)} x budget.trial_timeout"
                     )
+                    retry_alone(f"{exceeded} ({limit_s:g}s)")
+                    end_all(f"{exceeded} of {limit_s:g}s; the trainer was stopped", retry=True)
                     return
                 for m in still_in():
                     recorders[m.number].retry_due()
@@ -453,12 +469,7 @@ class FusedGroups:
             w.trainer.close()
             for m in still_in():
                 recorders[m.number].drain_blocking(w.storage_patience, w.interrupts)
-            storage = _optuna.study_storage(w.study)
-            for m in still_in():  # before the retry is queued: it carries the mark
-                if not recorders[m.number].lost:
-                    # Best effort: unmarked, the retry fuses again, as it did before this mark.
-                    with contextlib.suppress(Exception):
-                        storage.set_trial_system_attr(m.trial_id, FUSED_CRASH_ATTR, str(died))
+            retry_alone(f"its fused group's trainer died ({died})")
             end_all(str(died), retry=True)
 
     # ------------------------------------------------------------------ the next group, early

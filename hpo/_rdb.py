@@ -51,10 +51,11 @@ RETRY_HISTORY_ATTR = "retry_history"
 FAIL_REASON_ATTR = "fail_reason"
 FIXED_PARAMS_ATTR = "fixed_params"  # Optuna's: a queued trial's preset parameters
 WORKER_ATTR = "hpo:worker"  # which worker holds (held) the trial: host:pid[:slot]
-# Set on the members of a fused group whose trainer process died (why it died), and carried to
-# their retries: each retry runs alone (hpo._fused_worker), so a member that takes its process
-# down, or K members too big together for memory, cannot fail the others' retries again.
-FUSED_CRASH_ATTR = "hpo:fused_trainer_died"
+# Set on the members of a fused group that ended for a cause no one member can be blamed for
+# (its trainer process died; it ran past its time limit), saying what happened, and carried to
+# their retries: each retry runs alone (hpo._fused_worker), so one poison member, or K members
+# too big or too slow together, cannot fail the others' retries again.
+RETRY_ALONE_ATTR = "hpo:retry_alone"
 # System attributes that describe one attempt, not the configuration: a retry starts without them.
 # (A retry's metric history is its own: a resumed retry re-records the restored epochs.)
 ATTEMPT_ATTRS = frozenset(

@@ -451,10 +451,14 @@ def test_sigterm_while_the_next_group_is_claimed_tells_what_finished_and_requeue
 GROUP_XS = [0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 3.5]
 
 
-def quadratic_group_study(directory: Path, name: str, **settings: object) -> Path:
+def quadratic_group_study(
+    directory: Path, name: str, timeout: float | None = None, **settings: object
+) -> Path:
     """8 grid points of the fused quadratic test objective (``hpo_test_objectives.FUSED_QUADRATIC``),
-    5 epochs of 0.3 s: a group of 4 trains for about 1.5 s. ``settings``: its fault switches."""
+    5 epochs of 0.3 s: a group of 4 trains for about 1.5 s. ``settings``: its fault switches;
+    ``timeout``: budget.trial_timeout."""
     extra = "".join(f", {key}: {value}" for key, value in settings.items())
+    limit = "" if timeout is None else f", trial_timeout: {timeout}"
     body = f"""
 name: {name}
 objective: hpo_test_objectives:FUSED_QUADRATIC
@@ -464,7 +468,7 @@ search_space:
   y: {{type: float, low: -5, high: 5, grid: [0.0]}}
 metric: loss
 direction: minimize
-budget: {{max_epochs: 5}}
+budget: {{max_epochs: 5{limit}}}
 sampler: grid
 pruner: none
 """
@@ -472,9 +476,9 @@ pruner: none
 
 
 def run_group_study(
-    tmp_path: Path, url: str, name: str, **settings: object
+    tmp_path: Path, url: str, name: str, timeout: float | None = None, **settings: object
 ) -> subprocess.CompletedProcess[str]:
-    path = quadratic_group_study(tmp_path, name, **settings)
+    path = quadratic_group_study(tmp_path, name, timeout, **settings)
     env = cli_env({"OMP_NUM_THREADS": "1", "HPO_TEST_MARKERS": str(tmp_path / "markers")})
     args = ["worker", str(path), *worker(url, name, tmp_path / "ck", "--fuse", "4")[3:]]
     return run_cli(args, env=env, timeout=300)
@@ -533,7 +537,40 @@ def test_a_member_that_kills_its_trainer_fails_alone_and_its_groups_retries_comp
     assert {t.number for t in innocent} <= {0, 1, 2, 3}, out  # failed once, with the first group
     assert len([t for t in failed if t.params["x"] == 1.0]) == 1 + 3, out  # its first try, 3 retries
     assert all("killed by SIGKILL" in t.system_attrs["fail_reason"] for t in failed)
-    assert "runs alone: a retry of a fused group whose trainer died" in out, out
+    assert "runs alone: a retry after its fused group's trainer died (trainer killed by SIGKILL" in out, out
+
+
+def test_a_fused_group_may_take_k_times_the_trial_timeout(tmp_path: Path, sqlite_url: str) -> None:
+    # One trial alone takes 1.5 s, a group of 4 three times that (as on a CPU, where a group is
+    # compute-bound): within 4 x the 3 s limit, so every group completes, fused.
+    result = run_group_study(tmp_path, sqlite_url, "slow_groups", timeout=3, group_slowdown=3)
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, out
+    assert groups_in(out) == [[0, 1, 2, 3], [4, 5, 6, 7]], out
+    trials = optuna.load_study(study_name="slow_groups", storage=sqlite_url).get_trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 8, out
+
+
+def test_a_fused_group_past_k_times_the_trial_timeout_retries_each_member_alone(
+    tmp_path: Path, sqlite_url: str
+) -> None:
+    # A group of 4 that would take 40 times one trial's time is stopped at 4 x the limit. Which
+    # member was slow is unknown: each is failed and retried alone, within the limit, and completes.
+    result = run_group_study(tmp_path, sqlite_url, "stuck_group", timeout=3, group_slowdown=40)
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, out
+    trials = optuna.load_study(study_name="stuck_group", storage=sqlite_url).get_trials()
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert sorted(t.params["x"] for t in complete) == GROUP_XS, out
+    failed = [t for t in trials if t.state == TrialState.FAIL]
+    assert sorted(t.number for t in failed) == list(range(8)), out  # both groups, once each
+    for trial in failed:
+        assert (
+            "its fused group of 4 exceeded 4 x budget.trial_timeout of 3s"
+            in trial.system_attrs["fail_reason"]
+        )
+    assert all(RETRY_OF_ATTR in t.system_attrs for t in complete)
+    assert out.count("runs alone: a retry after its fused group of 4 exceeded") == 8, out
 
 
 def test_a_worker_stopping_with_a_group_sent_ahead_stops_it_and_requeues_every_trial_once(

@@ -153,7 +153,10 @@ def _fused_quadratic(runs: Sequence[TrialRun], on_leave: Callable[[Any], None]) 
             name = f"{run.config['x']}_{run.config['y']}_{os.getpid()}_{time.monotonic_ns()}"
             (counts / name).write_text(str(run.number))
     config = runs[0].config
-    sleep = float(config.get("sleep", 0.0))
+    # settings.group_slowdown: a group's epoch takes this many times one trial's (compute-bound)
+    sleep = float(config.get("sleep", 0.0)) * (
+        float(config.get("group_slowdown", 1.0)) if len(runs) > 1 else 1.0
+    )
     fail_below = int(config.get("fail_below", -1))
     die_with = config.get("die_with")
     members = [_Leaving(run) for run in runs]
