@@ -77,6 +77,7 @@ class FirstFailures:
     # batch: each failure after the broken streak began is re-queued as it is recorded, and
     # requeue_earlier must not queue a second retry of any.
     _settled: int = 0
+    _deferred: set[int] = field(default_factory=set)  # see deferred()
 
     requeued: bool = True  # every earlier trial got its retry (see requeue_earlier)
 
@@ -106,12 +107,21 @@ class FirstFailures:
             outcome = requeue_failed(study, trial_id, reason, max_retry)
             self.requeued = self.requeued and outcome.retry_trial_id is not None
 
+    def deferred(self, trial_id: int) -> None:
+        """Trial ``trial_id`` failed in a way that says nothing yet about the objective: an
+        exception raised for its whole fused group, its retry run alone to tell. Its ending
+        neither counts toward the rule nor disarms it."""
+        self._deferred.add(trial_id)
+
     def ended(self, trial_id: int) -> bool:
         """Trial ``trial_id`` ended (however). True when the worker must stop: its failure made the
         objective look broken. Any ending other than a failure passed to :meth:`failed` (a
-        success, a pruned trial, a dead trainer, a timeout) disarms the rule for good."""
+        success, a pruned trial, a dead trainer, a timeout) disarms the rule for good, except
+        one :meth:`deferred`."""
         if self._broken_at is not None and self._broken_at == trial_id:
             return True
+        if trial_id in self._deferred:
+            return False
         if not any(trial_id == failed_id for failed_id, _, _ in self._failed):
             self._armed = False
         return False

@@ -23,7 +23,9 @@ Contract (what :class:`FusedGroups` guarantees on top of :mod:`hpo.worker`'s):
   the cause and re-queues it (``max_retry`` as for any trial): each retry resumes from its own
   checkpoint, alone. Which member took the process down (a poison configuration) or whether the
   K members together were too big for memory is unknown; fused again, one poison member would
-  fail all its group's retries until every one had used up ``max_retry``. A group of K may run
+  fail all its group's retries until every one had used up ``max_retry``. An exception raised
+  for the whole group rather than by one member (out of memory for K members together, a bug of
+  the fused trainer) is handled the same way (:meth:`hpo.worker.Worker.conclude`). A group of K may run
   K times ``budget.trial_timeout``; past that, its members are failed and re-queued the same
   way, each retry alone (where the limit applies as to any trial). A member whose lease was lost
   (the database was unreachable past the grace period) stops the group, and the others are

@@ -334,12 +334,17 @@ def _run_group(
         return
     except BaseException as exc:  # SystemExit, KeyboardInterrupt from training code included
         ended = exc
+    # Raised for the whole group, not by one member: marked so (GROUP_FAILURE).
     for run in runs:
         if run.number not in left:
-            send_final(run.number, _member_result(run, ended, False))
+            send_final(run.number, _group_wide(_member_result(run, ended, False)))
     for job in jobs:  # the group failed before its runs were made
         if job.number not in left:
-            send_final(job.number, _failed(ended))
+            send_final(job.number, _group_wide(_failed(ended)))
+
+
+def _group_wide(message: tuple[Any, ...]) -> tuple[Any, ...]:
+    return (*message, GROUP_FAILURE) if message[0] == "failed" else message
 
 
 def _member_result(run: Any, error: BaseException | None, multi_objective: bool) -> tuple[Any, ...]:
@@ -363,6 +368,11 @@ def _member_result(run: Any, error: BaseException | None, multi_objective: bool)
     if isinstance(error, optuna.TrialPruned):
         return ("pruned", str(error))
     return _failed(error)
+
+
+# Appended to a fused member's ("failed", ...) message when the exception ended its whole group
+# (out of memory for K members together, a bug in the fused trainer) rather than that member.
+GROUP_FAILURE = "group"
 
 
 def _failed(exc: BaseException) -> tuple[Any, ...]:

@@ -54,6 +54,7 @@ from hpo._first_failures import BROKEN_NOTE, FirstFailures, TrialError
 from hpo._progress import EpochBar, StudyCounts, better, finish_note, read_counts
 from hpo._rdb import (
     ATTEMPT_ATTRS,
+    RETRY_ALONE_ATTR,
     RETRY_HISTORY_ATTR,
     WORKER_ATTR,
     FailOutcome,
@@ -71,7 +72,7 @@ from hpo.shared_data import sweep_unused
 from hpo.space import suggest
 from hpo.spec import StudySpec
 from hpo.studies import checkpoint_folder, trial_checkpoint_dir
-from hpo.trainer import THREADS_ENV, TrialJob, describe_exit, inline_main, trainer_main
+from hpo.trainer import GROUP_FAILURE, THREADS_ENV, TrialJob, describe_exit, inline_main, trainer_main
 
 if TYPE_CHECKING:
     from hpo._fused_worker import FusedGroups
@@ -116,6 +117,7 @@ class WorkerSummary:
     stopped_because: str = ""
     signal_name: str | None = None  # set when a signal stopped the worker
     objective_broken: bool = False  # its first trials failed alike (hpo._first_failures)
+    failing: bool = False  # stopped at --max-consecutive-failures
 
     @property
     def total(self) -> int:
@@ -127,7 +129,7 @@ class WorkerSummary:
             return 128 + int(signal.Signals[self.signal_name])
         if self.objective_broken:
             return 1
-        return 1 if "consecutive trials failed" in self.stopped_because else 0
+        return 1 if self.failing else 0
 
 
 def worker_identity(label: str = "") -> str:
@@ -730,6 +732,7 @@ class Worker:
                     return
                 self.interrupts.sleep(self.options.poll_interval)  # others' trials may be retried
                 continue
+            ended: list[TrialState] = []
             for trial_id, state in results:
                 if state is None:
                     continue  # given up (lease lost): not this worker's result
@@ -738,10 +741,17 @@ class Worker:
                     summary.stopped_because = self._first_failures.stop_message()
                     summary.objective_broken = True
                     return
-                consecutive_failures = consecutive_failures + 1 if state == TrialState.FAIL else 0
+                ended.append(state)
+            if ended:
+                # A fused group's members end together: a group that failed as a whole (its
+                # trainer died) is one failure for this rule, not K of them.
+                failed = all(state == TrialState.FAIL for state in ended)
+                consecutive_failures = consecutive_failures + 1 if failed else 0
                 if consecutive_failures >= self.options.max_consecutive_failures:
+                    what = "trials" if self._groups is None else "trials or fused groups"
+                    summary.failing = True
                     summary.stopped_because = (
-                        f"{consecutive_failures} consecutive trials failed; stopping this worker "
+                        f"{consecutive_failures} consecutive {what} failed; stopping this worker "
                         "(see each trial's fail_reason with `hpo status`)"
                     )
                     return
@@ -902,6 +912,17 @@ class Worker:
                 save_failure_note(
                     storage, _optuna.study_id(self.study), trial_id, reason, details[-TRACEBACK_LIMIT:]
                 )
+            if message[4:5] == (GROUP_FAILURE,):
+                # Raised for a whole fused group (out of memory for K members together, a bug of
+                # the fused trainer), not by this member: each member's retry runs alone
+                # (hpo._fused_worker), from its checkpoint. Best effort: unmarked, it fuses again.
+                with contextlib.suppress(Exception):
+                    storage.set_trial_system_attr(
+                        trial_id, RETRY_ALONE_ATTR, f"its fused group failed ({reason[:300]})"
+                    )
+                reason = f"{reason} (raised for its whole fused group)"
+                self._first_failures.deferred(trial_id)  # the retries, alone, tell if it is broken
+                return self.record_failure(trial_id, reason, retry=True, keep_checkpoint=True)
             if self._first_failures.failed(trial_id, trial.number, TrialError(exc_type, text, details)):
                 # This worker's first trials all failed alike: re-queue them, don't spend the budget.
                 reason = f"{reason}; {BROKEN_NOTE}"

@@ -540,6 +540,76 @@ def test_a_member_that_kills_its_trainer_fails_alone_and_its_groups_retries_comp
     assert "runs alone: a retry after its fused group's trainer died (trainer killed by SIGKILL" in out, out
 
 
+def test_an_error_raised_for_the_whole_group_retries_each_member_alone(
+    tmp_path: Path, sqlite_url: str
+) -> None:
+    # A MemoryError out of the fused trainer itself (K members together too big), not out of one
+    # member: no member is to blame, so each is failed and retried alone, and completes.
+    result = run_group_study(tmp_path, sqlite_url, "group_raises", group_raises=True)
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, out
+    trials = optuna.load_study(study_name="group_raises", storage=sqlite_url).get_trials()
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert sorted(t.params["x"] for t in complete) == GROUP_XS, out
+    failed = [t for t in trials if t.state == TrialState.FAIL]
+    assert sorted(t.number for t in failed) == list(range(8)), out
+    for trial in failed:
+        reason = trial.system_attrs["fail_reason"]
+        assert reason.startswith(
+            "MemoryError: not enough memory for the group (raised for its whole fused group)"
+        )
+        assert "the objective looks broken" not in reason
+    assert out.count("runs alone: a retry after its fused group failed (MemoryError") == 8, out
+
+
+def test_a_broken_objective_failing_its_group_and_then_alone_stops_the_worker_spending_nothing(
+    tmp_path: Path, sqlite_url: str
+) -> None:
+    # The fused trainer raises for the whole group: its members retry alone, and those fail alike
+    # too: the objective looks broken. The worker stops, and every grid point is still queued.
+    result = run_group_study(tmp_path, sqlite_url, "broken_both", always_raises=True)
+    out = result.stdout + result.stderr
+    assert result.returncode == 1, out
+    assert "the objective looks broken" in out, out
+    trials = optuna.load_study(study_name="broken_both", storage=sqlite_url).get_trials()
+    waiting = [t for t in trials if t.state == TrialState.WAITING]
+    queued = [t.params.get("x", t.system_attrs.get("fixed_params", {}).get("x")) for t in waiting]
+    assert sorted(queued) == GROUP_XS, out  # nothing spent: each point queued once
+    assert TrialState.RUNNING not in {t.state for t in trials}, out
+
+
+def test_a_trainer_dying_under_a_group_of_8_is_one_failure_for_the_worker(
+    tmp_path: Path, sqlite_url: str
+) -> None:
+    # --max-consecutive-failures counts a group whose members all failed together once: the
+    # worker does not stop after 8 "consecutive" failures from one dead trainer.
+    path = quadratic_group_study(tmp_path, "died_8", die_with=0)
+    env = cli_env({"OMP_NUM_THREADS": "1", "HPO_TEST_MARKERS": str(tmp_path / "markers")})
+    args = ["worker", str(path), *worker(sqlite_url, "died_8", tmp_path / "ck", "--fuse", "8")[3:]]
+    result = run_cli(args, env=env, timeout=300)
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, out
+    trials = optuna.load_study(study_name="died_8", storage=sqlite_url).get_trials()
+    assert sorted(t.number for t in trials if t.state == TrialState.FAIL) == list(range(8)), out
+    assert sorted(t.params["x"] for t in trials if t.state == TrialState.COMPLETE) == GROUP_XS, out
+
+
+def test_max_consecutive_failures_counts_a_failed_fused_group_once(tmp_path: Path, sqlite_url: str) -> None:
+    # Every trial fails (each its own error: not a broken objective). With groups of 2 and
+    # --max-consecutive-failures 3 the worker stops after 3 failed groups (6 trials), not 3 trials.
+    path = quadratic_group_study(tmp_path, "all_fail", fail_below=100, fail_alike=False)
+    args = ["worker", str(path), *worker(sqlite_url, "all_fail", tmp_path / "ck", "--fuse", "2")[3:]]
+    result = run_cli([*args, "--max-consecutive-failures", "3"], env=ENV, timeout=300)
+    out = result.stdout + result.stderr
+    assert result.returncode == 1, out
+    assert "3 consecutive trials or fused groups failed; stopping this worker" in out, out
+    trials = optuna.load_study(study_name="all_fail", storage=sqlite_url).get_trials()
+    trained = [t.number for t in trials if "fails at its last epoch" in t.system_attrs.get("fail_reason", "")]
+    assert trained == [0, 1, 2, 3, 4, 5], out
+    # the group claimed ahead (if it was) is re-queued, not left RUNNING
+    assert {t.state for t in trials[6:]} <= {TrialState.WAITING, TrialState.FAIL}, out
+
+
 def test_a_fused_group_may_take_k_times_the_trial_timeout(tmp_path: Path, sqlite_url: str) -> None:
     # One trial alone takes 1.5 s, a group of 4 three times that (as on a CPU, where a group is
     # compute-bound): within 4 x the 3 s limit, so every group completes, fused.

@@ -139,8 +139,11 @@ def _fused_quadratic(runs: Sequence[TrialRun], on_leave: Callable[[Any], None]) 
     """K :func:`quadratic` trials trained as one group: one ``settings.sleep`` per epoch for all.
 
     ``settings.fail_below``: members numbered below it raise at their last epoch (the first
-    group fails, its retries do not); ``settings.poison_x``: the trainer of a group (or lone
+    group fails, its retries do not), all with the same error unless ``settings.fail_alike`` is
+    false; ``settings.poison_x``: the trainer of a group (or lone
     trial) holding that x SIGKILLs itself after epoch 1, every time (see :func:`_poisoned`);
+    ``settings.group_raises``: a group of two or more raises MemoryError in its second epoch;
+    ``settings.always_raises``: every group, and every lone trial, raises the same ValueError;
     ``settings.die_with``: the first group holding that trial
     number SIGKILLs its trainer after epoch 1 (once per ``$HPO_TEST_MARKERS`` folder). With
     ``$HPO_TEST_COUNTS`` set, each member leaves a file there as :func:`counted` does."""
@@ -174,10 +177,15 @@ def _fused_quadratic(runs: Sequence[TrialRun], on_leave: Callable[[Any], None]) 
             except Exception as exc:  # pruned: this member's own end
                 member.error, stop = exc, True
             if epoch == run.max_epochs and run.number < fail_below:
-                member.error = RuntimeError("a member fails at its last epoch")
+                alike = config.get("fail_alike", True)
+                member.error = RuntimeError(f"member {'' if alike else run.number} fails at its last epoch")
             if stop or epoch >= run.max_epochs:
                 training.remove(member)
                 on_leave(member)
+        if config.get("always_raises"):
+            raise ValueError("the objective is broken")
+        if epoch == 2 and len(runs) > 1 and config.get("group_raises"):
+            raise MemoryError("not enough memory for the group")  # for the group, not one member
         if epoch == 1 and any(_poisoned(run) for run in runs):
             os.kill(os.getpid(), signal_module.SIGKILL)
         if die_with is not None and epoch == 1 and any(run.number == int(die_with) for run in runs):
@@ -198,6 +206,8 @@ def _quadratic_unless_poisoned(run: TrialRun) -> float:
     """:func:`quadratic`; the trial whose x is ``settings.poison_x`` SIGKILLs its process after epoch 1."""
     import signal as signal_module
 
+    if run.config.get("always_raises"):
+        raise ValueError("the objective is broken")
     if _poisoned(run):
         run.report(1, {"loss": 100.0})
         os.kill(os.getpid(), signal_module.SIGKILL)
