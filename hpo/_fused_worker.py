@@ -185,10 +185,9 @@ class FusedGroups:
         if isinstance(prepared, _Outcome):
             self._end(claim, prepared, results)
             return False
-        claim.trial, claim.job = prepared
+        claim.trial, claim.job = prepared.trial, prepared.job
         claim.alone = self._config(claim)
-        storage = _optuna.study_storage(self.worker.study)
-        why = storage.get_trial_system_attrs(claim.trial_id).get(RETRY_ALONE_ATTR)  # cached: no query
+        why = prepared.system_attrs.get(RETRY_ALONE_ATTR)
         if why is not None:
             claim.alone = f"a retry after {why}"
         return True

@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 import optuna
 from optuna.storages import BaseStorage
@@ -288,6 +288,15 @@ class Interrupts:
     def sleep(self, seconds: float) -> None:
         self.wake.wait(seconds)
         self.check()
+
+
+class Prepared(NamedTuple):
+    """A claimed trial ready to train: its Optuna trial, its job, and its system attributes as read
+    while preparing it (unfinished trials are not in Optuna's cache: read once)."""
+
+    trial: optuna.Trial
+    job: TrialJob
+    system_attrs: dict[str, Any]
 
 
 class TrainerDied(Exception):
@@ -792,9 +801,9 @@ class Worker:
 
     def _prepare_and_supervise(self, trial_id: int, number: int) -> _Outcome:
         prepared = self.prepare(trial_id, number)
-        return prepared if isinstance(prepared, _Outcome) else self.supervise(*prepared)
+        return prepared if isinstance(prepared, _Outcome) else self.supervise(prepared.trial, prepared.job)
 
-    def prepare(self, trial_id: int, number: int) -> _Outcome | tuple[optuna.Trial, TrialJob]:
+    def prepare(self, trial_id: int, number: int) -> _Outcome | Prepared:
         """The claimed trial's parameters (asked of the sampler) and its job; an outcome when
         preparing it failed (recorded)."""
         storage = _optuna.study_storage(self.study)
@@ -830,7 +839,7 @@ class Worker:
             prunes=not isinstance(self.study.pruner, optuna.pruners.NopPruner),
             objective_path=self.objective_path,
         )
-        return trial, job
+        return Prepared(trial, job, system_attrs)
 
     def supervise(self, trial: optuna.Trial, job: TrialJob) -> _Outcome:
         trial_id = _optuna.trial_id(trial)
