@@ -16,16 +16,20 @@ import subprocess
 import time
 from collections import Counter
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import optuna
 import pytest
 import sqlalchemy
 from background import Output
-from conftest import cli_env, run_cli, start_cli, study_if_created
+from conftest import cli_env, require_real, run_cli, start_cli, study_if_created
 from optuna.trial import TrialState
 from studyfiles import quadratic_study
 
 from hpo._rdb import RETRY_OF_ATTR
+
+if TYPE_CHECKING:
+    from pg_server import PgServer
 
 pytestmark = pytest.mark.slow
 # Dead workers are found after 8 s: quick, yet a live worker on a loaded 2-core machine (SQLite
@@ -278,20 +282,24 @@ def test_an_interrupted_create_study_is_completed_by_a_rerun(tmp_path: Path, sql
     assert len(optuna.load_study(study_name="quad", storage=sqlite_url).get_trials()) == 400
 
 
-def test_workers_outlive_a_postgresql_restart_and_a_20s_outage(tmp_path: Path) -> None:
+def own_postgres() -> PgServer:
+    """A PostgreSQL server of the test's own, to restart (tests/support/pg_server.py); where none
+    can be started the test skips with the reason, and fails in CI."""
     from pg_server import PgServer, missing_reason
 
     reason = missing_reason()
     if reason is not None:
-        from conftest import require_real
-
         require_real(reason)
+    return PgServer()
+
+
+def test_workers_outlive_a_postgresql_restart_and_a_20s_outage(tmp_path: Path) -> None:
     counts = tmp_path / "counts"
     path = quadratic_study(
         tmp_path, n_trials=24, epochs=5, sleep=0.3, objective="hpo_test_objectives:counted", sampler="random"
     )
     env = cli_env({"HPO_TEST_COUNTS": str(counts)})
-    with PgServer() as pg:
+    with own_postgres() as pg:
         assert run_cli(["create-study", str(path), "--storage", pg.url]).returncode == 0
         # grace 60 s: the 20 s outage must not make the trials in hand look dead
         args = ["worker", "--study-name", "quad", "--storage", pg.url, "--no-progress"]
@@ -326,13 +334,6 @@ def test_fused_workers_claiming_ahead_outlive_a_postgresql_restart_and_a_20s_out
     # group's last epoch and holds the current group's results until that group is sent. The
     # database restarts right after a group's results are told (the next claims come a second
     # later) and then goes away for 20 s mid-group: every trial still trains once and completes.
-    from pg_server import PgServer, missing_reason
-
-    reason = missing_reason()
-    if reason is not None:
-        from conftest import require_real
-
-        require_real(reason)
     counts = tmp_path / "counts"
     path = quadratic_study(
         tmp_path,
@@ -343,7 +344,7 @@ def test_fused_workers_claiming_ahead_outlive_a_postgresql_restart_and_a_20s_out
         sampler="random",
     )
     env = cli_env({"HPO_TEST_COUNTS": str(counts), "OMP_NUM_THREADS": "1"})
-    with PgServer() as pg:
+    with own_postgres() as pg:
         assert run_cli(["create-study", str(path), "--storage", pg.url]).returncode == 0
         args = ["worker", "--study-name", "quad", "--storage", pg.url, "--no-progress", "--fuse", "4"]
         args += ["--heartbeat-interval", "2", "--grace-period", "60", "--storage-patience", "120"]
