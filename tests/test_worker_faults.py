@@ -293,6 +293,31 @@ def own_postgres() -> PgServer:
     return PgServer()
 
 
+def through_a_restart_and_an_outage(
+    pg: PgServer, args: list[str], env: dict[str, str], *, workers: int, mid_work: str
+) -> list[Output]:
+    """Start ``workers`` workers (``hpo ARGS``); once the first has finished a trial, restart the
+    database (1.5 s down); once it prints ``mid_work`` again, take the database away for 20 s; let
+    every worker finish (each one's exit status in ``proc.returncode``)."""
+    procs = [start_cli(args, env=env) for _ in range(workers)]
+    outputs = [Output(p) for p in procs]
+    try:
+        outputs[0].wait_for(r"trial \d+ COMPLETE", timeout=180)
+        pg.restart(down_for=1.5)  # a quick restart ...
+        outputs[0].wait_for(mid_work, timeout=180)
+        time.sleep(1.0)
+        pg.stop()  # ... and a 20 s outage, mid-training
+        time.sleep(20)
+        pg.start()
+        for out in outputs:
+            out.finish(timeout=600)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+    return outputs
+
+
 def test_workers_outlive_a_postgresql_restart_and_a_20s_outage(tmp_path: Path) -> None:
     counts = tmp_path / "counts"
     path = quadratic_study(
@@ -304,21 +329,8 @@ def test_workers_outlive_a_postgresql_restart_and_a_20s_outage(tmp_path: Path) -
         # grace 60 s: the 20 s outage must not make the trials in hand look dead
         args = ["worker", "--study-name", "quad", "--storage", pg.url, "--no-progress"]
         args += ["--heartbeat-interval", "2", "--grace-period", "60", "--storage-patience", "120"]
-        workers = [start_cli(args, env=env) for _ in range(3)]
-        outputs = [Output(w) for w in workers]
-        try:
-            outputs[0].wait_for(r"trial \d+ COMPLETE", timeout=180)
-            pg.restart(down_for=1.5)  # a quick restart ...
-            outputs[0].wait_for(r"trial \d+ COMPLETE", timeout=180)
-            time.sleep(1.0)
-            pg.stop()  # ... and a 20 s outage, mid-trial
-            time.sleep(20)
-            pg.start()
-            codes = [out.finish(timeout=600) for out in outputs]
-        finally:
-            for worker in workers:
-                if worker.poll() is None:
-                    worker.kill()
+        outputs = through_a_restart_and_an_outage(pg, args, env, workers=3, mid_work=r"trial \d+ COMPLETE")
+        codes = [out.proc.returncode for out in outputs]
         assert codes == [0, 0, 0], "\n----\n".join(out.text for out in outputs)
         text = "\n".join(out.text for out in outputs)
         assert "unreachable" in text and "reachable again" in text, text
@@ -348,21 +360,10 @@ def test_fused_workers_claiming_ahead_outlive_a_postgresql_restart_and_a_20s_out
         assert run_cli(["create-study", str(path), "--storage", pg.url]).returncode == 0
         args = ["worker", "--study-name", "quad", "--storage", pg.url, "--no-progress", "--fuse", "4"]
         args += ["--heartbeat-interval", "2", "--grace-period", "60", "--storage-patience", "120"]
-        workers = [start_cli(args, env=env) for _ in range(2)]
-        outputs = [Output(w) for w in workers]
-        try:
-            outputs[0].wait_for(r"trial \d+ COMPLETE", timeout=180)
-            pg.restart(down_for=1.5)
-            outputs[0].wait_for(r"train as one fused group", timeout=180)
-            time.sleep(1.0)
-            pg.stop()
-            time.sleep(20)
-            pg.start()
-            codes = [out.finish(timeout=600) for out in outputs]
-        finally:
-            for worker in workers:
-                if worker.poll() is None:
-                    worker.kill()
+        outputs = through_a_restart_and_an_outage(
+            pg, args, env, workers=2, mid_work="train as one fused group"
+        )
+        codes = [out.proc.returncode for out in outputs]
         text = "\n----\n".join(out.text for out in outputs)
         assert codes == [0, 0], text
         assert "unreachable" in text and "reachable again" in text, text
