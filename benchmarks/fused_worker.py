@@ -1,7 +1,7 @@
 """Trials per hour of ``hpo worker --fuse K`` against ``hpo worker``, on the digits quickstart MLP,
 report 000's MLP (``--model r000-mlp``), a grid shaped like report 002's (``--model digits-grid``),
-a tiny ResNet-18 (``--model resnet18``) or report 004's frozen-convolution AlexNet
-(``--model alexnet-features``, ``alexnet-features-augment``).
+a tiny ResNet-18 (``--model resnet18``), AlexNet trained from scratch (``--model alexnet``) or
+report 004's frozen-convolution AlexNet (``--model alexnet-features``, ``alexnet-features-augment``).
 
 Both workers are real CLI processes on their own SQLite study (same file, same trials: a random
 search over the learning rate, weight decay and the schedule, which all fuse), run one after
@@ -26,6 +26,9 @@ rows (``make_celeba``; 60% train, 20% validation), fused by ``objectives/vision/
 ``--model resnet18``: SGD (momentum 0.9), ``transfer: scratch``, batch 16, on a synthetic
 ImageFolder tree (``tests/support/synthetic_data.py``: 4 classes x 16 solid-colour images,
 ``--image-size`` px, a quarter held out), fused by ``objectives/vision/_fused_cnn.py``.
+
+``--model alexnet``: report 004's AlexNet learning-rate and weight-decay searches in small: every
+layer trains (``transfer: scratch``), SGD with momentum 0.9, batch 16, 63 px.
 
 ``--model alexnet-features``: AlexNet with frozen convolutions (``transfer: features``, random
 weights: no download), SGD over learning rate, weight decay and momentum, batch 16, on the same
@@ -165,6 +168,9 @@ def span(url: str, name: str) -> tuple[int, float]:
 
 CNN_SETTINGS = {
     "resnet18": "model: resnet18, optimizer: sgd, batch_size: 16, scheduler: step",
+    # Report 004's AlexNet learning-rate / weight-decay searches, every layer trained (no download).
+    "alexnet": "model: alexnet, transfer: scratch, optimizer: sgd, momentum: 0.9, batch_size: 16, "
+    "scheduler: step",
     "alexnet-features": "model: alexnet, transfer: features, pretrained: false, optimizer: sgd, "
     "momentum: 0.9, batch_size: 16, scheduler: step",
 }
@@ -232,6 +238,7 @@ def main() -> None:
             ratios.append(rates["fused"][-1] / rates["unfused"][-1])
     what = {
         "resnet18": f"resnet18 ({args.image_size} px, 48 training images, batch 16",
+        "alexnet": f"alexnet from scratch ({args.image_size} px, 48 training images, batch 16",
         "alexnet-features": (
             f"frozen-conv alexnet, cached features ({args.image_size} px, 48 training images, batch 16"
         ),

@@ -1,6 +1,7 @@
 """Fused CNN trials (objectives/vision/_fused_cnn.py through _fused_mlp.train_fused): K torchvision
-CNN trials that differ only in optimizer/schedule hyperparameters, trained as one vmapped model,
-give each trial the metrics, value and checkpoint of its unfused run (objectives.vision.train).
+CNN trials that differ only in optimizer/schedule hyperparameters, trained as one group (the
+members in turn on the shared batches, each on its own leaves of the stacked parameters), give
+each trial the metrics, value and checkpoint of its unfused run (objectives.vision.train).
 
 Tolerances. The ResNet-18 comparisons run the whole objective in float64 (the ``float64`` fixture
 casts the built models and the input batches), where fused and unfused runs' weights, batch-norm
@@ -32,6 +33,7 @@ from conftest import cli_env, run_cli, write_study
 from synthetic_data import make_caltech101, make_imagefolder, make_voc
 from test_fused_trials import WorkerKilled, checkpoint, make_run
 
+from hpo._fused import Stack
 from hpo.spec import StudySpec, parse_study
 from objectives.vision._fused_mlp import train_fused, why_not_fusable
 from objectives.vision.train import ImageClassifierConfig
@@ -374,6 +376,105 @@ def test_members_with_different_frozen_statistics_each_get_their_own_prefix_outp
     out, per_member = weights(x)
     assert per_member
     torch.testing.assert_close(out[1], changed(x), rtol=0, atol=0)
+
+
+def small_cnn(seed: int) -> torch.nn.Module:
+    """Convolution, batch norm, dropout and a linear layer: each part the two forward passes treat
+    differently (grouped convolutions, per-member statistics, one shared mask, batched matmuls)."""
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3),
+        torch.nn.BatchNorm2d(4),
+        torch.nn.ReLU(),
+        torch.nn.Dropout(0.5),
+        torch.nn.Flatten(),
+        torch.nn.Linear(4 * 6 * 6, 5),
+    ).double()
+
+
+def one_fused_step(
+    members: list[torch.nn.Module], x: torch.Tensor, in_turn: bool
+) -> tuple[Stack, torch.Tensor]:
+    """One training step of the members as a fused group (SGD, each its own learning rate), with
+    the in-turn or the vmapped forward pass, from RNG seed 3; the stack and the logits."""
+    from objectives.vision._fused_cnn import in_turn_forward, stacked_forward
+
+    optimizers = [
+        torch.optim.SGD(m.parameters(), lr=0.1 * (k + 1), momentum=0.9) for k, m in enumerate(members)
+    ]
+    stack = Stack(members, optimizers)
+    torch.manual_seed(3)
+    if in_turn:
+        logits = in_turn_forward(members[0], stack.member_params(), x, training=True)
+    else:
+        logits = stacked_forward(members[0], stack.params, stack.buffers, x, training=True)
+    logits.pow(2).mean(dim=(1, 2)).sum().backward()
+    stack.step()
+    return stack, logits
+
+
+def test_members_run_in_turn_compute_their_unfused_steps_as_the_vmapped_forward_does() -> None:
+    """The CPU's in-turn forward pass (each member on its own leaves, sharing the stacks' storage)
+    gives each member its unfused step: logits, dropout mask, batch-norm statistics, gradient and
+    update; and the same as the vmapped pass, which it replaces on the CPU."""
+    x = torch.randn(8, 3, 8, 8, dtype=torch.float64)
+    unfused = [small_cnn(seed).train() for seed in range(3)]
+    unfused_optimizers, unfused_logits = [], []
+    for k, model in enumerate(unfused):  # each member alone, from the batch's RNG state
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1 * (k + 1), momentum=0.9)
+        torch.manual_seed(3)
+        logits = model(x)
+        logits.pow(2).mean().backward()
+        optimizer.step()
+        unfused_optimizers.append(optimizer)
+        unfused_logits.append(logits.detach())
+    after_one_step = torch.get_rng_state()
+    for in_turn in (True, False):
+        members = [small_cnn(seed).train() for seed in range(3)]
+        stack, logits = one_fused_step(members, x, in_turn)
+        assert torch.equal(torch.get_rng_state(), after_one_step)  # the next batch draws as unfused
+        torch.testing.assert_close(logits.detach(), torch.stack(unfused_logits), rtol=1e-10, atol=1e-12)
+        assert all(param.grad is None for param in stack.params.values())
+        stack.write_back()
+        for model, alone in zip(members, unfused, strict=True):  # weights and batch-norm statistics
+            for (name, got), expected in zip(
+                model.state_dict().items(), alone.state_dict().values(), strict=True
+            ):
+                torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12, msg=name)
+        for optimizer, alone_optimizer in zip(stack.optimizers, unfused_optimizers, strict=True):
+            buffers = [optimizer.state[p]["momentum_buffer"] for p in optimizer.param_groups[0]["params"]]
+            expected = [
+                alone_optimizer.state[p]["momentum_buffer"] for p in alone_optimizer.param_groups[0]["params"]
+            ]
+            torch.testing.assert_close(buffers, expected, rtol=1e-10, atol=1e-12)
+    assert not torch.equal(unfused_logits[0], unfused_logits[1])  # members with their own weights
+
+
+def test_a_stack_run_in_turn_keeps_stepping_its_members_over_batches_and_epochs() -> None:
+    """The members' leaves stay the stacks' storage across steps: two steps in turn equal two
+    unfused steps, and the members' gradients are cleared after each step."""
+    x = torch.randn(8, 3, 8, 8, dtype=torch.float64)
+    members = [small_cnn(seed).train() for seed in range(2)]
+    unfused = [small_cnn(seed).train() for seed in range(2)]
+    stack, _ = one_fused_step(members, x, in_turn=True)
+    from objectives.vision._fused_cnn import in_turn_forward
+
+    torch.manual_seed(4)
+    in_turn_forward(members[0], stack.member_params(), 2 * x, training=True).pow(2).mean(
+        dim=(1, 2)
+    ).sum().backward()
+    stack.step()
+    assert all(leaf.grad is None for params, _ in stack.member_params() for leaf in params.values())
+    stack.write_back()
+    for k, model in enumerate(unfused):
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1 * (k + 1), momentum=0.9)
+        for seed, batch in ((3, x), (4, 2 * x)):
+            torch.manual_seed(seed)
+            model(batch).pow(2).mean().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        for got, expected in zip(members[k].state_dict().values(), model.state_dict().values(), strict=True):
+            torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
 
 
 class PruneTrial(optuna.pruners.BasePruner):

@@ -1,29 +1,34 @@
-"""Batched forward pass of the torchvision CNNs of ``image_classifier`` for fused trials (``hpo worker
+"""Forward pass of the torchvision CNNs of ``image_classifier`` for fused trials (``hpo worker
 --fuse K``, see :mod:`hpo._fused` and :mod:`objectives.vision._fused_mlp`, whose trainer runs it).
 
 K members of one architecture (resnet18, resnet50, alexnet, vgg16, efficientnet_b0, resnet18_mlp
 with ``transfer: scratch`` or ``finetune``, and with ``transfer: features``, whose frozen prefix
-runs once for the group: :mod:`objectives.vision._fused_frozen`) run as one: ``torch.func.vmap`` over
-``torch.func.functional_call`` of one member's module with the stacked ``(K, ...)`` parameters and
-buffers of :class:`hpo._fused.Stack` and the shared input batch (``in_dims=(0, 0, None)``). What
-each member sees is its own:
+runs once for the group: :mod:`objectives.vision._fused_frozen`) run on the group's shared batch,
+each with its parameters and buffers from the stacks of :class:`hpo._fused.Stack`, in one of two
+ways:
 
-* outputs and gradients: vmap batches the convolutions and matmuls over the members' weights;
-* batch norm: each member normalises with its own batch statistics, and in training mode its
-  running statistics (and ``num_batches_tracked``) are updated in place in the stacked buffers,
-  as ``nn.BatchNorm2d`` updates the unfused member's;
-* dropout (AlexNet/VGG's classifier, the head's ``dropout``) and EfficientNet's stochastic depth:
-  ``randomness="same"`` draws one mask of the unfused member's shape from the global RNG, which
-  is every member's unfused mask on the CPU (same study seed, same RNG consumption). CUDA's
-  dropout is a fused kernel that draws differently, so fusing is CPU-only (``why_not_fusable``).
+* :func:`in_turn_forward`, what the fused trainer runs (on the CPU): ``torch.func.functional_call``
+  of one member's module with each member's own leaves (views of the stacks), one member after
+  another. Each member computes exactly its unfused step, and draws its dropout and
+  stochastic-depth masks from the RNG state the batch started with, as its unfused run does.
+  The group shares the batches, their augmentation (applied once per batch, its generator seeded
+  from the study seed and the epoch as every member's unfused run seeds it), the data and the
+  process;
+* :func:`stacked_forward`: ``torch.func.vmap`` over ``functional_call`` with the stacked
+  parameters (``in_dims=(0, 0, None)``, ``randomness="same"``: one mask of the unfused member's
+  shape, every member's unfused mask on the CPU), so convolutions become grouped ones and matmuls
+  batched ones. On a CPU those train slower than K plain ones, so the trainer runs members in
+  turn there; on a GPU, where batching would pay, fused CNNs are refused (CUDA draws dropout
+  masks with fused kernels that one shared batched draw does not match; not built or measured:
+  no GPU was lent). Kept, and tested to agree with the in-turn pass, for that case.
 
-Augmentation is applied once per batch by the trainer and shared (its generator is seeded from
-the study seed and the epoch, as every member's unfused run seeds it).
+Either way each member's outputs, gradients and batch-norm statistics (updated in place in the
+stacked buffers, ``num_batches_tracked`` included) are its own.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -46,11 +51,11 @@ def stacked_forward(
     per_member: bool = False,
 ) -> torch.Tensor:
     """The K members' logits (K, B, C) for a shared batch ``x`` (B, ...), or with ``per_member``
-    each member's own batch ``x`` (K, B, ...); ``model`` is one member (the architecture, in the
-    mode the trainer set: ``training`` must agree with it), ``params`` / ``buffers`` the stacked
-    ones by name. Buffers are updated in place (batch norm in training)."""
-    if model.training != training:
-        raise ValueError(f"the reference model is in {'training' if model.training else 'eval'} mode")
+    each member's own batch ``x`` (K, B, ...), as one batched model (vmap); ``model`` is one
+    member (the architecture, in the mode the trainer set: ``training`` must agree with it),
+    ``params`` / ``buffers`` the stacked ones by name. Buffers are updated in place (batch norm
+    in training). The fused trainer runs :func:`in_turn_forward` on the CPU instead."""
+    _check_mode(model, training)
 
     def one(p: dict[str, torch.Tensor], b: dict[str, torch.Tensor], inp: torch.Tensor) -> torch.Tensor:
         out: torch.Tensor = functional_call(model, (p, b), (inp,))
@@ -59,6 +64,40 @@ def stacked_forward(
     batched = vmap(one, in_dims=(0, 0, 0 if per_member else None), randomness="same")
     logits: torch.Tensor = batched(dict(params), dict(buffers), x)
     return logits
+
+
+def in_turn_forward(
+    model: nn.Module,
+    members: Sequence[tuple[Mapping[str, torch.Tensor], Mapping[str, torch.Tensor]]],
+    x: torch.Tensor,
+    training: bool,
+    per_member: bool = False,
+) -> torch.Tensor:
+    """What :func:`stacked_forward` returns, computed one member after another: ``members`` are
+    each member's parameters and buffers (:meth:`hpo._fused.Stack.member_params`, views of the
+    stacks). Each member draws its dropout and stochastic-depth masks from the RNG state the
+    batch started with, so from the state its unfused run has there, and the RNG ends where one
+    unfused step leaves it.
+
+    Why on the CPU: there vmap turns a convolution over K members' weights into a grouped
+    convolution, whose backward pass is slower than K plain ones (ResNet-18 at 32 px, K=4:
+    1.4-1.6x; AlexNet's 9216 x 4096 classifier as batched matmuls: 2.4x; ``benchmarks/fused_worker.py``
+    measured whole fused trials at 0.86x of unfused ones). Run in turn, each member computes what
+    its unfused step computes, and the group still shares its batches, their augmentation and
+    one process."""
+    _check_mode(model, training)
+    rng = torch.get_rng_state()
+    logits = []
+    for k, (params, buffers) in enumerate(members):
+        torch.set_rng_state(rng)
+        inp = x[k] if per_member else x
+        logits.append(functional_call(model, (dict(params), dict(buffers)), (inp,)))
+    return torch.stack(logits)
+
+
+def _check_mode(model: nn.Module, training: bool) -> None:
+    if model.training != training:
+        raise ValueError(f"the reference model is in {'training' if model.training else 'eval'} mode")
 
 
 def why_not_fusable_cnn(config: Mapping[str, Any], device: str) -> str | None:

@@ -11,10 +11,10 @@ head's dropout mask is drawn once per batch, as the unfused member draws it (CPU
 :func:`train_fused` is the fused trainer of ``image_classifier`` (CPU): of report 000's attribute
 MLP (``model: attribute_mlp``, and ``model: mlp``, the same network on flattened pixels, with the
 forward pass above) and of the torchvision CNNs with every
-parameter trainable (``transfer: scratch`` or ``finetune``, with
-:func:`objectives.vision._fused_cnn.stacked_forward`) or a frozen backbone (``transfer: features``:
+parameter trainable (``transfer: scratch`` or ``finetune``, the members in turn:
+:func:`objectives.vision._fused_cnn.in_turn_forward`) or a frozen backbone (``transfer: features``:
 the frozen part runs once for the group, :mod:`objectives.vision._fused_frozen`; the trainable rest
-through :func:`hpo._fused.layers_forward`, the MLP forward pass above or ``stacked_forward``).
+through :func:`hpo._fused.layers_forward`, the MLP forward pass above or ``in_turn_forward``).
 Each member is set up as :func:`objectives.vision.train.train` sets the unfused trial up, and
 each epoch replays its training loop (seeded order, augmentation and dropout, batch-norm batches, the loss,
 ``train_loss``/``train_acc``, the schedule) and evaluation (``val_loss``/``val_acc``/``val_top5``
@@ -44,7 +44,7 @@ from hpo._fused import (
 )
 from hpo.objective import TrialRun
 from hpo.training import build_scheduler, epoch_seed, load_checkpoint, seed_everything
-from objectives.vision._fused_cnn import stacked_forward, why_not_fusable_cnn
+from objectives.vision._fused_cnn import in_turn_forward, stacked_forward, why_not_fusable_cnn
 from objectives.vision._fused_frozen import FrozenPrefix, head_layers, share_frozen_prefix
 from objectives.vision._inputs import (
     Inputs,
@@ -242,7 +242,7 @@ def _member(run: TrialRun) -> tuple[Member, Any]:
 def train_fused(runs: Sequence[TrialRun], on_leave: Callable[[Member], None] | None = None) -> list[Member]:
     """Train image-classifier trials that differ only in ``ATTRIBUTE_MLP_MAY_DIFFER`` as one group:
     report 000's attribute MLP (:func:`residual_mlp_forward`) or a torchvision CNN
-    (:func:`objectives.vision._fused_cnn.stacked_forward`). Each epoch replays the unfused loop
+    (:func:`objectives.vision._fused_cnn.in_turn_forward`). Each epoch replays the unfused loop
     (``objectives.vision.train``: seeded order, augmentation and dropout, the loss, ``train_loss`` /
     ``train_acc``, the schedule, the evaluation in ``eval_batch_size`` batches, ``lr``) for all
     members at once; each member's loss is its own mean loss, summed over members."""
@@ -311,6 +311,8 @@ def train_fused(runs: Sequence[TrialRun], on_leave: Callable[[Member], None] | N
             return residual_mlp_forward(model, stack.params, stack.buffers, x, training, per_member)
         if linear_rest is not None:
             return layers_forward(linear_rest, stack.params, x, training)
+        if on.device.type == "cpu":  # vmapped convolutions are slower there than K plain ones
+            return in_turn_forward(model, stack.member_params(), x, training, per_member)
         return stacked_forward(model, stack.params, stack.buffers, x, training, per_member)
 
     def train_epoch(stack: Stack, epoch: int) -> list[float]:
