@@ -161,7 +161,8 @@ class StackedOptimizer:
 
     The state lives in stacks while the group trains; :meth:`import_from` and :meth:`export_to`
     move it from and to the members' optimizers in torch's ``state`` format, so the members'
-    checkpoints are the unfused ones.
+    checkpoints are the unfused ones. Or, after :meth:`use_own`, each member's own parameters and
+    its optimizer's own state tensors are stepped in place (members trained in turn).
     """
 
     def __init__(self, optimizers: Sequence[torch.optim.Optimizer], names: Sequence[str]) -> None:
@@ -187,6 +188,8 @@ class StackedOptimizer:
         self._params: list[list[torch.Tensor]] = []
         self._state: list[dict[str, list[torch.Tensor]]] = []
         self._steps: list[list[torch.Tensor]] = []
+        self.own = False  # use_own: the members' own parameters and optimizer state, no stacks
+        self._new_state: list[dict[int, dict[str, torch.Tensor]]] = []  # use_own: made, not yet stored
 
     def _groups(self) -> list[dict[str, Any]]:
         return [opt.param_groups[0] for opt in self.optimizers]
@@ -223,12 +226,53 @@ class StackedOptimizer:
         self._state = [{key: [self.state[n][key][k] for n in self.names] for key in keys} for k in members]
         self._steps = [list(self.steps[k].unbind()) for k in members]
 
+    def use_own(self, params: Sequence[Sequence[torch.Tensor]]) -> None:
+        """Step each member's own parameters (``params[k]``, in the order of ``names``) with the
+        state in its own optimizer (torch's format, where :meth:`import_from` stacks it): nothing
+        to stack, export or copy back. A member's missing state (its first step) is made here and
+        put in its optimizer's ``state`` by its first :meth:`step`, where torch's optimizer puts
+        it."""
+        self.own = True
+        self.params = {}
+        self._params = [list(member) for member in params]
+        self._new_state = [{} for _ in self.optimizers]
+        self._state, self._steps, self.fresh = [], [], []
+        for k, opt in enumerate(self.optimizers):
+            if self.kind is not torch.optim.SGD:
+                keys = ["exp_avg", "exp_avg_sq"]
+            else:  # torch's SGD keeps no state without momentum (AlexNet: 0.2 GB a member)
+                keys = ["momentum_buffer"] if float(opt.param_groups[0]["momentum"]) != 0 else []
+            member: dict[str, list[torch.Tensor]] = {key: [] for key in keys}
+            steps: list[torch.Tensor] = []
+            fresh = False
+            for param in self._params[k]:
+                state = opt.state.get(param, {})
+                new: dict[str, torch.Tensor] = {}  # in torch's order: step, exp_avg, exp_avg_sq
+                if self.kind is not torch.optim.SGD:
+                    step = state.get("step")
+                    if not isinstance(step, torch.Tensor) or step.dtype != torch.float32:
+                        step = new["step"] = torch.tensor(float(step or 0.0), dtype=torch.float32)
+                    steps.append(step)
+                for key in keys:
+                    value = state.get(key)
+                    if value is None:
+                        value = new[key] = torch.zeros_like(param, memory_format=torch.preserve_format)
+                        fresh = True
+                    member[key].append(value)
+                if new:
+                    self._new_state[k][id(param)] = new
+            self._state.append(member)
+            self._steps.append(steps)
+            self.fresh.append(fresh)
+
     def export_to(self) -> None:
         """Write the stacked state back into each member's optimizer, in torch's format.
 
         Into the member's own state tensors where it has them (every epoch after its first): a
         copy, where new tensors would be an allocation, page faults included, of the whole
         optimizer state of every member at every epoch (AlexNet's classifier: 0.2 GB a member)."""
+        if self.own:
+            return  # stepped in place (use_own)
         for k, opt in enumerate(self.optimizers):
             for index, name in enumerate(self.names):
                 param = opt.param_groups[0]["params"][index]
@@ -247,9 +291,11 @@ class StackedOptimizer:
     @torch.no_grad()
     def step(self, member_grads: Sequence[Sequence[torch.Tensor | None]] | None = None) -> None:
         """One step of every member, from the gradients of the stacked parameters, or from
-        ``member_grads``: each member's gradients, in the order of ``names`` (a forward pass that
-        ran the members in turn, :meth:`Stack.member_params`)."""
+        ``member_grads``: each member's gradients, in the order of ``names``, which
+        :meth:`use_own` needs (the members' own modules, run in turn: :class:`Stack`)."""
         if member_grads is None:
+            if self.own:
+                raise ValueError("a stacked optimizer over the members' own parameters needs their gradients")
             stacked = []
             for name in self.names:
                 grad = self.params[name].grad
@@ -259,8 +305,12 @@ class StackedOptimizer:
             member_grads = [[grad[k] for grad in stacked] for k in range(len(self.optimizers))]
         if len(member_grads) != len(self.optimizers):
             raise ValueError(f"{len(member_grads)} members' gradients for {len(self.optimizers)} members")
-        if self.kind is not torch.optim.SGD:
-            self.steps.add_(1)  # as torch's fused Adam counts before its kernel
+        if self.kind is not torch.optim.SGD:  # as torch's fused Adam counts before its kernel
+            if self.own:
+                for steps in self._steps:
+                    torch._foreach_add_(steps, 1.0)
+            else:
+                self.steps.add_(1)
         for k, group in enumerate(self._groups()):
             member_params = self._params[k]
             grads = _all_given(member_grads[k], self.names)
@@ -281,6 +331,7 @@ class StackedOptimizer:
                 )
                 if momentum != 0:
                     self.fresh[k] = False
+                self._store_new(k)
                 continue
             decoupled = self.kind is torch.optim.AdamW or bool(group.get("decoupled_weight_decay"))
             kernel = torch._fused_adamw_ if decoupled else torch._fused_adam_
@@ -300,6 +351,19 @@ class StackedOptimizer:
                 amsgrad=False,
                 maximize=False,
             )
+            self._store_new(k)
+
+    def _store_new(self, k: int) -> None:
+        """After member ``k``'s first step over its own parameters, its optimizer holds the state
+        that step made (as torch's optimizer would have after it)."""
+        if not self.own or not self._new_state[k]:
+            return
+        opt = self.optimizers[k]
+        for param in self._params[k]:
+            new = self._new_state[k].get(id(param))
+            if new is not None:
+                opt.state[param].update(new)
+        self._new_state[k] = {}
 
 
 def _all_given(grads: Sequence[torch.Tensor | None], names: Sequence[str]) -> list[torch.Tensor]:
@@ -377,16 +441,23 @@ class Stack:
     Built from the members' models and optimizers at the start of an epoch, written back at its
     end: between epochs the members' own modules and optimizers hold everything, so members can
     leave and join freely.
+
+    ``in_turn``: for a forward pass that runs each member's own module one after another
+    (:func:`objectives.vision._fused_cnn.in_turn_forward`), nothing is stacked (``params`` and
+    ``buffers`` stay empty): :meth:`step` updates each member's own parameters and optimizer
+    state in place (:meth:`StackedOptimizer.use_own`), and :meth:`write_back` has nothing to do.
+    Why not autograd through slices of stacked parameters there: every member's backward pass
+    would build a (K, ...) gradient, a copy of all K members' gradients per step (AlexNet on a
+    CPU: 2.7x slower than K unfused steps); and stacking copies every parameter and optimizer
+    state in and out at every epoch.
     """
 
     models: list[nn.Module]
     optimizers: list[torch.optim.Optimizer]
     params: dict[str, torch.Tensor] = field(default_factory=dict)
     buffers: dict[str, torch.Tensor] = field(default_factory=dict)
+    in_turn: bool = False
     optimizer: StackedOptimizer = field(init=False)
-    _members: list[tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]] | None = field(
-        default=None, init=False, repr=False
-    )
 
     def __post_init__(self) -> None:
         params = [dict(model.named_parameters()) for model in self.models]
@@ -399,12 +470,15 @@ class Stack:
             held = [id(p) for group in opt.param_groups for p in group["params"]]
             if held != [id(p) for p in model_params.values()]:
                 raise ValueError("a fused member's optimizer must hold its model's parameters, in order")
+        self.optimizer = StackedOptimizer(self.optimizers, names)
+        if self.in_turn:  # nothing stacked: each member trains its own module
+            self.optimizer.use_own([list(p.values()) for p in params])
+            return
         with torch.no_grad():
             for name in names:
                 self.params[name] = torch.stack([p[name].detach() for p in params]).requires_grad_(True)
             for name in buffers[0]:
                 self.buffers[name] = torch.stack([b[name] for b in buffers])
-        self.optimizer = StackedOptimizer(self.optimizers, names)
         self.optimizer.import_from(self.params)
 
     @property
@@ -416,44 +490,24 @@ class Stack:
         """One member's model: the architecture a batched forward pass walks."""
         return self.models[0]
 
-    def member_params(self) -> list[tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]]:
-        """Each member's parameters and buffers by name, for a forward pass that runs the members
-        in turn: its slices of the stacks, sharing their storage (so :meth:`step` and batch
-        norm's in-place updates of the stacks are the members' own), the parameters as leaf
-        tensors of their own. A member's gradients land on its own leaves, and :meth:`step`
-        reads them there. Why not autograd through slices of the stacked parameters: every
-        member's backward pass would then build a (K, ...) gradient, a copy of all K members'
-        gradients per step (AlexNet on a CPU: 2.7x slower than K unfused steps)."""
-        if self._members is None:
-            with torch.no_grad():
-                self._members = [
-                    (
-                        {name: p[k].detach().requires_grad_(True) for name, p in self.params.items()},
-                        {name: b[k] for name, b in self.buffers.items()},
-                    )
-                    for k in range(self.size)
-                ]
-        return self._members
-
     def step(self) -> None:
-        """Step every member from its gradients: on the stacked parameters, or on its own leaves
-        (:meth:`member_params`) where the forward pass ran the members in turn."""
-        in_turn = self._members is not None and any(
-            leaf.grad is not None for params, _ in self._members for leaf in params.values()
-        )
-        if self._members is not None and in_turn:
-            names = self.optimizer.names
-            self.optimizer.step([[params[name].grad for name in names] for params, _ in self._members])
-            for params, _ in self._members:
-                for leaf in params.values():
-                    leaf.grad = None
-        else:
-            self.optimizer.step()
-        for param in self.params.values():
-            param.grad = None
+        """Step every member from its gradients: on the stacked parameters, or (``in_turn``) on
+        its own module's."""
+        if self.in_turn:
+            grads = [[p.grad for p in model.parameters()] for model in self.models]
+            self.optimizer.step(grads)
+            for model in self.models:
+                for param in model.parameters():
+                    param.grad = None
+            return
+        self.optimizer.step()
+        for stacked in self.params.values():
+            stacked.grad = None
 
     @torch.no_grad()
     def write_back(self) -> None:
+        if self.in_turn:
+            return  # the members' own modules and optimizers were trained
         for k, model in enumerate(self.models):
             for name, param in model.named_parameters():
                 param.copy_(self.params[name][k])
@@ -470,7 +524,12 @@ OnLeave = Callable[[Member], None]
 
 
 def train_group(
-    members: Sequence[Member], train_epoch: TrainEpoch, evaluate: Evaluate, on_leave: OnLeave | None = None
+    members: Sequence[Member],
+    train_epoch: TrainEpoch,
+    evaluate: Evaluate,
+    on_leave: OnLeave | None = None,
+    *,
+    in_turn: bool = False,
 ) -> None:
     """Train the members together, each reporting, checkpointing and leaving as it would alone.
 
@@ -478,7 +537,8 @@ def train_group(
     the unfused loop does) and returns each member's training loss; ``evaluate(stack)`` returns
     each member's validation metrics. Each member ends with ``value`` or ``error`` set, and
     ``on_leave(member)`` is called the moment it does (the worker tells that trial's result
-    then, not when the group ends).
+    then, not when the group ends). ``in_turn``: the trainer's forward pass runs each member's own
+    module (:class:`Stack` ``in_turn``), so nothing is stacked.
 
     Each member checkpoints on its own schedule (``checkpoint_every``, and at its last epoch),
     in a background thread while the next epoch trains if :func:`writes_in_background`; a
@@ -496,7 +556,7 @@ def train_group(
         while any(not m.done for m in members):
             active = [m for m in members if not m.done and m.next_epoch == epoch]
             if active:
-                stack = _train_epoch(active, epoch, train_epoch, evaluate, leave, writer, stack)
+                stack = _train_epoch(active, epoch, train_epoch, evaluate, leave, writer, stack, in_turn)
             epoch += 1
 
 
@@ -516,6 +576,7 @@ def _train_epoch(
     leave: OnLeave,
     writer: CheckpointWriter,
     previous: Stack | None,
+    in_turn: bool,
 ) -> Stack:
     """One epoch of the active members; returns their stack, which the next epoch reuses when the
     same members train it (after ``write_back`` the stack and the members hold the same values, so
@@ -526,7 +587,7 @@ def _train_epoch(
     if previous is not None and same and all(a is b for a, b in zip(previous.models, modules, strict=True)):
         stack = previous
     else:
-        stack = Stack(modules, [m.optimizer for m in active])
+        stack = Stack(modules, [m.optimizer for m in active], in_turn=in_turn)
     train_losses = train_epoch(stack, epoch)
     stack.write_back()
     with warnings.catch_warnings():

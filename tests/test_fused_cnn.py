@@ -402,10 +402,10 @@ def one_fused_step(
     optimizers = [
         torch.optim.SGD(m.parameters(), lr=0.1 * (k + 1), momentum=0.9) for k, m in enumerate(members)
     ]
-    stack = Stack(members, optimizers)
+    stack = Stack(members, optimizers, in_turn=in_turn)
     torch.manual_seed(3)
     if in_turn:
-        logits = in_turn_forward(members[0], stack.member_params(), x, training=True)
+        logits = in_turn_forward(stack.models, x, training=True)
     else:
         logits = stacked_forward(members[0], stack.params, stack.buffers, x, training=True)
     logits.pow(2).mean(dim=(1, 2)).sum().backward()
@@ -414,8 +414,8 @@ def one_fused_step(
 
 
 def test_members_run_in_turn_compute_their_unfused_steps_as_the_vmapped_forward_does() -> None:
-    """The CPU's in-turn forward pass (each member on its own leaves, sharing the stacks' storage)
-    gives each member its unfused step: logits, dropout mask, batch-norm statistics, gradient and
+    """The CPU's in-turn forward pass (each member's own module, stepped in place) gives each
+    member its unfused step: logits, dropout mask, batch-norm statistics, gradient and
     update; and the same as the vmapped pass, which it replaces on the CPU."""
     x = torch.randn(8, 3, 8, 8, dtype=torch.float64)
     unfused = [small_cnn(seed).train() for seed in range(3)]
@@ -435,6 +435,8 @@ def test_members_run_in_turn_compute_their_unfused_steps_as_the_vmapped_forward_
         assert torch.equal(torch.get_rng_state(), after_one_step)  # the next batch draws as unfused
         torch.testing.assert_close(logits.detach(), torch.stack(unfused_logits), rtol=1e-10, atol=1e-12)
         assert all(param.grad is None for param in stack.params.values())
+        assert all(param.grad is None for model in members for param in model.parameters())
+        assert bool(stack.params) != in_turn  # in turn, nothing is stacked
         stack.write_back()
         for model, alone in zip(members, unfused, strict=True):  # weights and batch-norm statistics
             for (name, got), expected in zip(
@@ -450,9 +452,9 @@ def test_members_run_in_turn_compute_their_unfused_steps_as_the_vmapped_forward_
     assert not torch.equal(unfused_logits[0], unfused_logits[1])  # members with their own weights
 
 
-def test_a_stack_run_in_turn_keeps_stepping_its_members_over_batches_and_epochs() -> None:
-    """The members' leaves stay the stacks' storage across steps: two steps in turn equal two
-    unfused steps, and the members' gradients are cleared after each step."""
+def test_a_stack_run_in_turn_keeps_stepping_its_members_over_batches() -> None:
+    """Two steps in turn equal two unfused steps (the members' momentum carried in their own
+    optimizers), and the members' gradients are cleared after each step."""
     x = torch.randn(8, 3, 8, 8, dtype=torch.float64)
     members = [small_cnn(seed).train() for seed in range(2)]
     unfused = [small_cnn(seed).train() for seed in range(2)]
@@ -460,12 +462,9 @@ def test_a_stack_run_in_turn_keeps_stepping_its_members_over_batches_and_epochs(
     from objectives.vision._fused_cnn import in_turn_forward
 
     torch.manual_seed(4)
-    in_turn_forward(members[0], stack.member_params(), 2 * x, training=True).pow(2).mean(
-        dim=(1, 2)
-    ).sum().backward()
+    in_turn_forward(stack.models, 2 * x, training=True).pow(2).mean(dim=(1, 2)).sum().backward()
     stack.step()
-    assert all(leaf.grad is None for params, _ in stack.member_params() for leaf in params.values())
-    stack.write_back()
+    assert all(param.grad is None for model in members for param in model.parameters())
     for k, model in enumerate(unfused):
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1 * (k + 1), momentum=0.9)
         for seed, batch in ((3, x), (4, 2 * x)):

@@ -287,6 +287,61 @@ def test_stacked_optimizer_steps_as_torch_does() -> None:
                     torch.testing.assert_close(state[index][key], value, atol=1e-6, rtol=0)
 
 
+def test_stacked_optimizer_over_the_members_own_parameters_steps_as_torch_does() -> None:
+    """``use_own`` (members trained in turn): each member's own parameters and its optimizer's own
+    state are stepped in place, from its own gradients, as torch's optimizer steps them: the state
+    appears in torch's format after the first step (none for SGD without momentum), and a
+    member's existing state (a resumed checkpoint) is the one updated."""
+    for name in ("sgd", "adam", "adamw"):
+        torch.manual_seed(0)
+        own = [[torch.randn(5, 4, requires_grad=True), torch.randn(5, requires_grad=True)] for _ in MEMBERS]
+        copies = [[t.detach().clone().requires_grad_(True) for t in params] for params in own]
+        opts, refs = [], []
+        for params, copy, cfg in zip(own, copies, MEMBERS, strict=True):
+            args = (cfg["lr"], cfg["weight_decay"], cfg["momentum"], True)
+            opts.append(build_optimizer(name, params, *args))
+            refs.append(build_optimizer(name, copy, *args))
+        # the last member resumes: two steps' state already in its optimizer, as a checkpoint loads it
+        for _ in range(2):
+            for params, ref in ((own[-1], opts[-1]), (copies[-1], refs[-1])):
+                for tensor in params:
+                    tensor.grad = torch.ones_like(tensor)
+                ref.step()
+        held = {
+            id(t): t
+            for state in opts[-1].state.values()
+            for t in state.values()
+            if isinstance(t, torch.Tensor)
+        }
+        fused = StackedOptimizer(opts, ["w", "b"])
+        fused.use_own(own)
+        for step in range(3):
+            grads = [[torch.randn_like(t) for t in params] for params in own]
+            fused.step(grads)
+            for copy, ref, member_grads in zip(copies, refs, grads, strict=True):
+                for tensor, grad in zip(copy, member_grads, strict=True):
+                    tensor.grad = grad.clone()
+                ref.step()
+            for k, ref in enumerate(refs):
+                state, expected = opts[k].state_dict()["state"], ref.state_dict()["state"]
+                assert state.keys() == expected.keys(), (name, k, step)
+                for index in expected:
+                    assert state[index].keys() == expected[index].keys(), (name, k)
+                    for key, value in expected[index].items():
+                        torch.testing.assert_close(state[index][key], value, atol=1e-6, rtol=0)
+                for tensor, reference in zip(own[k], copies[k], strict=True):
+                    torch.testing.assert_close(tensor.detach(), reference.detach(), atol=1e-6, rtol=0)
+        if name == "sgd":  # the member without momentum keeps no state, as torch's SGD
+            assert MEMBERS[1]["momentum"] == 0 and not opts[1].state
+        resumed = [
+            t for state in opts[-1].state.values() for t in state.values() if isinstance(t, torch.Tensor)
+        ]
+        assert resumed and all(id(t) in held for t in resumed)  # updated in place, not replaced
+        fused.export_to()  # nothing to copy back: the members' state is already their own
+        with pytest.raises(ValueError, match="gradients"):
+            fused.step()
+
+
 def test_exported_optimizer_state_is_the_members_own_and_stays_as_exported() -> None:
     """Each export writes the stacks' state into the members' optimizers as copies (into the
     tensors they already hold, from the second export on): a later stacked step never changes

@@ -4,16 +4,14 @@
 K members of one architecture (resnet18, resnet50, alexnet, vgg16, efficientnet_b0, resnet18_mlp
 with ``transfer: scratch`` or ``finetune``, and with ``transfer: features``, whose frozen prefix
 runs once for the group: :mod:`objectives.vision._fused_frozen`) run on the group's shared batch,
-each with its parameters and buffers from the stacks of :class:`hpo._fused.Stack`, in one of two
-ways:
+in one of two ways:
 
-* :func:`in_turn_forward`, what the fused trainer runs (on the CPU): ``torch.func.functional_call``
-  of one member's module with each member's own leaves (views of the stacks), one member after
-  another. Each member computes exactly its unfused step, and draws its dropout and
-  stochastic-depth masks from the RNG state the batch started with, as its unfused run does.
-  The group shares the batches, their augmentation (applied once per batch, its generator seeded
-  from the study seed and the epoch as every member's unfused run seeds it), the data and the
-  process;
+* :func:`in_turn_forward`, what the fused trainer runs (on the CPU): each member's own module,
+  one member after another (nothing stacked). Each member computes exactly its unfused step,
+  and draws its dropout and stochastic-depth masks from the RNG state the batch started with,
+  as its unfused run does. The group shares the batches, their augmentation (applied once per
+  batch, its generator seeded from the study seed and the epoch as every member's unfused run
+  seeds it), the data and the process;
 * :func:`stacked_forward`: ``torch.func.vmap`` over ``functional_call`` with the stacked
   parameters (``in_dims=(0, 0, None)``, ``randomness="same"``: one mask of the unfused member's
   shape, every member's unfused mask on the CPU), so convolutions become grouped ones and matmuls
@@ -22,8 +20,8 @@ ways:
   masks with fused kernels that one shared batched draw does not match; not built or measured:
   no GPU was lent). Kept, and tested to agree with the in-turn pass, for that case.
 
-Either way each member's outputs, gradients and batch-norm statistics (updated in place in the
-stacked buffers, ``num_batches_tracked`` included) are its own.
+Either way each member's outputs, gradients and batch-norm statistics (``num_batches_tracked``
+included) are its own.
 """
 
 from __future__ import annotations
@@ -67,17 +65,13 @@ def stacked_forward(
 
 
 def in_turn_forward(
-    model: nn.Module,
-    members: Sequence[tuple[Mapping[str, torch.Tensor], Mapping[str, torch.Tensor]]],
-    x: torch.Tensor,
-    training: bool,
-    per_member: bool = False,
+    models: Sequence[nn.Module], x: torch.Tensor, training: bool, per_member: bool = False
 ) -> torch.Tensor:
-    """What :func:`stacked_forward` returns, computed one member after another: ``members`` are
-    each member's parameters and buffers (:meth:`hpo._fused.Stack.member_params`, views of the
-    stacks). Each member draws its dropout and stochastic-depth masks from the RNG state the
-    batch started with, so from the state its unfused run has there, and the RNG ends where one
-    unfused step leaves it.
+    """What :func:`stacked_forward` returns, computed by each member's own module (``models``,
+    in the mode the trainer set), one after another: each draws its dropout and
+    stochastic-depth masks from the RNG state the batch started with, so from the state its
+    unfused run has there, and the RNG ends where one unfused step leaves it. The members'
+    gradients land on their own parameters (:class:`hpo._fused.Stack` with ``in_turn``).
 
     Why on the CPU: there vmap turns a convolution over K members' weights into a grouped
     convolution, whose backward pass is slower than K plain ones (ResNet-18 at 32 px, K=4:
@@ -85,13 +79,12 @@ def in_turn_forward(
     measured whole fused trials at 0.86x of unfused ones). Run in turn, each member computes what
     its unfused step computes, and the group still shares its batches, their augmentation and
     one process."""
-    _check_mode(model, training)
     rng = torch.get_rng_state()
     logits = []
-    for k, (params, buffers) in enumerate(members):
+    for k, model in enumerate(models):
+        _check_mode(model, training)
         torch.set_rng_state(rng)
-        inp = x[k] if per_member else x
-        logits.append(functional_call(model, (dict(params), dict(buffers)), (inp,)))
+        logits.append(model(x[k] if per_member else x))
     return torch.stack(logits)
 
 

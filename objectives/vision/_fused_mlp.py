@@ -11,7 +11,7 @@ head's dropout mask is drawn once per batch, as the unfused member draws it (CPU
 :func:`train_fused` is the fused trainer of ``image_classifier`` (CPU): of report 000's attribute
 MLP (``model: attribute_mlp``, and ``model: mlp``, the same network on flattened pixels, with the
 forward pass above) and of the torchvision CNNs with every
-parameter trainable (``transfer: scratch`` or ``finetune``, the members in turn:
+parameter trainable (``transfer: scratch`` or ``finetune``, each member's own module in turn:
 :func:`objectives.vision._fused_cnn.in_turn_forward`) or a frozen backbone (``transfer: features``:
 the frozen part runs once for the group, :mod:`objectives.vision._fused_frozen`; the trainable rest
 through :func:`hpo._fused.layers_forward`, the MLP forward pass above or ``in_turn_forward``).
@@ -285,6 +285,9 @@ def train_fused(runs: Sequence[TrialRun], on_leave: Callable[[Member], None] | N
     rest = members[0].trained
     mlp_rest = frozen is not None and isinstance(rest, ImageClassifier) and _is_residual_mlp(rest)
     linear_rest = head_layers(rest) if frozen is not None and not mlp_rest else None
+    # CNNs on the CPU: each member's own module in turn (vmapped convolutions are slower there
+    # than K plain ones); the MLP forward passes are batched matmuls, which pay.
+    in_turn = on.device.type == "cpu" and not (cfg.model in MLP_MODELS or mlp_rest or linear_rest is not None)
     whole = {id(m.trained): m.model for m in members}  # the trained module -> the member's whole model
     pending: dict[int, dict[str, float]] = {}  # each model's train_acc and lr, until evaluated
 
@@ -311,8 +314,8 @@ def train_fused(runs: Sequence[TrialRun], on_leave: Callable[[Member], None] | N
             return residual_mlp_forward(model, stack.params, stack.buffers, x, training, per_member)
         if linear_rest is not None:
             return layers_forward(linear_rest, stack.params, x, training)
-        if on.device.type == "cpu":  # vmapped convolutions are slower there than K plain ones
-            return in_turn_forward(model, stack.member_params(), x, training, per_member)
+        if in_turn:
+            return in_turn_forward(stack.models, x, training, per_member)
         return stacked_forward(model, stack.params, stack.buffers, x, training, per_member)
 
     def train_epoch(stack: Stack, epoch: int) -> list[float]:
@@ -368,5 +371,5 @@ def train_fused(runs: Sequence[TrialRun], on_leave: Callable[[Member], None] | N
             out.append(metrics | pending.pop(id(m)))
         return out
 
-    train_group(members, train_epoch, evaluate, on_leave)
+    train_group(members, train_epoch, evaluate, on_leave, in_turn=in_turn)
     return members
