@@ -319,6 +319,37 @@ def test_a_killed_frozen_encoder_group_resumes_from_its_members_checkpoints(
             torch.testing.assert_close(tensor, right["model"][key], atol=TOL64, rtol=RTOL64, msg=key)
 
 
+@pytest.mark.usefixtures("float64")
+def test_a_killed_resnet18_group_trained_in_turn_resumes_each_member_from_its_own_state(
+    colours: Path, tmp_path: Path
+) -> None:
+    """Members trained in turn keep their weights and momentum in their own modules and optimizers
+    (nothing stacked): killed at epoch 2 (member 1's report kills the worker), each member's
+    epoch-1 checkpoint holds its own state, and the retried group, stepping the resumed optimizer
+    state in place, ends as the uninterrupted unfused runs (metrics, weights, batch-norm
+    statistics, momentum buffers)."""
+    data = {"format": "imagefolder", "root": str(colours), "image_size": 32, "val_fraction": 0.25}
+    spec = make_spec(data, {"model": "resnet18", "batch_size": 6}, epochs=3)
+    members = SGD_MEMBERS[:2]  # both with momentum: the resumed state is stepped
+    study = optuna.create_study()
+    alone = [make_run(study, spec, p, tmp_path / f"alone{i}") for i, p in enumerate(members)]
+    for run in alone:
+        train_alone(run)
+    crashing = [
+        make_run(study, spec, p, tmp_path / f"trial{i}", crash_after=2 if i == 1 else None)
+        for i, p in enumerate(members)
+    ]
+    with pytest.raises(WorkerKilled):
+        train_fused(crashing)
+    assert [checkpoint(tmp_path / f"trial{i}")["epoch"] for i in range(2)] == [1, 1]
+    assert all(checkpoint(tmp_path / f"trial{i}")["optimizer"]["state"] for i in range(2))
+    retry = train_fused([make_run(study, spec, p, tmp_path / f"trial{i}") for i, p in enumerate(members)])
+    for i, (member, run) in enumerate(zip(retry, alone, strict=True)):
+        resumed = study._storage.get_trial(member.run.trial._trial_id).user_attrs["resumed_from_epoch"]
+        assert resumed == 1 and member.epochs_trained == 2 and member.error is None
+        assert_equal_runs(member, run, tmp_path / f"trial{i}", tmp_path / f"alone{i}", SINGLE_LABEL)
+
+
 def test_members_with_different_frozen_statistics_each_get_their_own_prefix_output() -> None:
     """A member that joined from another checkpoint may hold other batch-norm statistics in its
     frozen prefix: it gets its own prefix's output, drawn from the same RNG state (the dropout
