@@ -35,7 +35,9 @@ weights: no download), SGD over learning rate, weight decay and momentum, batch 
 synthetic tree at 63 px (AlexNet's minimum): both workers train the classifier on cached features
 (one computation per worker). ``alexnet-features-augment`` adds ``augment: flip_jitter``: no
 cache, so the unfused trial runs the convolutions every batch and the fused group once per batch
-for all its members (``objectives/vision/_fused_frozen.py``). ``resnet18-features-augment``: a
+for all its members (``objectives/vision/_fused_frozen.py``). ``alexnet-fc-frozen``: report 004's
+``transfer: classifier`` (hidden FC layers frozen between the trained convolutions and the new last
+layer; each member runs its own in turn). ``resnet18-features-augment``: a
 frozen ResNet-18 (batch norm adapting, ``frozen_mode: train``), augmented, only the new last layer
 trains: report 004's frozen ResNet-50 BOHB study in small.
 
@@ -175,6 +177,12 @@ CNN_SETTINGS = {
     "momentum: 0.9, batch_size: 16, scheduler: step",
 }
 CNN_SETTINGS["alexnet-features-augment"] = CNN_SETTINGS["alexnet-features"] + ", augment: flip_jitter"
+# Report 004's "all FC frozen except FC[6]" (studies/r004_caltech_fc_frozen_sgd.yaml): the
+# convolutions and the new last layer train, the hidden FC layers between them are frozen.
+CNN_SETTINGS["alexnet-fc-frozen"] = (
+    "model: alexnet, transfer: classifier, pretrained: false, optimizer: sgd, momentum: 0.9, "
+    "batch_size: 16, scheduler: step"
+)
 # Report 004's ResNet-50 BOHB study shape (studies/r004_caltech_resnet50_bohb_features.yaml): a frozen
 # ResNet whose batch norm adapts (frozen_mode: train), augmented, only the new last layer trains.
 CNN_SETTINGS["resnet18-features-augment"] = (
@@ -244,6 +252,9 @@ def main() -> None:
         ),
         "alexnet-features-augment": (
             f"frozen-conv alexnet, augmented ({args.image_size} px, 48 training images, batch 16"
+        ),
+        "alexnet-fc-frozen": (
+            f"alexnet, hidden FC layers frozen ({args.image_size} px, 48 training images, batch 16"
         ),
         "resnet18-features-augment": (
             f"frozen resnet18, augmented ({args.image_size} px, 48 training images, batch 16"

@@ -446,10 +446,11 @@ class Stack:
     (:func:`objectives.vision._fused_cnn.in_turn_forward`), nothing is stacked (``params`` and
     ``buffers`` stay empty): :meth:`step` updates each member's own parameters and optimizer
     state in place (:meth:`StackedOptimizer.use_own`), and :meth:`write_back` has nothing to do.
-    Why not autograd through slices of stacked parameters there: every member's backward pass
-    would build a (K, ...) gradient, a copy of all K members' gradients per step (AlexNet on a
-    CPU: 2.7x slower than K unfused steps); and stacking copies every parameter and optimizer
-    state in and out at every epoch.
+    Only the trainable parameters (``requires_grad``) are stepped, so a member may hold frozen
+    layers between trainable ones. Why not autograd through slices of stacked parameters there:
+    every member's backward pass would build a (K, ...) gradient, a copy of all K members'
+    gradients per step (AlexNet on a CPU: 2.7x slower than K unfused steps); and stacking copies
+    every parameter and optimizer state in and out at every epoch.
     """
 
     models: list[nn.Module]
@@ -460,7 +461,10 @@ class Stack:
     optimizer: StackedOptimizer = field(init=False)
 
     def __post_init__(self) -> None:
-        params = [dict(model.named_parameters()) for model in self.models]
+        # In turn, a member's frozen parameters (requires_grad=False: AlexNet/VGG's hidden FC
+        # layers under transfer: classifier) run in its own forward pass and are not stepped;
+        # stacked, every parameter is a stacked leaf, so every one must be trained.
+        params = [_parameters(model, trainable_only=self.in_turn) for model in self.models]
         buffers = [dict(model.named_buffers()) for model in self.models]
         names = list(params[0])
         if any(list(p) != names for p in params) or any(list(b) != list(buffers[0]) for b in buffers):
@@ -494,10 +498,10 @@ class Stack:
         """Step every member from its gradients: on the stacked parameters, or (``in_turn``) on
         its own module's."""
         if self.in_turn:
-            grads = [[p.grad for p in model.parameters()] for model in self.models]
-            self.optimizer.step(grads)
-            for model in self.models:
-                for param in model.parameters():
+            own = [list(_parameters(model, trainable_only=True).values()) for model in self.models]
+            self.optimizer.step([[p.grad for p in params] for params in own])
+            for params in own:
+                for param in params:
                     param.grad = None
             return
         self.optimizer.step()
@@ -514,6 +518,13 @@ class Stack:
             for name, buffer in model.named_buffers():
                 buffer.copy_(self.buffers[name][k])
         self.optimizer.export_to()
+
+
+def _parameters(model: nn.Module, *, trainable_only: bool) -> dict[str, torch.Tensor]:
+    """The model's parameters by name, in order; with ``trainable_only`` those with requires_grad."""
+    return {
+        name: param for name, param in model.named_parameters() if param.requires_grad or not trainable_only
+    }
 
 
 TrainEpoch = Callable[[Stack, int], list[float]]

@@ -2,9 +2,10 @@
 --fuse K``, see :mod:`hpo._fused` and :mod:`objectives.vision._fused_mlp`, whose trainer runs it).
 
 K members of one architecture (resnet18, resnet50, alexnet, vgg16, efficientnet_b0, resnet18_mlp
-with ``transfer: scratch`` or ``finetune``, and with ``transfer: features``, whose frozen prefix
-runs once for the group: :mod:`objectives.vision._fused_frozen`) run on the group's shared batch,
-in one of two ways:
+with ``transfer: scratch`` or ``finetune``; with ``transfer: features``, whose frozen prefix
+runs once for the group: :mod:`objectives.vision._fused_frozen`; AlexNet and VGG16 with
+``transfer: classifier`` or ``classifier_all``, whose frozen FC layers each member runs in its own
+forward pass) run on the group's shared batch, in one of two ways:
 
 * :func:`in_turn_forward`, what the fused trainer runs (on the CPU): each member's own module,
   one member after another (nothing stacked). Each member computes exactly its unfused step,
@@ -34,10 +35,12 @@ from torch import nn
 from torch.func import functional_call, vmap
 
 # The models whose trials fuse with this forward pass, and the transfer modes: every parameter
-# trains, or (features) a frozen prefix shared by the members runs once and the rest is stacked.
-# classifier / classifier_all freeze layers between trainable ones, which the stack cannot skip.
+# trains; or (features) a frozen prefix shared by the members runs once, and the rest trains; or
+# (classifier / classifier_all) frozen FC layers sit between or after trainable ones: run in turn,
+# each member's own module runs them and only its trainable parameters are stepped
+# (hpo._fused.Stack), which stacked_forward's stacked leaves cannot leave out.
 FUSABLE_CNNS = ("resnet18", "resnet50", "alexnet", "vgg16", "efficientnet_b0", "resnet18_mlp")
-FUSABLE_TRANSFER = ("scratch", "finetune", "features")
+FUSABLE_TRANSFER = ("scratch", "finetune", "features", "classifier", "classifier_all")
 
 
 def stacked_forward(
@@ -100,11 +103,7 @@ def why_not_fusable_cnn(config: Mapping[str, Any], device: str) -> str | None:
     if model not in FUSABLE_CNNS:
         return f"model {model} has no fused trainer (mlp, attribute_mlp and {', '.join(FUSABLE_CNNS)} do)"
     if config.get("transfer") not in FUSABLE_TRANSFER:
-        return (
-            f"transfer {config.get('transfer')} freezes layers of {model} between trainable ones, "
-            "which a fused group cannot leave out of its stacked parameters; scratch, finetune and "
-            "features fuse"
-        )
+        return f"transfer {config.get('transfer')} cannot be fused ({', '.join(FUSABLE_TRANSFER)} can)"
     if not device.startswith("cpu"):
         return (
             f"fused {model} trials run on the CPU only: CUDA draws dropout and stochastic-depth masks "

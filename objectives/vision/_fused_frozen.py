@@ -4,7 +4,8 @@ Members of a fused group share their data, seed, model and pretrained weights, s
 prefix (AlexNet/VGG's convolutional part, a whole ResNet/EfficientNet, ``resnet18_mlp``'s encoder:
 :func:`objectives.vision.features.frozen_split`) is the same function for all of them. Only the
 trainable rest (a :class:`~objectives.vision.features.CachedHead` of each member's model, sharing
-its parameters) is stacked and vmapped; the prefix is not run K times:
+its parameters) trains per member (each member's own in turn, or report 000's MLP batched:
+:mod:`objectives.vision._fused_mlp`); the prefix is not run K times:
 
 * **cached**: when the unfused trial would use the frozen-feature cache (no augmentation, a
   deterministic prefix, ``feature_cache: auto`` for every member) the group trains on the cached
@@ -32,7 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from hpo._fused import LAYERS_FORWARD, Member
+from hpo._fused import Member
 from objectives.vision._inputs import Inputs
 from objectives.vision.augment import Augmentation
 from objectives.vision.features import CachedHead, frozen_split, use_feature_cache
@@ -117,25 +118,6 @@ class FrozenPrefix:
                 mine, theirs = self._prefixes[k].buffers(), self._prefixes[j].buffers()
                 for buffer, updated in zip(mine, theirs, strict=True):
                     buffer.copy_(updated)
-
-
-def head_layers(net: nn.Module) -> list[tuple[str, nn.Module]] | None:
-    """The trainable rest as a chain of Linear, ReLU and Dropout layers (AlexNet/VGG's classifier
-    and the head, a ResNet's head), by qualified name, or None when it is something else.
-
-    :func:`hpo._fused.layers_forward` runs such a chain as one wide matmul on the shared input and
-    batched matmuls after it; vmap's batched linear layers train several times slower on a CPU
-    (measured on AlexNet's 9216 x 4096 classifier: the backward pass took most of the step).
-    """
-    layers: list[tuple[str, nn.Module]] = []
-    for part in ("backbone", "trunk", "head"):
-        module = getattr(net, part)
-        children = list(module.named_children()) if isinstance(module, nn.Sequential) else [("", module)]
-        for name, child in children:
-            if not isinstance(child, LAYERS_FORWARD):
-                return None
-            layers.append((f"{part}.{name}" if name else part, child))
-    return layers
 
 
 def share_frozen_prefix(

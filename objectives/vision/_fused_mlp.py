@@ -14,7 +14,7 @@ forward pass above) and of the torchvision CNNs with every
 parameter trainable (``transfer: scratch`` or ``finetune``, each member's own module in turn:
 :func:`objectives.vision._fused_cnn.in_turn_forward`) or a frozen backbone (``transfer: features``:
 the frozen part runs once for the group, :mod:`objectives.vision._fused_frozen`; the trainable rest
-through :func:`hpo._fused.layers_forward`, the MLP forward pass above or ``in_turn_forward``).
+through the MLP forward pass above or ``in_turn_forward``).
 Each member is set up as :func:`objectives.vision.train.train` sets the unfused trial up, and
 each epoch replays its training loop (seeded order, augmentation and dropout, batch-norm batches, the loss,
 ``train_loss``/``train_acc``, the schedule) and evaluation (``val_loss``/``val_acc``/``val_top5``
@@ -37,7 +37,6 @@ from hpo._fused import (
     Stack,
     batched_linear,
     dropout_noise,
-    layers_forward,
     shared_linear,
     train_group,
     why_not_fusable_runs,
@@ -45,7 +44,7 @@ from hpo._fused import (
 from hpo.objective import TrialRun
 from hpo.training import build_scheduler, epoch_seed, load_checkpoint, seed_everything
 from objectives.vision._fused_cnn import in_turn_forward, stacked_forward, why_not_fusable_cnn
-from objectives.vision._fused_frozen import FrozenPrefix, head_layers, share_frozen_prefix
+from objectives.vision._fused_frozen import FrozenPrefix, share_frozen_prefix
 from objectives.vision._inputs import (
     Inputs,
     held_out_inputs,
@@ -280,14 +279,15 @@ def train_fused(runs: Sequence[TrialRun], on_leave: Callable[[Member], None] | N
             batch_size=cfg.eval_batch_size,
             device=on.device,
         )
-    # The trainable rest on the frozen prefix: report 000's MLP (resnet18_mlp) or a chain of linear
-    # layers (AlexNet/VGG's classifier, a ResNet's head) run as (batched) matmuls, not through vmap.
+    # The trainable rest on the frozen prefix: report 000's MLP (resnet18_mlp) runs as batched
+    # matmuls; any other (AlexNet/VGG's classifier, a ResNet's head) as the CNNs do.
     rest = members[0].trained
     mlp_rest = frozen is not None and isinstance(rest, ImageClassifier) and _is_residual_mlp(rest)
-    linear_rest = head_layers(rest) if frozen is not None and not mlp_rest else None
     # CNNs on the CPU: each member's own module in turn (vmapped convolutions are slower there
-    # than K plain ones); the MLP forward passes are batched matmuls, which pay.
-    in_turn = on.device.type == "cpu" and not (cfg.model in MLP_MODELS or mlp_rest or linear_rest is not None)
+    # than K plain ones; so were AlexNet's classifier layers as batched matmuls: 0.80-0.91x of a
+    # plain worker, against 1.15-1.23x in turn, benchmarks/fused_worker.py); the MLP forward
+    # passes are batched matmuls, which pay.
+    in_turn = on.device.type == "cpu" and not (cfg.model in MLP_MODELS or mlp_rest)
     whole = {id(m.trained): m.model for m in members}  # the trained module -> the member's whole model
     pending: dict[int, dict[str, float]] = {}  # each model's train_acc and lr, until evaluated
 
@@ -312,8 +312,6 @@ def train_fused(runs: Sequence[TrialRun], on_leave: Callable[[Member], None] | N
             x, per_member = frozen(x)
         if cfg.model in MLP_MODELS or mlp_rest:  # model: mlp is the same network on pixels
             return residual_mlp_forward(model, stack.params, stack.buffers, x, training, per_member)
-        if linear_rest is not None:
-            return layers_forward(linear_rest, stack.params, x, training)
         if in_turn:
             return in_turn_forward(stack.models, x, training, per_member)
         return stacked_forward(model, stack.params, stack.buffers, x, training, per_member)
