@@ -1,7 +1,8 @@
 """Trials per hour of ``hpo worker --fuse K`` against ``hpo worker``, on the digits quickstart MLP,
 report 000's MLP (``--model r000-mlp``), a grid shaped like report 002's (``--model digits-grid``),
 a tiny ResNet-18 (``--model resnet18``), AlexNet trained from scratch (``--model alexnet``) or
-report 004's frozen-convolution AlexNet (``--model alexnet-features``, ``alexnet-features-augment``).
+report 004's frozen-convolution AlexNet (``--model alexnet-features``, ``alexnet-features-augment``)
+or report 003's losses (``--model r003-losses``).
 
 Both workers are real CLI processes on their own SQLite study (same file, same trials: a random
 search over the learning rate, weight decay and the schedule, which all fuse), run one after
@@ -40,6 +41,11 @@ for all its members (``objectives/vision/_fused_frozen.py``). ``alexnet-fc-froze
 layer; each member runs its own in turn). ``resnet18-features-augment``: a
 frozen ResNet-18 (batch norm adapting, ``frozen_mode: train``), augmented, only the new last layer
 trains: report 004's frozen ResNet-50 BOHB study in small.
+
+``--model r003-losses``: report 003's tuning study in small (``studies/r003_tiny_imagenet_tuning.yaml``):
+a greyscale ResNet-18 from scratch, SGD, each trial drawing its loss (cross-entropy, batch-hard
+triplet, center loss with lambda 0.1 or 1) with its learning rate, momentum and weight decay, on
+the synthetic tree at ``--image-size`` px, batch 16; members of one group differ in their loss.
 
 ``--storage URL`` runs both workers on a PostgreSQL database instead (each study under a name of
 its own), where every claim and result is a network round trip.
@@ -142,6 +148,28 @@ sampler: {sampler}
 """
 
 
+# Report 003's tuning study (studies/r003_tiny_imagenet_tuning.yaml) on the synthetic tree, greyscale.
+R003_STUDY = """
+name: {name}
+objective: image_classifier
+data: {{format: imagefolder, root: {root}, image_size: {size}, val_fraction: 0.25, channels: 1}}
+settings: {{model: resnet18, transfer: scratch, optimizer: sgd, batch_size: 16, scheduler: none,
+           triplet_margin: 0.2}}
+search_space:
+  loss:               {{type: categorical, choices: [cross_entropy, triplet, center]}}
+  center_loss_lambda: {{type: categorical, choices: [0.1, 1.0], when: {{loss: [center]}}}}
+  lr:                 {{type: float, low: 1.0e-3, high: 2.0e-1, log: true}}
+  momentum:           {{type: float, low: 0.5, high: 0.99}}
+  weight_decay:       {{type: float, low: 1.0e-5, high: 1.0e-2, log: true}}
+metric: val_top5
+direction: maximize
+n_trials: {trials}
+budget: {{max_epochs: {epochs}}}
+seed: 0
+sampler: {sampler}
+"""
+
+
 def hpo(args: list[str], env: dict[str, str]) -> tuple[float, float]:
     """Run ``hpo ARGS``; its wall seconds and CPU seconds (with its trainer process's)."""
     start, cpu = time.perf_counter(), _children_cpu()
@@ -197,7 +225,7 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=16, help="trials per study (default 16)")
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--hidden", type=int, default=128, help="hidden units (quickstart: 128)")
-    models = ["digits", "digits-grid", "r000-mlp", *CNN_SETTINGS]
+    models = ["digits", "digits-grid", "r000-mlp", "r003-losses", *CNN_SETTINGS]
     parser.add_argument("--model", choices=models, default="digits")
     parser.add_argument("--rows", type=int, default=2000, help="r000-mlp: CelebA rows (default 2000)")
     parser.add_argument("--image-size", type=int, default=32, help="resnet18: image size (default 32)")
@@ -228,7 +256,7 @@ def main() -> None:
         images = None
         if args.model.startswith("alexnet"):
             args.image_size = max(args.image_size, 63)  # AlexNet's smallest input
-        if args.model in CNN_SETTINGS:
+        if args.model in CNN_SETTINGS or args.model == "r003-losses":
             sys.path.insert(0, str(ROOT / "tests" / "support"))
             from synthetic_data import make_imagefolder
 
@@ -258,6 +286,9 @@ def main() -> None:
         ),
         "resnet18-features-augment": (
             f"frozen resnet18, augmented ({args.image_size} px, 48 training images, batch 16"
+        ),
+        "r003-losses": (
+            f"report 003's losses, greyscale resnet18 ({args.image_size} px, 48 training images, batch 16"
         ),
         "r000-mlp": f"report 000's MLP ({args.rows} synthetic CelebA rows, 60% for training, batch 16",
         "digits": f"digits MLP ({args.hidden} hidden units",
@@ -295,6 +326,15 @@ def one_worker(
     if args.model == "r000-mlp":
         study = R000_STUDY.format(
             name=name, root=images, trials=args.trials, epochs=args.epochs, sampler=args.sampler
+        )
+    elif args.model == "r003-losses":
+        study = R003_STUDY.format(
+            name=name,
+            root=images,
+            size=args.image_size,
+            trials=args.trials,
+            epochs=args.epochs,
+            sampler=args.sampler,
         )
     elif images is not None:
         study = CNN_STUDY.format(

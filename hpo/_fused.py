@@ -305,53 +305,66 @@ class StackedOptimizer:
             member_grads = [[grad[k] for grad in stacked] for k in range(len(self.optimizers))]
         if len(member_grads) != len(self.optimizers):
             raise ValueError(f"{len(member_grads)} members' gradients for {len(self.optimizers)} members")
-        if self.kind is not torch.optim.SGD:  # as torch's fused Adam counts before its kernel
-            if self.own:
-                for steps in self._steps:
-                    torch._foreach_add_(steps, 1.0)
-            else:
-                self.steps.add_(1)
-        for k, group in enumerate(self._groups()):
-            member_params = self._params[k]
-            grads = _all_given(member_grads[k], self.names)
-            if self.kind is torch.optim.SGD:
-                momentum = float(group["momentum"])
-                buffers = [] if momentum == 0 else self._state[k]["momentum_buffer"]
-                torch._fused_sgd_(
-                    member_params,
-                    grads,
-                    buffers,
-                    weight_decay=float(group["weight_decay"]),
-                    momentum=momentum,
-                    lr=float(group["lr"]),
-                    dampening=float(group["dampening"]),
-                    nesterov=bool(group["nesterov"]),
-                    maximize=False,
-                    is_first_step=momentum != 0 and self.fresh[k],  # the buffer starts as the gradient
-                )
-                if momentum != 0:
-                    self.fresh[k] = False
-                self._store_new(k)
-                continue
-            decoupled = self.kind is torch.optim.AdamW or bool(group.get("decoupled_weight_decay"))
-            kernel = torch._fused_adamw_ if decoupled else torch._fused_adam_
-            beta1, beta2 = group["betas"]
-            kernel(
+        if (
+            self.kind is not torch.optim.SGD and not self.own
+        ):  # as torch's fused Adam counts before its kernel
+            self.steps.add_(1)
+        for k, grads in enumerate(member_grads):
+            self._step_member(k, grads)
+
+    @torch.no_grad()
+    def step_own(self, k: int, grads: Sequence[torch.Tensor | None]) -> None:
+        """One step of member ``k`` alone, from its own gradients (in the order of ``names``), on
+        its own parameters (:meth:`use_own`): a member run in turn steps as soon as its backward
+        pass is done, and its gradients can be freed before the next member's forward pass."""
+        if not self.own:
+            raise ValueError("only members stepped on their own parameters (use_own) step one at a time")
+        self._step_member(k, grads)
+
+    def _step_member(self, k: int, member_grads: Sequence[torch.Tensor | None]) -> None:
+        group = self._groups()[k]
+        member_params = self._params[k]
+        grads = _all_given(member_grads, self.names)
+        if self.kind is not torch.optim.SGD and self.own:  # as torch's fused Adam counts before its kernel
+            torch._foreach_add_(self._steps[k], 1.0)
+        if self.kind is torch.optim.SGD:
+            momentum = float(group["momentum"])
+            buffers = [] if momentum == 0 else self._state[k]["momentum_buffer"]
+            torch._fused_sgd_(
                 member_params,
                 grads,
-                self._state[k]["exp_avg"],
-                self._state[k]["exp_avg_sq"],
-                [],
-                self._steps[k],
-                lr=float(group["lr"]),
-                beta1=float(beta1),
-                beta2=float(beta2),
+                buffers,
                 weight_decay=float(group["weight_decay"]),
-                eps=float(group["eps"]),
-                amsgrad=False,
+                momentum=momentum,
+                lr=float(group["lr"]),
+                dampening=float(group["dampening"]),
+                nesterov=bool(group["nesterov"]),
                 maximize=False,
+                is_first_step=momentum != 0 and self.fresh[k],  # the buffer starts as the gradient
             )
+            if momentum != 0:
+                self.fresh[k] = False
             self._store_new(k)
+            return
+        decoupled = self.kind is torch.optim.AdamW or bool(group.get("decoupled_weight_decay"))
+        kernel = torch._fused_adamw_ if decoupled else torch._fused_adam_
+        beta1, beta2 = group["betas"]
+        kernel(
+            member_params,
+            grads,
+            self._state[k]["exp_avg"],
+            self._state[k]["exp_avg_sq"],
+            [],
+            self._steps[k],
+            lr=float(group["lr"]),
+            beta1=float(beta1),
+            beta2=float(beta2),
+            weight_decay=float(group["weight_decay"]),
+            eps=float(group["eps"]),
+            amsgrad=False,
+            maximize=False,
+        )
+        self._store_new(k)
 
     def _store_new(self, k: int) -> None:
         """After member ``k``'s first step over its own parameters, its optimizer holds the state
@@ -464,10 +477,14 @@ class Stack:
         # In turn, a member's frozen parameters (requires_grad=False: AlexNet/VGG's hidden FC
         # layers under transfer: classifier) run in its own forward pass and are not stepped;
         # stacked, every parameter is a stacked leaf, so every one must be trained.
+        # Their buffers are stacked only when not in turn: in turn a member may hold buffers the
+        # others lack (report 003's center-loss centres beside cross-entropy members).
         params = [_parameters(model, trainable_only=self.in_turn) for model in self.models]
         buffers = [dict(model.named_buffers()) for model in self.models]
         names = list(params[0])
-        if any(list(p) != names for p in params) or any(list(b) != list(buffers[0]) for b in buffers):
+        if any(list(p) != names for p in params) or (
+            not self.in_turn and any(list(b) != list(buffers[0]) for b in buffers)
+        ):
             raise ValueError("fused members must have the same architecture")
         for model_params, opt in zip(params, self.optimizers, strict=True):
             # the stacked optimizer pairs the i-th stacked parameter with the optimizer's i-th one
@@ -493,6 +510,16 @@ class Stack:
     def reference(self) -> nn.Module:
         """One member's model: the architecture a batched forward pass walks."""
         return self.models[0]
+
+    def step_member(self, k: int) -> None:
+        """``in_turn``: step member ``k`` alone from its own module's gradients, and free them
+        (what its unfused step does before the next batch's backward pass)."""
+        if not self.in_turn:
+            raise ValueError("stacked members step together (step)")
+        params = list(_parameters(self.models[k], trainable_only=True).values())
+        self.optimizer.step_own(k, [p.grad for p in params])
+        for param in params:
+            param.grad = None
 
     def step(self) -> None:
         """Step every member from its gradients: on the stacked parameters, or (``in_turn``) on

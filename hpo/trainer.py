@@ -139,6 +139,42 @@ def _die_with_parent() -> None:
         libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
 
 
+# glibc's malloc (mallopt's parameters): allocations up to this size come from the heap rather
+# than each from its own mmap, and up to this much free memory at the heap's top is kept rather
+# than returned to the system. Why: by default glibc returns a freed block of more than its
+# (adaptive) mmap threshold to the system, so a training step that frees and reallocates tens of
+# megabytes of gradients and activations page-faults them back in, zeroed, at every step; with K
+# fused members' models and optimizer state around them the adaptive threshold no longer kept up
+# (K=4 ResNet-18s at 32 px on a CPU: backward passes 1.4x slower than K unfused runs'). The cost:
+# the trainer's resident memory stays at its peak (plus up to MALLOC_TRIM_BYTES free), which the
+# next batch reuses. A user's own MALLOC_*_ or GLIBC_TUNABLES settings are left as they are.
+MALLOC_MMAP_THRESHOLD_BYTES = 32 * 1024 * 1024  # glibc's maximum on 64-bit systems
+MALLOC_TRIM_BYTES = 512 * 1024 * 1024
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's <malloc.h>
+
+
+def tune_malloc() -> bool:
+    """Set this process's glibc malloc thresholds (above); False where nothing was set (not
+    glibc, or the user set their own)."""
+    own = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
+    tunables = os.environ.get("GLIBC_TUNABLES", "")
+    if (
+        not sys.platform.startswith("linux")
+        or any(name in os.environ for name in own)
+        or "malloc.mmap_threshold" in tunables
+        or "malloc.trim_threshold" in tunables
+    ):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc (musl has no mallopt thresholds)
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, MALLOC_MMAP_THRESHOLD_BYTES)) and bool(
+        mallopt(_M_TRIM_THRESHOLD, MALLOC_TRIM_BYTES)
+    )
+
+
 def _set_threads() -> None:
     threads = os.environ.get(THREADS_ENV)
     if threads:
@@ -167,6 +203,7 @@ def trainer_main(conn: Connection, parent_pid: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     _set_threads()
+    tune_malloc()
     _quiet_warnings()
     cache: dict[str, Any] = {}
     specs: dict[str, Any] = {}

@@ -197,6 +197,62 @@ def test_alexnet_with_dropout_fused_members_equal_their_unfused_runs(tmp_path: P
         )
 
 
+# Report 003's four runs (r003_tiny_imagenet_losses.yaml): cross-entropy, batch-hard triplet and
+# center loss at lambda 0.1 and 1, here with their own learning rates too (r003_tiny_imagenet_tuning)
+REPORT_003_MEMBERS: list[dict[str, Any]] = [
+    {"loss": "cross_entropy", "lr": 0.05, "momentum": 0.9},
+    {"loss": "triplet", "triplet_margin": 0.2, "lr": 0.02, "momentum": 0.9},
+    {"loss": "center", "center_loss_lambda": 0.1, "lr": 0.05, "momentum": 0.9},
+    {"loss": "center", "center_loss_lambda": 1.0, "center_alpha": 0.3, "lr": 0.01, "momentum": 0.5},
+]
+
+
+@pytest.mark.usefixtures("float64")
+@pytest.mark.parametrize("transfer", ["scratch", "features"])
+def test_report_003_losses_fused_members_equal_their_unfused_runs(
+    transfer: str, colours: Path, tmp_path: Path
+) -> None:
+    # Each member's own criterion on its own logits and embedding: the triplet member's head reads
+    # its detached embedding, the center members move their own centres (checkpointed with the
+    # model); with a frozen backbone (features, augmented: the prefix runs once per batch) only
+    # the head trains, on the prefix's output. Greyscale as in the report (channels: 1).
+    data = {
+        "format": "imagefolder",
+        "root": str(colours),
+        "image_size": 32,
+        "val_fraction": 0.25,
+        "channels": 1,
+    }
+    settings = {"model": "resnet18", "transfer": transfer, "pretrained": False, "augment": "flip_jitter"}
+    spec = make_spec(data, {**settings, "batch_size": 6}, epochs=2)
+    alone, fused = alone_and_fused(spec, REPORT_003_MEMBERS, tmp_path)
+    for i, (member, run) in enumerate(zip(fused, alone, strict=True)):
+        assert member.error is None and member.epochs_trained == 2
+        assert_equal_runs(member, run, tmp_path / f"fused{i}", tmp_path / f"alone{i}", SINGLE_LABEL)
+    for i in (2, 3):  # the center members' centres moved, each its own way
+        centres = checkpoint(tmp_path / f"fused{i}")["model"]["center_loss.centers"]
+        assert centres.abs().sum() > 0
+    centres = [checkpoint(tmp_path / f"fused{i}")["model"]["center_loss.centers"] for i in (2, 3)]
+    assert not torch.allclose(centres[0], centres[1])
+    finals = [m.run.history["train_loss"][-1] for m in fused]
+    assert len({round(v, 4) for v in finals}) == len(REPORT_003_MEMBERS)  # the members really differ
+
+
+@pytest.mark.usefixtures("float64")
+def test_pixel_mlp_with_report_003_losses_runs_its_members_in_turn_as_their_unfused_runs(
+    colours: Path, tmp_path: Path
+) -> None:
+    # report 000's MLP fuses as batched matmuls, which compute no per-member embedding loss: a
+    # group with a center or triplet member runs each member's own module in turn instead
+    data = {"format": "imagefolder", "root": str(colours), "image_size": 8, "val_fraction": 0.25}
+    settings = {"model": "mlp", "mlp_width": 16, "mlp_layers": 3, "dropout": 0.3, "batch_size": 5}
+    spec = make_spec(data, settings, epochs=2)
+    alone, fused = alone_and_fused(spec, REPORT_003_MEMBERS, tmp_path)
+    for i, (member, run) in enumerate(zip(fused, alone, strict=True)):
+        assert member.error is None and member.epochs_trained == 2
+        assert_equal_runs(member, run, tmp_path / f"fused{i}", tmp_path / f"alone{i}", SINGLE_LABEL)
+
+
 def test_multilabel_voc_resnet18_fused_members_equal_their_unfused_runs(tmp_path: Path) -> None:
     # BCE with VOC's difficult flags left out; val_map per member. float32, one epoch (see above).
     root = make_voc(tmp_path / "voc", train=12, val=6, size=32)
@@ -562,9 +618,10 @@ def test_why_not_fusable_names_the_reason_for_cnns() -> None:
     attribute_test = why_not_fusable({**base, "model": "attribute_mlp", "test_metrics": True}, "cpu")
     assert "attribute rows" in str(attribute_test)
     assert "CPU only" in str(why_not_fusable({**base, "model": "mlp"}, "cuda"))
+    for loss in ("center", "triplet"):  # report 003's losses: each member's own criterion, in turn
+        assert why_not_fusable({**base, "loss": loss}, "cpu") is None
+        assert why_not_fusable({**base, "model": "mlp", "loss": loss}, "cpu") is None
     refused = {
-        ("loss", "center"): "center",
-        ("loss", "triplet"): "triplet",
         ("compile", True): "compile",
         ("precision", "bf16"): "bf16",
         ("model", "vit_b_16"): "no fused trainer",

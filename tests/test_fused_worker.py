@@ -348,7 +348,7 @@ def test_only_samplers_that_ignore_results_claim_the_next_group_early(
 def test_a_worker_past_its_timeout_claims_no_group_ahead(tmp_path: Path, sqlite_url: str) -> None:
     # Claimed trials must run, so a worker whose --timeout has passed claims nothing ahead: it
     # ends with the group it is training (and one claimed before the deadline), not the study.
-    path = lr_study(tmp_path, "timed", "random", n_trials=80)
+    path = lr_study(tmp_path, "timed", "random", n_trials=300)
     args = [
         "worker",
         str(path),
@@ -357,10 +357,14 @@ def test_a_worker_past_its_timeout_claims_no_group_ahead(tmp_path: Path, sqlite_
     result = run_cli(args, env=ENV, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "timeout of 6s reached" in result.stdout, result.stdout
-    states = Counter(t.state for t in optuna.load_study(study_name="timed", storage=sqlite_url).get_trials())
-    # a group takes under a second here: at most the groups begun or claimed in 6 s, not all 80
-    assert 4 <= states[TrialState.COMPLETE] <= 40, result.stdout
+    trials = optuna.load_study(study_name="timed", storage=sqlite_url).get_trials()
+    states = Counter(t.state for t in trials)
+    assert states[TrialState.COMPLETE] >= 4, result.stdout
     assert set(states) == {TrialState.COMPLETE, TrialState.WAITING}, result.stdout  # none left held
+    # every trial it ran was claimed before its deadline (6 s after it started, so at most 6 s
+    # after its first claim), however many groups this machine trains in 6 s
+    starts = sorted(t.datetime_start for t in trials if t.datetime_start is not None)
+    assert (starts[-1] - starts[0]).total_seconds() <= 6.0, result.stdout
 
 
 WINDOW_LRS = [0.2, 0.1, 0.07, 0.05, 0.03, 0.02, 0.01, 0.005]

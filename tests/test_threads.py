@@ -23,11 +23,33 @@ from hpo.policy import ObjectivePolicy
 HPO = Path(sys.executable).parent / "hpo"
 
 MODEL = """
+import ctypes
 import os
 
 import torch
 
 from hpo.objective import Objective
+
+
+class MallInfo2(ctypes.Structure):  # glibc's struct mallinfo2
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+        "keepcost",
+    )]
+
+
+def big_block_mmapped():
+    # Whether glibc serves a 20 MB allocation with its own mmap (returned to the system when
+    # freed, faulted back in when allocated again) rather than from the heap.
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallinfo2.restype = MallInfo2
+    libc.malloc.restype = ctypes.c_void_p
+    libc.free.argtypes = [ctypes.c_void_p]
+    before = libc.mallinfo2().hblkhd
+    block = libc.malloc(20 * 1024 * 1024)
+    mapped = libc.mallinfo2().hblkhd - before >= 20 * 1024 * 1024
+    libc.free(block)
+    return float(mapped)
 
 
 def train(run):
@@ -37,11 +59,12 @@ def train(run):
         "torch_threads": float(torch.get_num_threads()),
         "omp": float(os.environ.get("OMP_NUM_THREADS", "0")),
         "mkl": float(os.environ.get("MKL_NUM_THREADS", "0")),
+        "big_block_mmapped": big_block_mmapped(),
     })
     return run.final_value()
 
 
-OBJECTIVE = Objective(train=train, metrics=("loss", "torch_threads", "omp", "mkl"))
+OBJECTIVE = Objective(train=train, metrics=("loss", "torch_threads", "omp", "mkl", "big_block_mmapped"))
 """
 
 STUDY = """name: threads
@@ -108,3 +131,13 @@ def test_gpu_slot_children_get_their_share(tmp_path: Path) -> None:
     args: argparse.Namespace = build_parser().parse_args(["worker", "study.yaml", "--threads", "3"])
     child = _child_args(args, "s", ObjectivePolicy.from_sources(cli_patterns=[], trusted=()))
     assert child[child.index("--threads") + 1] == "3"
+
+
+def test_the_trainer_keeps_large_blocks_on_its_heap_unless_the_user_set_malloc(tmp_path: Path) -> None:
+    # hpo.trainer.tune_malloc: a training step's tens of megabytes of gradients and activations
+    # are reused from the heap, not unmapped when freed and faulted back in at every step
+    assert _run_worker(tmp_path, "--threads", "1")["big_block_mmapped"] == 0.0
+    # glibc's own default (128 KiB, exported by the user) is theirs to keep
+    user = {"MALLOC_MMAP_THRESHOLD_": "131072"}
+    (tmp_path / "user").mkdir()
+    assert _run_worker(tmp_path / "user", "--threads", "1", env_extra=user)["big_block_mmapped"] == 1.0

@@ -185,7 +185,11 @@ def test_report_settings_are_enqueued_where_the_report_had_them() -> None:
 
 @pytest.mark.slow
 def test_report_003_grid_is_the_reports_four_runs_on_greyscale_input(
-    tmp_path: Path, sqlite_url: str, datasets: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
+    sqlite_url: str,
+    datasets: dict[str, Path],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     path = ROOT / "studies" / "r003_tiny_imagenet_losses.yaml"
     spec = load_study_file(path)
@@ -201,3 +205,17 @@ def test_report_003_grid_is_the_reports_four_runs_on_greyscale_input(
     runs = sorted((t.params["loss"], t.params.get("center_loss_lambda", 0.0)) for t in trials)
     assert runs == [("center", 0.1), ("center", 1.0), ("cross_entropy", 0.0), ("triplet", 0.0)]
     assert all(0.0 <= t.value <= 1.0 for t in trials if t.value is not None)
+    # The four runs differ only in their loss and its weight: hpo worker --fuse 4 trains them as
+    # one group (each member its own criterion and centres), each trial ending as it did alone.
+    fused_url = f"sqlite:///{tmp_path / 'fused.db'}"
+    fused_args = ["worker", str(copy), "--storage", fused_url, "--n-trials", "4", "--no-progress"]
+    capsys.readouterr()
+    assert main([*fused_args, "--fuse", "4", "--checkpoint-dir", str(tmp_path / "fused")]) == 0
+    assert "trials 0, 1, 2, 3 train as one fused group" in capsys.readouterr().out
+    fused = optuna.load_study(study_name=spec.name, storage=fused_url).get_trials()
+    assert [t.state for t in fused] == [optuna.trial.TrialState.COMPLETE] * 4
+    alone = {t.number: (t.params, t.intermediate_values) for t in trials}
+    for trial in fused:
+        params, curve = alone[trial.number]
+        assert trial.params == params
+        assert trial.intermediate_values == pytest.approx(curve, abs=1e-6)

@@ -530,11 +530,11 @@ def test_every_option_is_classified_for_fused_attribute_mlp_trials() -> None:
     assert why_not(base.model_dump(), "cpu") is None
     assert why_not({**base.model_dump(), "checkpoint_every": 3, "checkpoint_async": True}, "cpu") is None
     assert why_not({**base.model_dump(), "precision": "fp32", "compile_mode": "max-autotune"}, "cpu") is None
+    assert why_not({**base.model_dump(), "loss": "center", "center_loss_lambda": 1.0}, "cpu") is None
     refused = {
         "precision": "bf16",
         "compile": True,
         "test_metrics": True,
-        "loss": "center",
         "model": "vit_b_16",  # no such model: no fused trainer
     }
     for option, value in refused.items():

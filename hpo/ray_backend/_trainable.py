@@ -42,6 +42,7 @@ from hpo.objective import BUDGET_ATTR, TrialRun, resolve_objective
 from hpo.ray_backend._schedulers import EPOCH_KEY
 from hpo.storage import open_storage
 from hpo.studies import checkpoint_folder, load_study_spec, trial_checkpoint_dir
+from hpo.trainer import tune_malloc
 from hpo.worker import WORKER_ATTR, worker_identity
 
 # Ray trial config key holding the Optuna trial id claimed by the driver.
@@ -146,6 +147,7 @@ def _opened(url: str) -> Iterator[BaseStorage]:
 
 def run_trial(config: dict[str, Any], job: RayJob) -> None:
     """Ray Tune function trainable: train the Optuna trial named in ``config``."""
+    tune_malloc()  # as hpo's own trainer process does (Ray reuses its worker processes)
     with warnings.catch_warnings():
         # As the hpo CLI does: Optuna flags features hpo relies on (TPE's group=True) as
         # experimental. And after a restore the objective repeats the epochs since its

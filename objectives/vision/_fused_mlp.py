@@ -43,7 +43,12 @@ from hpo._fused import (
 )
 from hpo.objective import TrialRun
 from hpo.training import build_scheduler, epoch_seed, load_checkpoint, seed_everything
-from objectives.vision._fused_cnn import in_turn_forward, stacked_forward, why_not_fusable_cnn
+from objectives.vision._fused_cnn import (
+    in_turn_forward,
+    in_turn_steps,
+    stacked_forward,
+    why_not_fusable_cnn,
+)
 from objectives.vision._fused_frozen import FrozenPrefix, share_frozen_prefix
 from objectives.vision._inputs import (
     Inputs,
@@ -64,7 +69,10 @@ from objectives.vision.models import LEAKY_SLOPE, MLP_MODELS, ImageClassifier, R
 # classified here, fuses only at its default value (why_not_fusable), so it is never silently dropped.
 
 # What may differ between fused members: the optimizer's and the schedule's hyperparameters (each
-# member keeps its own optimizer and schedule), and options with no effect on a fused group:
+# member keeps its own optimizer and schedule), the loss and its weights (each member's own
+# criterion on its own logits and embedding; report 003's center loss keeps its centres in the
+# member's own model, and a group with a center or triplet member runs its members in turn), and
+# options with no effect on a fused group:
 # checkpoint_every and checkpoint_async (each member's own, honoured by hpo._fused.train_group;
 # neither changes what is trained), feature_cache (cached and recomputed features are the same run
 # within rounding; a transfer: features group uses the cache only when every member allows it),
@@ -72,18 +80,18 @@ from objectives.vision.models import LEAKY_SLOPE, MLP_MODELS, ImageClassifier, R
 # refused) and precision (bf16 is refused and fusing is CPU-only, where auto is fp32).
 ATTRIBUTE_MLP_MAY_DIFFER = frozenset(
     {"lr", "weight_decay", "momentum", "nesterov", "scheduler", "step_size", "gamma"}
+    | {"loss", "center_loss_lambda", "center_alpha", "triplet_margin"}
     | {"checkpoint_every", "checkpoint_async", "feature_cache", "compile_mode", "precision"}
 )
 # What must be equal: the architecture, the batches, the loss and the evaluation the fused trainer
 # replays for every member, and the options it only fuses at some values (why_not_fusable: model,
-# loss, compile, test_metrics, transfer) or that do not apply to the attribute MLP (pretrained,
-# encoder_checkpoint, frozen_mode, augment, the center and triplet losses' parameters), which a
-# CNN group shares (one augmented batch for all members; the same initial weights).
+# compile, test_metrics, transfer) or that do not apply to the attribute MLP (pretrained,
+# encoder_checkpoint, frozen_mode, augment), which a CNN group shares (one augmented batch for all
+# members; the same initial weights).
 ATTRIBUTE_MLP_MUST_EQUAL = frozenset(
     {"model", "mlp_width", "mlp_layers", "dropout", "target_attribute"}
-    | {"optimizer", "batch_size", "eval_batch_size", "loss", "test_metrics", "compile"}
+    | {"optimizer", "batch_size", "eval_batch_size", "test_metrics", "compile"}
     | {"transfer", "pretrained", "encoder_checkpoint", "frozen_mode", "augment"}
-    | {"center_loss_lambda", "center_alpha", "triplet_margin"}
 )
 
 
@@ -161,6 +169,13 @@ def residual_mlp_forward(
     return _linear(h, params["head.1.weight"], params["head.1.bias"]).transpose(0, 1)
 
 
+def reference_of(model: nn.Module) -> ImageClassifier:
+    """A fused member's trained module, as the image classifier it is."""
+    if not isinstance(model, ImageClassifier):
+        raise TypeError("a fused image_classifier member is an ImageClassifier")
+    return model
+
+
 def _is_residual_mlp(model: ImageClassifier) -> bool:
     return isinstance(model.backbone, nn.Identity) and isinstance(model.trunk, ResidualMLP)
 
@@ -174,8 +189,6 @@ def why_not_fusable(config: Mapping[str, Any], device: str) -> str | None:
         return why_not_fusable_cnn(config, device) or _unclassified_option(config)
     if not device.startswith("cpu"):
         return f"fused {model} trials match the unfused dropout masks on the CPU only"
-    if config.get("loss") not in ("auto", "bce", "cross_entropy"):
-        return f"loss {config.get('loss')} cannot be fused (auto, bce or cross_entropy can)"
     # test_metrics needs test images, which attribute rows are not: the trial fails alone, saying so
     if model == "attribute_mlp" and config.get("test_metrics"):
         return "test_metrics cannot be fused with attribute_mlp (attribute rows have no test images)"
@@ -264,7 +277,9 @@ def train_fused(runs: Sequence[TrialRun], on_leave: Callable[[Member], None] | N
         raise ValueError(f"these image_classifier trials cannot be fused: {reason}")
     built = [_member(run) for run in runs]
     members = [member for member, _ in built]
-    cfg, inputs, test_inputs, criterion = built[0][1]  # equal for every member: same data, seed, options
+    cfg, inputs, test_inputs, _ = built[0][1]  # equal for every member: same data, seed, options
+    # report 003's losses need each member's embedding (and its own centres): members run in turn
+    embedding_losses = any(setup[3].name in ("center", "triplet") for _, setup in built)
     on = Device.for_run(runs[0].device, cfg.precision)
     augmentation = Augmentation.preset(cfg.augment) if inputs.images else None
     frozen: FrozenPrefix | None = None  # transfer: features: the frozen prefix runs once for the group
@@ -286,16 +301,15 @@ def train_fused(runs: Sequence[TrialRun], on_leave: Callable[[Member], None] | N
     # CNNs on the CPU: each member's own module in turn (vmapped convolutions are slower there
     # than K plain ones; so were AlexNet's classifier layers as batched matmuls: 0.80-0.91x of a
     # plain worker, against 1.15-1.23x in turn, benchmarks/fused_worker.py); the MLP forward
-    # passes are batched matmuls, which pay.
-    in_turn = on.device.type == "cpu" and not (cfg.model in MLP_MODELS or mlp_rest)
+    # passes are batched matmuls, which pay, except where a member's loss needs its embedding.
+    batched_mlp = (cfg.model in MLP_MODELS or mlp_rest) and not embedding_losses
+    in_turn = on.device.type == "cpu" and not batched_mlp
     whole = {id(m.trained): m.model for m in members}  # the trained module -> the member's whole model
+    criterion_of = {id(member.trained): setup[3] for member, setup in built}  # each member's own loss
     pending: dict[int, dict[str, float]] = {}  # each model's train_acc and lr, until evaluated
 
     def reference(stack: Stack) -> ImageClassifier:
-        model = stack.reference
-        if not isinstance(model, ImageClassifier):
-            raise TypeError("a fused image_classifier member is an ImageClassifier")
-        return model
+        return reference_of(stack.reference)
 
     def set_mode(stack: Stack, training: bool) -> None:
         for m in stack.models:
@@ -310,11 +324,30 @@ def train_fused(runs: Sequence[TrialRun], on_leave: Callable[[Member], None] | N
         per_member = False
         if frozen is not None and images:
             x, per_member = frozen(x)
-        if cfg.model in MLP_MODELS or mlp_rest:  # model: mlp is the same network on pixels
+        if batched_mlp:  # model: mlp is the same network on pixels
             return residual_mlp_forward(model, stack.params, stack.buffers, x, training, per_member)
         if in_turn:
             return in_turn_forward(stack.models, x, training, per_member)
         return stacked_forward(model, stack.params, stack.buffers, x, training, per_member)
+
+    def steps_in_turn(
+        stack: Stack, x: torch.Tensor, y: torch.Tensor, ignore: torch.Tensor | None
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Each member's training step on a batch, each member's own module in turn: its own
+        criterion on its own logits and embedding (a triplet member's head on its detached
+        embedding, a center member's own centres moved as in its unfused step), its own
+        optimizer step. Each member's loss and logits."""
+        per_member = False
+        if frozen is not None and inputs.images:
+            x, per_member = frozen(x)
+        models = [reference_of(m) for m in stack.models]
+        criteria = [criterion_of[id(m)] for m in models]
+
+        def loss_of(k: int, logits: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+            return criteria[k](logits, features, y, models[k].center_loss, ignore=ignore)
+
+        detach = [c.name == "triplet" for c in criteria]
+        return in_turn_steps(models, x, loss_of, stack.step_member, detach, per_member)
 
     def train_epoch(stack: Stack, epoch: int) -> list[float]:
         set_mode(stack, True)
@@ -330,11 +363,18 @@ def train_fused(runs: Sequence[TrialRun], on_leave: Callable[[Member], None] | N
             index = order[start:stop]
             y, ignore = split_ignore(targets[index], width)
             x = _model_input(inputs.train_x[index], inputs.images, on, augmentation, generator)
-            logits = forward(stack, x, True, inputs.images)
-            # each member's own mean loss: their sum's gradient is every member's own gradient
-            losses = [criterion(logits[k], logits[k], y, None, ignore=ignore) for k in range(stack.size)]
-            torch.stack(losses).sum().backward()
-            stack.step()
+            if in_turn:
+                losses, logits = steps_in_turn(stack, x, y, ignore)
+            else:
+                stacked = forward(stack, x, True, inputs.images)
+                # each member's own mean loss: their sum's gradient is every member's own gradient
+                losses = [
+                    criterion_of[id(m)](stacked[k], stacked[k], y, None, ignore=ignore)
+                    for k, m in enumerate(stack.models)
+                ]
+                torch.stack(losses).sum().backward()
+                stack.step()
+                logits = list(stacked.unbind())
             for k, meter in enumerate(meters):
                 add_train_batch(meter, losses[k], logits[k], y, ignore, inputs.multilabel)
         if frozen is not None:
@@ -362,6 +402,7 @@ def train_fused(runs: Sequence[TrialRun], on_leave: Callable[[Member], None] | N
         test = all_logits(test_inputs) if test_inputs is not None else None
         out = []
         for k, m in enumerate(stack.models):
+            criterion = criterion_of[id(m)]
             metrics = val_sums(val[k], criterion, inputs, on).compute()
             if test is not None and test_inputs is not None:  # named as the unfused run names them
                 held_out = val_sums(test[k], criterion, test_inputs, on).compute()

@@ -52,7 +52,7 @@ class CenterLoss(nn.Module):
 
     @torch.no_grad()
     def _class_sums(self, features: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        sums = torch.zeros_like(self.centers).index_add_(0, targets, features.detach().float())
+        sums = torch.zeros_like(self.centers).index_add_(0, targets, features.detach().to(self.centers.dtype))
         # index_add_, not bincount: bincount syncs with the host on CUDA and is not deterministic.
         counts = torch.zeros(len(self.centers), dtype=sums.dtype, device=sums.device).index_add_(
             0, targets, torch.ones_like(targets, dtype=sums.dtype)
@@ -80,7 +80,7 @@ class CenterLoss(nn.Module):
         if self.training:
             self.initialize(features, targets)
         # Advanced indexing copies: the in-place update below does not touch what autograd saved.
-        diff = features.float() - self.centers[targets]
+        diff = features.to(self.centers.dtype) - self.centers[targets]  # float32 under bf16 autocast
         loss = 0.5 * diff.pow(2).sum(dim=1).mean()
         if self.training:
             self.update(features, targets)
