@@ -317,7 +317,11 @@ def test_stacked_optimizer_over_the_members_own_parameters_steps_as_torch_does()
         fused.use_own(own)
         for step in range(3):
             grads = [[torch.randn_like(t) for t in params] for params in own]
-            fused.step(grads)
+            if step == 1:  # one member at a time, as a member run in turn steps (Stack.step_member)
+                for k in reversed(range(len(own))):
+                    fused.step_own(k, grads[k])
+            else:
+                fused.step(grads)
             for copy, ref, member_grads in zip(copies, refs, grads, strict=True):
                 for tensor, grad in zip(copy, member_grads, strict=True):
                     tensor.grad = grad.clone()
