@@ -26,6 +26,8 @@ if TYPE_CHECKING:
 
     from hpo.policy import ObjectivePolicy
     from hpo.spec import StudySpec
+    from hpo.storage import HeartbeatSettings
+    from hpo.worker import Trainer
 
 
 def cmd_create_study(args: argparse.Namespace) -> int:
@@ -128,21 +130,9 @@ def _threads_from_env() -> int | None:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from hpo._optuna import cached_storage
-    from hpo.launcher import (
-        check_sqlite_limit,
-        cuda_device_count,
-        parse_gpus,
-        plan_slots,
-        run_children,
-        sqlite_worker_slot,
-        threads_per_slot,
-    )
-    from hpo.objective import resolve_objective
-    from hpo.policy import ObjectivePolicy
-    from hpo.resilient import RetryingStorage
-    from hpo.storage import HeartbeatSettings, open_storage, redact, sqlite_path
-    from hpo.worker import Worker, WorkerOptions
+    from hpo.launcher import threads_per_slot
+    from hpo.storage import HeartbeatSettings
+    from hpo.worker import Trainer
 
     url = resolve_storage_url(args.storage)
     heartbeat = HeartbeatSettings(args.heartbeat_interval, args.grace_period, args.max_retry)
@@ -161,6 +151,44 @@ def cmd_worker(args: argparse.Namespace) -> int:
         )
     if fuse_arg is not None and args.backend == "ray":
         raise HpoError("--fuse runs with the workers backend only (fix: drop --backend ray or --fuse)")
+    # The trainer process starts now, so its imports (PyTorch: seconds) overlap this process's
+    # own (the storage, the study, the objective) on another core. Its thread count is the one a
+    # single slot gets; a worker that turns out to run several slots (GPUs) stops it.
+    early: Trainer | None = None
+    if args.backend != "ray":
+        early = Trainer(args.threads or _threads_from_env() or threads_per_slot(1))
+        early.spawn()
+    try:
+        return _run_worker(args, url, heartbeat, fuse_arg, early)
+    finally:
+        if early is not None:  # not handed to a worker, or a worker that has stopped: a no-op
+            early.kill()
+
+
+def _run_worker(
+    args: argparse.Namespace,
+    url: str,
+    heartbeat: HeartbeatSettings,
+    fuse_arg: str | None,
+    early: Trainer | None,
+) -> int:
+    """``hpo worker`` from the storage on: see :func:`cmd_worker`."""
+    from hpo._optuna import cached_storage
+    from hpo.launcher import (
+        check_sqlite_limit,
+        cuda_device_count,
+        parse_gpus,
+        plan_slots,
+        run_children,
+        sqlite_worker_slot,
+        threads_per_slot,
+    )
+    from hpo.objective import resolve_objective
+    from hpo.policy import ObjectivePolicy
+    from hpo.resilient import RetryingStorage
+    from hpo.storage import open_storage, redact, sqlite_path
+    from hpo.worker import Worker, WorkerOptions
+
     # Folders of the user's side only (the study file's, the current one, --objective-path);
     # the stored definition never names a folder (hpo._objective_path).
     search_path = objective_path(args.study_file or args.spec, args.objective_path)
@@ -193,6 +221,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
     if len(slots) > 1:
         if database is not None:
             check_sqlite_limit(database, len(slots))
+        if early is not None:
+            early.kill()  # each slot's child worker starts its own
         print(f"starting {len(slots)} worker processes: {', '.join(s.label for s in slots)}")
         fuse_child = ["--fuse", fuse_arg] if fuse_arg is not None else []
         return run_children(slots, _child_args(args, study.study_name, policy, search_path) + fuse_child, url)
@@ -225,6 +255,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
             objective=target,
             storage_patience=args.storage_patience,
             objective_path=search_path,
+            trainer=early,
         )
         return worker.run().exit_code
 

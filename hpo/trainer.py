@@ -208,6 +208,9 @@ def trainer_main(conn: Connection, parent_pid: int) -> None:
     cache: dict[str, Any] = {}
     specs: dict[str, Any] = {}
     conn.send(("ready", os.getpid()))
+    # While the worker still opens its storage and imports the objective itself (hpo worker
+    # spawns its trainer first), PyTorch's part that every first optimizer loads.
+    _load_first_optimizer()
     while True:
         try:
             message = conn.recv()
@@ -237,7 +240,13 @@ def _warm(job: TrialJob, specs: dict[str, Any]) -> None:
     """
     with contextlib.suppress(Exception):
         _resolve(job, specs, None)
-    if "torch" in sys.modules:  # an objective that does not use PyTorch never pays for importing it
+    _load_first_optimizer()
+
+
+def _load_first_optimizer() -> None:
+    """Import ``torch._dynamo``, which a process's first optimizer imports (about 2 s), if PyTorch
+    is loaded: an objective that does not use PyTorch never pays for importing it."""
+    if "torch" in sys.modules:
         with contextlib.suppress(Exception):
             import torch
 

@@ -312,10 +312,13 @@ class Trainer:
     def __init__(self, threads: int | None, warm: TrialJob | None = None) -> None:
         """``warm``: a job standing for the trials to come; each new trainer is sent it to import
         their objective before the first one is claimed (see :func:`hpo.trainer._warm`)."""
-        self._threads = threads
-        self._warm = warm
+        self.threads = threads
+        self.warm = warm
         self._process: Any = None
         self._conn: Connection | None = None
+        # Whether the current process answered "ready" (and its warm-up was sent and waited for).
+        self._ready = False
+        self._spawned_at = 0.0
         # Counts the trainers started: a message sent to one is not in a later one's pipe.
         self.generation = 0
 
@@ -323,9 +326,12 @@ class Trainer:
     def pid(self) -> int | None:
         return self._process.pid if self._process is not None else None
 
-    def ensure_started(self, interrupts: Interrupts) -> None:
-        if self._process is not None and self._process.is_alive():
-            return
+    def spawn(self) -> None:
+        """Start a trainer process and return at once: :meth:`ensure_started` waits for it.
+
+        ``hpo worker`` spawns its trainer before it opens the storage and imports the objective
+        itself, so that the trainer's own imports (PyTorch, then ``torch._dynamo`` on its first
+        optimizer: seconds) run on another core meanwhile instead of after them."""
         self.close()
         context = multiprocessing.get_context("spawn")
         parent, child = context.Pipe(duplex=True)
@@ -333,8 +339,8 @@ class Trainer:
         # (OpenMP/MKL read theirs at load time, PyTorch's pool is sized in hpo.trainer).
         names = (THREADS_ENV, "OMP_NUM_THREADS", "MKL_NUM_THREADS")
         previous = {name: os.environ.get(name) for name in names}
-        if self._threads is not None:
-            os.environ.update(dict.fromkeys(names, str(self._threads)))
+        if self.threads is not None:
+            os.environ.update(dict.fromkeys(names, str(self.threads)))
         try:
             process = context.Process(
                 target=trainer_main, args=(child, os.getpid()), name="hpo-trainer", daemon=False
@@ -348,28 +354,41 @@ class Trainer:
                     os.environ[name] = value
         child.close()
         self._process, self._conn = process, parent
+        self._spawned_at = time.monotonic()
         self.generation += 1
-        deadline = time.monotonic() + TRAINER_START_TIMEOUT_S
+
+    def ensure_started(self, interrupts: Interrupts) -> None:
+        """A trainer that answered "ready" and did its warm-up (or waited TRAINER_WARM_WAIT_S for
+        it): the one :meth:`spawn` started, or a new one if none runs (the first, or after one
+        died)."""
+        alive = self._process is not None and self._process.is_alive()
+        if alive and self._ready:
+            return
+        if not alive:
+            self.spawn()
+        deadline = self._spawned_at + TRAINER_START_TIMEOUT_S
         warm_until: float | None = None  # set once the warm-up job is sent
         while True:
             try:
                 message = self._receive(POLL_S)
-                if message is not None and message[0] == "ready" and self._warm is not None:
-                    self.send(("warm", asdict(self._warm)))  # answered ("warm",) once imported
+                if message is not None and message[0] == "ready" and self.warm is not None:
+                    self.send(("warm", asdict(self.warm)))  # answered ("warm",) once imported
                     warm_until = time.monotonic() + TRAINER_WARM_WAIT_S
                 elif message is not None and message[0] in ("ready", "warm"):
+                    self._ready = True
                     return
             except TrainerDied:
                 if warm_until is None:
                     raise
                 # Importing the objective killed the trainer (a crash in native code): start one
                 # without the warm-up; the first trial meets the same crash and records it.
-                self._warm = None
+                self.warm = None
                 self.close()
                 self.ensure_started(interrupts)
                 return
             interrupts.check()
             if warm_until is not None and time.monotonic() > warm_until:
+                self._ready = True
                 return  # a slow import: the first trial waits for it (poll drops the late answer)
             if warm_until is None and time.monotonic() > deadline:
                 self.kill()
@@ -429,6 +448,7 @@ class Trainer:
                 self._conn.close()
         self._conn = None
         self._process = None
+        self._ready = False
 
 
 class InlineTrainer(Trainer):
@@ -609,6 +629,7 @@ class Worker:
         cache: dict[str, Any] | None = None,
         after_trial: Callable[[TrialState | None, bool], None] | None = None,
         objective_path: Sequence[str] = (),
+        trainer: Trainer | None = None,
     ) -> None:
         """``objective``: the allowed ``module:attribute`` (checked by the caller, see
         :mod:`hpo.policy`), trained in a trainer process; or an :class:`Objective` object, trained
@@ -616,7 +637,9 @@ class Worker:
         ``after_trial(state, requeued)`` is called after each trial's line (``hpo compare``'s
         overall progress); state None: the trial was given up. ``objective_path``: folders the
         trainer looks in for the objective's module (chosen on this worker's command line, never
-        by the storage; see :mod:`hpo._objective_path`)."""
+        by the storage; see :mod:`hpo._objective_path`). ``trainer``: a trainer already spawned
+        (:meth:`Trainer.spawn`) with ``options.threads``, for a module objective; this worker
+        sends it the warm-up and owns it from here on."""
         self.study = study
         self.spec = spec
         self.options = options
@@ -642,7 +665,12 @@ class Worker:
                 checkpoint_dir="",
                 objective_path=self.objective_path,
             )
-            self.trainer = Trainer(options.threads, warm)
+            if trainer is None or trainer.threads != options.threads:
+                if trainer is not None:  # spawned for other thread counts: not this worker's
+                    trainer.kill()
+                trainer = Trainer(options.threads)
+            trainer.warm = warm
+            self.trainer = trainer
         self.storage_patience = storage_patience
         self._checkpoint_root = checkpoint_folder(options.checkpoint_root, study)
         self._printed_traceback = False

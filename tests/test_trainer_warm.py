@@ -185,3 +185,106 @@ def test_a_warm_up_slower_than_its_wait_overlaps_the_first_trial(
         assert messages[-1] == ("done", 0.25), messages
     finally:
         trainer.shutdown()
+
+
+# Imported by the worker itself (to check the study) and again by its trainer: in the worker, it
+# writes how many trainer processes (multiprocessing spawn children) the worker already has.
+CHILDREN_AT_IMPORT = """
+import multiprocessing
+import os
+from pathlib import Path
+
+from hpo.objective import Objective
+
+
+def _spawned_children() -> int:
+    count = 0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            cmdline = (entry / "cmdline").read_bytes()
+        except (OSError, IndexError, ValueError):
+            continue  # gone meanwhile
+        if ppid == os.getpid() and b"spawn_main" in cmdline:
+            count += 1
+    return count
+
+
+if multiprocessing.current_process().name != "hpo-trainer":
+    Path("children_at_import.txt").write_text(str(_spawned_children()))
+
+
+def train(run):
+    run.report(1, {{"loss": float(run.config["x"]) ** 2}})
+    return run.final_value()
+
+
+OBJECTIVE = Objective(train=train, metrics=("loss",))
+"""
+
+
+def test_the_trainer_process_starts_before_the_worker_imports_the_objective(tmp_path: Path) -> None:
+    """``hpo worker`` spawns its trainer first, so that the trainer's imports (PyTorch) overlap
+    the worker's own (the storage, the study, the objective) instead of following them."""
+    result, url = _worker(tmp_path, "childrenprobe", CHILDREN_AT_IMPORT.format(), 1)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert (tmp_path / "children_at_import.txt").read_text() == "1"
+    (trial,) = optuna.load_study(study_name="warm", storage=url).trials
+    assert trial.state == optuna.trial.TrialState.COMPLETE
+
+
+def _processes_with(marker: str) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if marker.encode() in (entry / "environ").read_bytes():
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
+@pytest.mark.parametrize("refused", ["unknown-study", "objective-not-allowed"])
+def test_a_worker_refusing_its_input_leaves_no_trainer_behind(tmp_path: Path, refused: str) -> None:
+    """Refused after the trainer was spawned: a study the storage does not hold, or a stored
+    study whose objective this worker's side does not allow (hpo.policy: never imported)."""
+    url = f"sqlite:///{tmp_path / 'hpo.db'}"
+    name = "no_such_study"
+    if refused == "objective-not-allowed":
+        (tmp_path / "childrenprobe.py").write_text(CHILDREN_AT_IMPORT.format())
+        study_file = tmp_path / "warm.yaml"
+        study_file.write_text(STUDY.format(module="childrenprobe", n_trials=1))
+        created = subprocess.run(
+            [str(HPO), "create-study", str(study_file), "--storage", url],
+            cwd=tmp_path,
+            env=cli_env({"HPO_ALLOW_OBJECTIVES": "childrenprobe"}),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert created.returncode == 0, created.stderr
+        (tmp_path / "children_at_import.txt").unlink()  # written by create-study's own check
+        name = "warm"
+    marker = f"HPO_TEST_MARKER_{tmp_path.name}"
+    began = time.monotonic()
+    result = subprocess.run(
+        [str(HPO), "worker", "--study-name", name, "--storage", url, "--no-progress"],
+        cwd=tmp_path,
+        env=cli_env({marker: "1"}),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode != 0
+    assert "Traceback" not in result.stdout + result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert ("not allowed" in result.stderr) == (refused == "objective-not-allowed"), result.stderr
+    assert not (tmp_path / "children_at_import.txt").exists()  # nobody imported the objective
+    assert time.monotonic() - began < 60  # not held by a trainer it failed to stop
+    deadline = time.monotonic() + 10
+    while _processes_with(marker) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _processes_with(marker) == []
