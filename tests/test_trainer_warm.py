@@ -288,3 +288,56 @@ def test_a_worker_refusing_its_input_leaves_no_trainer_behind(tmp_path: Path, re
     while _processes_with(marker) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert _processes_with(marker) == []
+
+
+# Prints at the end of its training without a newline or a flush: on a pipe, the trainer's
+# stdout holds it in its buffer until the trainer exits.
+LAST_WORDS = """
+import sys
+
+from hpo.objective import Objective
+
+
+def train(run):
+    run.report(1, {{"loss": float(run.config["x"]) ** 2}})
+    sys.stdout.write("last words of trial %d" % run.trial.number)
+    return run.final_value()
+
+
+OBJECTIVE = Objective(train=train, metrics=("loss",))
+"""
+
+
+def test_the_trainer_exits_at_once_when_the_worker_ends_and_keeps_its_output(tmp_path: Path) -> None:
+    """The trainer skips the interpreter's teardown when asked to exit (about a second with
+    PyTorch loaded), but what its trials wrote to stdout still reaches the worker's output."""
+    (tmp_path / "lastwords.py").write_text(LAST_WORDS.format())
+    study_file = tmp_path / "warm.yaml"
+    study_file.write_text(STUDY.format(module="lastwords", n_trials=2))
+    env = cli_env()
+    env.pop("PYTHONUNBUFFERED")  # buffered, as a worker's output to a file or pipe is
+    result = subprocess.run(
+        [
+            str(HPO),
+            "worker",
+            str(study_file),
+            "--storage",
+            f"sqlite:///{tmp_path / 'hpo.db'}",
+            "--no-progress",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "last words of trial 1" in result.stdout, result.stdout
+
+    import hpo.worker
+
+    trainer = hpo.worker.Trainer(threads=1)  # imports PyTorch, as every worker's trainer does
+    trainer.ensure_started(hpo.worker.Interrupts())
+    process = trainer._process
+    trainer.shutdown()
+    assert process.exitcode == 0  # it ended on its own, not killed after the grace period
