@@ -71,8 +71,10 @@ sampler: {{name: random, seed: 1}}
 
 
 def _worker(
-    tmp_path: Path, module: str, source: str, n_trials: int
+    tmp_path: Path, module: str, source: str, n_trials: int, env: dict[str, str] | None = None
 ) -> tuple[subprocess.CompletedProcess[str], str]:
+    """``hpo worker STUDY_FILE`` on a new SQLite study of ``module``'s objective (``source``), in
+    ``env`` (default: the tests' CLI environment)."""
     (tmp_path / f"{module}.py").write_text(source)
     study_file = tmp_path / "warm.yaml"
     study_file.write_text(STUDY.format(module=module, n_trials=n_trials))
@@ -80,7 +82,7 @@ def _worker(
     result = subprocess.run(
         [str(HPO), "worker", str(study_file), "--storage", url, "--no-progress"],
         cwd=tmp_path,
-        env=cli_env(),
+        env=cli_env() if env is None else env,
         capture_output=True,
         text=True,
         timeout=300,
@@ -311,26 +313,9 @@ OBJECTIVE = Objective(train=train, metrics=("loss",))
 def test_the_trainer_exits_at_once_when_the_worker_ends_and_keeps_its_output(tmp_path: Path) -> None:
     """The trainer skips the interpreter's teardown when asked to exit (about a second with
     PyTorch loaded), but what its trials wrote to stdout still reaches the worker's output."""
-    (tmp_path / "lastwords.py").write_text(LAST_WORDS.format())
-    study_file = tmp_path / "warm.yaml"
-    study_file.write_text(STUDY.format(module="lastwords", n_trials=2))
     env = cli_env()
     env.pop("PYTHONUNBUFFERED")  # buffered, as a worker's output to a file or pipe is
-    result = subprocess.run(
-        [
-            str(HPO),
-            "worker",
-            str(study_file),
-            "--storage",
-            f"sqlite:///{tmp_path / 'hpo.db'}",
-            "--no-progress",
-        ],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result, _ = _worker(tmp_path, "lastwords", LAST_WORDS.format(), 2, env)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "last words of trial 1" in result.stdout, result.stdout
 
@@ -341,3 +326,66 @@ def test_the_trainer_exits_at_once_when_the_worker_ends_and_keeps_its_output(tmp
     process = trainer._process
     trainer.shutdown()
     assert process.exitcode == 0  # it ended on its own, not killed after the grace period
+
+
+# Imported by the worker itself while it checks the study file, after its trainer was spawned:
+# says so in a file, then stays in the import (a slow objective module or storage).
+STUCK_IMPORT = """
+import multiprocessing
+import time
+from pathlib import Path
+
+from hpo.objective import Objective
+
+if multiprocessing.current_process().name != "hpo-trainer":
+    Path("importing.txt").write_text("1")
+    time.sleep(120)
+
+
+def train(run):
+    return 0.0
+
+
+OBJECTIVE = Objective(train=train, metrics=("loss",))
+"""
+
+
+def test_a_worker_sigkilled_while_it_starts_leaves_no_trainer_behind(tmp_path: Path) -> None:
+    """SIGKILL reaches the worker between spawning its trainer and handing it to the worker loop
+    (no ``finally`` runs): the trainer ends too, by its parent-death signal or, idle, by its pipe
+    closing (either alone suffices: removing the signal leaves this test passing)."""
+    (tmp_path / "stuckimport.py").write_text(STUCK_IMPORT)
+    study_file = tmp_path / "warm.yaml"
+    study_file.write_text(STUDY.format(module="stuckimport", n_trials=1))
+    marker = f"HPO_TEST_MARKER_{tmp_path.name}"
+    worker = subprocess.Popen(
+        [
+            str(HPO),
+            "worker",
+            str(study_file),
+            "--storage",
+            f"sqlite:///{tmp_path / 'hpo.db'}",
+            "--no-progress",
+        ],
+        cwd=tmp_path,
+        env=cli_env({marker: "1"}),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not (tmp_path / "importing.txt").exists():
+            assert worker.poll() is None and time.monotonic() < deadline, (
+                "the worker never reached its import"
+            )
+            time.sleep(0.05)
+        assert len(_processes_with(marker)) >= 2  # the worker and its trainer (spawned first)
+        worker.kill()
+        worker.wait(timeout=30)
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+    deadline = time.monotonic() + 10
+    while _processes_with(marker) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _processes_with(marker) == []
