@@ -1,7 +1,7 @@
 """Workers on PostgreSQL directly against workers through ``hpo serve-storage`` (the gRPC proxy).
 
 Each of ``--clients`` processes runs hpo's own storage traffic for a trial without the training:
-claim a queued trial (``hpo.worker.claim_trial``), a heartbeat, a sampled parameter, three epoch
+claim a queued trial (``hpo._lease.claim_trial``), a heartbeat, a sampled parameter, three epoch
 reports, the result; until the study's ``--trials`` trials are done. Measured in the same run, on
 a fresh database each:
 
@@ -68,7 +68,7 @@ def client(url: str, barrier: Barrier, done: multiprocessing.Queue[int]) -> None
 
 
 def _client(url: str, barrier: Barrier) -> int:
-    from hpo.worker import claim_trial
+    from hpo._lease import claim_trial
 
     warnings.simplefilter("ignore")
     optuna.logging.set_verbosity(optuna.logging.ERROR)

@@ -30,7 +30,8 @@ import optuna
 from optuna.trial import TrialState
 
 from hpo import _optuna
-from hpo._rdb import ATTEMPT_ATTRS, RETRY_HISTORY_ATTR, FailOutcome, rdb_of
+from hpo._lease import queue_retry
+from hpo._rdb import RETRY_HISTORY_ATTR, FailOutcome, rdb_of
 
 # This many first trials of a worker failing with the same error make the objective look broken.
 BROKEN_AFTER = 2
@@ -160,7 +161,7 @@ def requeue_failed(study: optuna.Study, trial_id: int, reason: str, max_retry: i
 
     On a database this is :meth:`~hpo._rdb.HpoRDBStorage.fail_and_requeue` on a FAIL trial (one
     transaction; the retry counts against ``max_retry``). Through the gRPC proxy it is two calls,
-    as :func:`hpo.worker.fail_and_requeue` does.
+    as :func:`hpo._lease.fail_and_requeue` does.
     """
     storage = _optuna.study_storage(study)
     rdb = rdb_of(storage)
@@ -178,15 +179,5 @@ def requeue_failed(study: optuna.Study, trial_id: int, reason: str, max_retry: i
         return FailOutcome(True, None, reason)
     storage.set_trial_system_attr(trial_id, "fail_reason", reason)
     storage.set_trial_user_attr(trial_id, "fail_reason", reason)
-    system = {k: v for k, v in frozen.system_attrs.items() if k not in ATTEMPT_ATTRS}
-    system.update({"failed_trial": system.get("failed_trial", frozen.number), RETRY_HISTORY_ATTR: history})
-    system["hpo:retry_of"] = frozen.number
-    study.add_trial(
-        optuna.trial.create_trial(
-            state=TrialState.WAITING,
-            params=frozen.params,
-            distributions=frozen.distributions,
-            system_attrs=system,
-        )
-    )
+    queue_retry(study, frozen, history)
     return FailOutcome(True, -1, reason)

@@ -59,20 +59,15 @@ from optuna.trial import TrialState
 
 from hpo import _optuna
 from hpo._fused import why_not_fusable
+from hpo._interrupts import WorkerInterrupted
+from hpo._lease import Heartbeat, claim_trial, inner_storage
 from hpo._progress import read_counts
 from hpo._rdb import RETRY_ALONE_ATTR
+from hpo._recorder import Recorder
+from hpo._trainer_handle import POLL_S, TrainerDied
 from hpo.objective import Objective, resolve_objective
 from hpo.trainer import TrialJob
-from hpo.worker import (
-    POLL_S,
-    Heartbeat,
-    Recorder,
-    TrainerDied,
-    WorkerInterrupted,
-    _inner,
-    _Outcome,
-    claim_trial,
-)
+from hpo.worker import _Outcome
 
 if TYPE_CHECKING:
     from hpo.worker import Worker
@@ -155,6 +150,11 @@ class FusedGroups:
     def holds_next(self) -> bool:
         """Whether trials are claimed for the next group (they must run, or be released)."""
         return self.carry is not None or (self._next is not None and bool(self._next.members))
+
+    @property
+    def sent_ahead(self) -> bool:
+        """Whether the trainer was sent the next group already (it trains, or died training it)."""
+        return self._sent is not None
 
     # ------------------------------------------------------------------ claiming
     def objective(self) -> Objective:
@@ -310,7 +310,7 @@ class FusedGroups:
 
     def _read_counts(self) -> None:
         w = self.worker
-        storage = _inner(_optuna.study_storage(w.study))  # for show: never waits out an outage
+        storage = inner_storage(_optuna.study_storage(w.study))  # for show: never waits out an outage
         w.counts = read_counts(storage, _optuna.study_id(w.study), w.spec.n_trials, w.direction)
 
     def release(self, reason: str) -> None:
@@ -398,11 +398,17 @@ class FusedGroups:
         limit_s = w.spec.budget.trial_timeout
         cap = None if limit_s is None else limit_s * len(members)
         try:
-            w.trainer.ensure_started(w.interrupts)
             sent, self._sent = self._sent, None
-            if sent is not None and sent[0] == w.trainer.generation:
-                started = sent[1]  # sent ahead, as the last group ended: it trains already
+            if sent is not None:
+                # Sent ahead as the last group ended, it trains already. A trainer that died since
+                # (while the last group's results were told), or was replaced, died with it: as
+                # any death of a group's trainer, each member fails and retries alone, counted.
+                if sent[0] != w.trainer.generation:
+                    raise TrainerDied(None)
+                w.trainer.check_alive()
+                started = sent[1]
             else:
+                w.trainer.ensure_started(w.interrupts)
                 started = time.monotonic()
                 w.trainer.send(("group", [asdict(m.job) for m in members if m.job is not None]))
             pace.start(started)

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, NoReturn
 
 # Only light modules at the top: `hpo --help` and `hpo COMMAND --help` must not import Optuna,
 # SQLAlchemy or pydantic. Each command imports what it runs in its own function.
-from hpo._commands import add_retry_arguments
+from hpo._commands import add_retry_arguments, check_heartbeat_flags
 from hpo._objective_path import add_objective_path_argument, objective_path
 from hpo._objective_path import cli_args as objective_path_args
 from hpo._storage_url import add_storage_argument, resolve_storage_url
@@ -24,10 +24,10 @@ from hpo.errors import HpoError
 if TYPE_CHECKING:
     import optuna
 
+    from hpo._trainer_handle import Trainer
     from hpo.policy import ObjectivePolicy
     from hpo.spec import StudySpec
     from hpo.storage import HeartbeatSettings
-    from hpo.worker import Trainer
 
 
 def cmd_create_study(args: argparse.Namespace) -> int:
@@ -52,11 +52,17 @@ def cmd_create_study(args: argparse.Namespace) -> int:
     return 0
 
 
-def _worker_file(args: argparse.Namespace, search_path: Sequence[str] = ()) -> StudySpec | None:
+def _worker_file(
+    args: argparse.Namespace, search_path: Sequence[str] = (), early: Trainer | None = None
+) -> StudySpec | None:
     """The study file given as STUDY_FILE or --spec, validated before any storage is opened, so a
     bad file never leaves an empty database behind (objectives looked for in ``search_path`` too,
-    see :mod:`hpo._objective_path`)."""
-    from hpo.spec import load_study_file
+    see :mod:`hpo._objective_path`). The ``early`` trainer is sent its warm-up once the file is
+    parsed: the objective a study file on the command line names is trusted (hpo.policy), and
+    the trainer imports it while this process imports it to check it."""
+    from hpo.objective import check_objective
+    from hpo.spec import parse_study_file
+    from hpo.trainer import warm_job
 
     if args.study_file and args.spec:
         raise HpoError("give the study file either as STUDY_FILE or as --spec, not both")
@@ -66,7 +72,13 @@ def _worker_file(args: argparse.Namespace, search_path: Sequence[str] = ()) -> S
             "(fix: e.g. hpo worker studies/digits_quickstart.yaml)"
         )
     path = args.study_file or args.spec
-    return load_study_file(path, search_path) if path else None
+    if not path:
+        return None
+    spec = parse_study_file(path)
+    if early is not None:
+        early.warm_up(warm_job(spec.definition(), spec.objective, search_path))
+    check_objective(spec, str(path), search_path=search_path)
+    return spec
 
 
 def _worker_study(
@@ -126,26 +138,53 @@ def _child_args(
 def _threads_from_env() -> int | None:
     """A positive OMP_NUM_THREADS the user exported: their choice of threads per trainer."""
     value = os.environ.get("OMP_NUM_THREADS", "")
-    return int(value) if value.isdigit() and int(value) > 0 else None
+    return int(value) if _is_count(value) and int(value) > 0 else None
+
+
+def _is_count(text: str) -> bool:
+    """ASCII digits only: ``str.isdigit`` also takes "²" (which ``int`` refuses) and other scripts' digits."""
+    return text.isascii() and text.isdigit()
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from hpo.launcher import threads_per_slot
+    from hpo._trainer_handle import Trainer
+    from hpo.launcher import available_cores, threads_per_slot
     from hpo.storage import HeartbeatSettings
-    from hpo.worker import Trainer
 
     url = resolve_storage_url(args.storage)
+    check_heartbeat_flags(args)
     heartbeat = HeartbeatSettings(args.heartbeat_interval, args.grace_period, args.max_retry)
-    if heartbeat.interval < 1 or heartbeat.grace_period <= heartbeat.interval:
-        raise HpoError("--grace-period must exceed --heartbeat-interval, and both must be >= 1 second")
-    if args.storage_patience <= 0:
+    if not args.storage_patience > 0:  # NaN too
         raise HpoError(
             f"--storage-patience must be a positive number of seconds, got {args.storage_patience:g}"
         )
     if args.threads is not None and args.threads < 1:
         raise HpoError(f"--threads must be at least 1, got {args.threads}")
+    chosen = args.threads or _threads_from_env()
+    if chosen is not None and chosen > available_cores():
+        where = "--threads" if args.threads else "OMP_NUM_THREADS="
+        print(
+            f"note: {where}{'' if where.endswith('=') else ' '}{chosen} is more threads than the "
+            f"{available_cores()} cores this worker may use: its trials train slower, not faster "
+            f"(fix: at most {available_cores()}, or leave it out)"
+        )
+    if args.n_trials is not None and args.n_trials < 1:
+        raise HpoError(
+            f"--n-trials must be at least 1, got {args.n_trials} "
+            "(fix: leave it out to run until the study has no trials left)"
+        )
+    if args.timeout is not None and not args.timeout > 0:
+        raise HpoError(
+            f"--timeout must be a positive number of seconds, got {args.timeout:g} "
+            "(fix: leave it out to run until the study has no trials left)"
+        )
+    if args.max_consecutive_failures < 1:
+        raise HpoError(
+            f"--max-consecutive-failures must be at least 1, got {args.max_consecutive_failures} "
+            "(fix: e.g. --max-consecutive-failures 5)"
+        )
     fuse_arg = str(args.fuse) if args.fuse is not None else None
-    if fuse_arg is not None and fuse_arg != "auto" and not (fuse_arg.isdigit() and int(fuse_arg) >= 2):
+    if fuse_arg is not None and fuse_arg != "auto" and not (_is_count(fuse_arg) and int(fuse_arg) >= 2):
         raise HpoError(
             f"--fuse must be a number of trials >= 2 or auto, got {fuse_arg!r} (fix: e.g. --fuse 8)"
         )
@@ -187,12 +226,13 @@ def _run_worker(
     from hpo.policy import ObjectivePolicy
     from hpo.resilient import RetryingStorage
     from hpo.storage import open_storage, redact, sqlite_path
+    from hpo.trainer import warm_job
     from hpo.worker import Worker, WorkerOptions
 
     # Folders of the user's side only (the study file's, the current one, --objective-path);
     # the stored definition never names a folder (hpo._objective_path).
     search_path = objective_path(args.study_file or args.spec, args.objective_path)
-    from_file = _worker_file(args, search_path)
+    from_file = _worker_file(args, search_path, early)
     storage = RetryingStorage(
         cached_storage(open_storage(url, heartbeat)),
         patience=args.storage_patience,
@@ -202,6 +242,9 @@ def _run_worker(
     policy = ObjectivePolicy.from_sources(cli_patterns=args.allow_objective, trusted=trusted)
     source = f"stored definition of study {study.study_name!r}"
     target = policy.check(spec.objective, source)
+    if early is not None:
+        # Allowed: the trainer may import the objective now, while this process imports it too.
+        early.warm_up(warm_job(spec.definition(), target, search_path))
     # Importable here, before any trial starts.
     resolve_objective(spec.objective, source, policy, search_path)
     if args.backend == "ray":
@@ -215,6 +258,11 @@ def _run_worker(
         return run_on_ray(study, spec, url, args, objective_path=search_path)
     gpus = parse_gpus(args.gpus, cuda_device_count())
     slots = plan_slots(gpus, args.trials_per_gpu)
+    if not gpus and args.trials_per_gpu > 1:
+        print(
+            f"--trials-per-gpu {args.trials_per_gpu} applies to GPUs, and this worker has none: one "
+            "trainer on the CPU (start more workers, or use --fuse, to train more trials at once)"
+        )
     if args.threads is None:  # each slot's trainer gets its share of the cores, not all of them
         args.threads = _threads_from_env() or threads_per_slot(len(slots))
     database = sqlite_path(url)

@@ -14,10 +14,11 @@ from rich.console import Console
 from rich.table import Table
 
 from hpo._progress import count_trials, report_console
+from hpo._rdb import WORKER_ATTR
 from hpo._records import definition_from_attrs, trial_curves, trial_metrics
 from hpo.errors import HpoError
 from hpo.studies import stored_definition
-from hpo.worker import TRACEBACK_ATTR, WORKER_ATTR
+from hpo.worker import TRACEBACK_ATTR
 
 
 def load(storage: BaseStorage, study_name: str) -> optuna.Study:

@@ -32,6 +32,7 @@ from optuna.storages import BaseStorage, GrpcStorageProxy
 from optuna.trial import FrozenTrial
 
 from hpo import _listen, _optuna
+from hpo._commands import check_heartbeat_flags
 from hpo._commands.serve_storage import DEFAULT_HOST, DEFAULT_PORT
 from hpo._optuna import api_pb2, api_pb2_grpc
 from hpo._rdb import fail_stale
@@ -197,9 +198,8 @@ def serve(
 
 def cmd_serve_storage(args: argparse.Namespace) -> int:
     url = resolve_storage_url(args.storage)
+    check_heartbeat_flags(args)
     heartbeat = HeartbeatSettings(args.heartbeat_interval, args.grace_period, args.max_retry)
-    if heartbeat.interval < 1 or heartbeat.grace_period <= heartbeat.interval:
-        raise HpoError("--grace-period must exceed --heartbeat-interval, and both must be >= 1 second")
     if args.threads < 1:
         raise HpoError("--threads must be at least 1")
 

@@ -48,9 +48,13 @@ class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
+# What NumPy's RandomState, which Optuna's samplers seed, accepts.
+MAX_SEED = 2**32 - 1
+
+
 class SamplerSpec(_Frozen):
     name: str
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
     options: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -114,7 +118,7 @@ class StudySpec(_Frozen):
     directions: tuple[Direction, ...] = Field(alias="direction", min_length=1)
     n_trials: PositiveInt
     budget: BudgetSpec
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     sampler: SamplerSpec
     pruner: PrunerSpec = Field(default_factory=PrunerSpec)
     early_stopping: EarlyStoppingSpec = Field(default_factory=EarlyStoppingSpec)
@@ -459,6 +463,13 @@ def _check_factories(spec: StudySpec, source: str) -> None:
         ) from None
 
 
+def parse_study_file(path: str | Path) -> StudySpec:
+    """Read and validate a study file, without importing its objective (:func:`load_study_file`
+    checks that too)."""
+    path = Path(path)
+    return parse_study(_read_yaml(path, "study file"), str(path), base_dir=path.parent)
+
+
 def load_study_file(path: str | Path, search_path: Sequence[str] | None = None) -> StudySpec:
     """Load and validate a study file; also checks the objective and its options.
 
@@ -467,7 +478,7 @@ def load_study_file(path: str | Path, search_path: Sequence[str] | None = None) 
     :mod:`hpo._objective_path`).
     """
     path = Path(path)
-    spec = parse_study(_read_yaml(path, "study file"), str(path), base_dir=path.parent)
+    spec = parse_study_file(path)
     from hpo._objective_path import objective_path
     from hpo.objective import check_objective  # local import: objectives import torch
 

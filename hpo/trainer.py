@@ -40,7 +40,7 @@ import os
 import signal
 import sys
 import traceback
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -80,6 +80,23 @@ class TrialJob:
 
     def to_message(self) -> tuple[str, dict[str, Any]]:
         return ("trial", asdict(self))
+
+
+def warm_job(
+    definition: dict[str, Any], objective: str, objective_path: Sequence[str], device: str = "cpu"
+) -> TrialJob:
+    """The job a new trainer is sent to warm up (:func:`_warm`), standing for the trials to come:
+    only its study definition, objective and objective path are used."""
+    return TrialJob(
+        number=-1,
+        definition=definition,
+        objective=objective,
+        params={},
+        max_epochs=0,
+        device=device,
+        checkpoint_dir="",
+        objective_path=tuple(objective_path),
+    )
 
 
 class RemoteTrial:
@@ -209,8 +226,10 @@ def trainer_main(conn: Connection, parent_pid: int) -> None:
     specs: dict[str, Any] = {}
     conn.send(("ready", os.getpid()))
     # While the worker still opens its storage and imports the objective itself (hpo worker
-    # spawns its trainer first), PyTorch's part that every first optimizer loads.
-    _load_first_optimizer()
+    # spawns its trainer first), PyTorch's part that every first optimizer loads; a warm-up
+    # already waiting goes first (it imports the objective, then loads that part).
+    if not conn.poll(0):
+        _load_first_optimizer()
     while True:
         try:
             message = conn.recv()

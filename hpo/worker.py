@@ -18,28 +18,26 @@ Guarantees (see also :mod:`hpo.studies` and :mod:`hpo._rdb`):
   the database answers again, and a trial whose lease expired meanwhile is not written twice;
 * on SIGINT or SIGTERM the trainer is stopped, the running trial is recorded FAIL and re-queued
   (counted against ``max_retry``), and the worker exits 130 or 143.
+
+The parts behind it: claiming and the lease (:mod:`hpo._lease`), the handle on the trainer
+process (:mod:`hpo._trainer_handle`; the process itself is :mod:`hpo.trainer`), a trial's
+records written through outages (:mod:`hpo._recorder`), signals (:mod:`hpo._interrupts`), and
+fused groups (:mod:`hpo._fused_worker`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-import multiprocessing
-import os
 import shutil
 import signal
-import socket
-import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
-from multiprocessing.connection import Connection
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 import optuna
-from optuna.storages import BaseStorage
 from optuna.trial import FrozenTrial, TrialState
 from rich.console import Console
 
@@ -51,28 +49,34 @@ from hpo._continuation import (
 )
 from hpo._dashboard_data import CurvePublisher
 from hpo._first_failures import BROKEN_NOTE, FirstFailures, TrialError
+from hpo._interrupts import Interrupts, WorkerInterrupted
+from hpo._lease import (
+    Heartbeat,
+    claim_trial,
+    fail_and_requeue,
+    heartbeat_interval,
+    inner_storage,
+    worker_identity,
+)
 from hpo._progress import EpochBar, StudyCounts, better, finish_note, read_counts
 from hpo._rdb import (
-    ATTEMPT_ATTRS,
     RETRY_ALONE_ATTR,
-    RETRY_HISTORY_ATTR,
-    WORKER_ATTR,
     FailOutcome,
     fail_stale,
-    rdb_of,
     set_trial_params,
     with_retries,
 )
+from hpo._recorder import Recorder
+from hpo._trainer_handle import POLL_S, InlineTrainer, Trainer, TrainerDied
 from hpo._trial_note import save_failure_note
-from hpo.errors import HpoError
 from hpo.objective import BUDGET_ATTR, Objective
-from hpo.resilient import StorageUnavailable, is_transient
+from hpo.resilient import StorageUnavailable
 from hpo.samplers import make_pruner, make_sampler, trial_seed
 from hpo.shared_data import sweep_unused
 from hpo.space import suggest
 from hpo.spec import StudySpec
 from hpo.studies import checkpoint_folder, trial_checkpoint_dir
-from hpo.trainer import GROUP_FAILURE, THREADS_ENV, TrialJob, describe_exit, inline_main, trainer_main
+from hpo.trainer import GROUP_FAILURE, TrialJob, warm_job
 
 if TYPE_CHECKING:
     from hpo._fused_worker import FusedGroups
@@ -81,18 +85,6 @@ T = TypeVar("T")
 TRACEBACK_ATTR = "hpo:traceback"
 # A traceback is stored with its failed trial up to this many characters (its last ones).
 TRACEBACK_LIMIT = 8000
-# How long a new trainer may take to import the objective (torch, torchvision) and say ready.
-TRAINER_START_TIMEOUT_S = 300.0
-# How long a trainer may take to exit after SIGTERM before it is killed.
-TRAINER_STOP_GRACE_S = 10.0
-POLL_S = 0.2
-# How long a new trainer's warm-up (importing the objective) may hold back the first claim; a
-# slower import then overlaps the first trial instead.
-TRAINER_WARM_WAIT_S = 120.0
-
-
-class WorkerInterrupted(BaseException):
-    """SIGTERM/SIGINT reached the worker; a BaseException so nothing swallows it."""
 
 
 @dataclass(frozen=True)
@@ -132,164 +124,6 @@ class WorkerSummary:
         return 1 if self.failing else 0
 
 
-def worker_identity(label: str = "") -> str:
-    ident = f"{socket.gethostname()}:{os.getpid()}"
-    return f"{ident}:{label}" if label else ident
-
-
-def claim_trial(
-    study: optuna.Study,
-    worker: str | None = None,
-    accept: Callable[[dict[str, Any] | None], bool] | None = None,
-) -> tuple[int, int] | None:
-    """Atomically move one WAITING trial of ``study`` to RUNNING (recording ``worker`` as its
-    holder); its (id, number), or None if none is left. Retries of dead attempts come first.
-
-    ``accept``: only a trial it accepts, given the trial's fixed parameters (a grid point, an
-    enqueued configuration; None for an empty slot), among the oldest queued ones
-    (:meth:`hpo._rdb.HpoRDBStorage.claim_next`); through the gRPC proxy it is not consulted.
-    """
-    storage = _optuna.study_storage(study)
-    rdb = rdb_of(storage)
-    if rdb is not None:
-        # Repeated after a lost answer, a claim may have won a trial nobody then runs: it never
-        # beats, turns stale and is retried, so nothing is lost.
-        limit = 16 if accept is None else 256  # skipped candidates stay queued: look further
-        return with_retries(
-            storage,
-            lambda: rdb.claim_next(_optuna.study_id(study), limit=limit, worker=worker, accept=accept),
-        )
-    # The gRPC proxy: its server's storage makes the state change conditional.
-    while True:
-        waiting = storage.get_all_trials(
-            _optuna.study_id(study), deepcopy=False, states=(TrialState.WAITING,)
-        )
-        if not waiting:
-            return None
-        waiting = sorted(waiting, key=lambda t: ("failed_trial" not in t.system_attrs, _optuna.trial_id(t)))
-        for trial in waiting[:16]:
-            with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
-                if storage.set_trial_state_values(_optuna.trial_id(trial), state=TrialState.RUNNING):
-                    if worker is not None:
-                        storage.set_trial_system_attr(_optuna.trial_id(trial), WORKER_ATTR, worker)
-                    return _optuna.trial_id(trial), trial.number
-
-
-def fail_and_requeue(
-    study: optuna.Study, trial_id: int, reason: str, *, retry: bool, max_retry: int
-) -> FailOutcome:
-    """Record the trial FAIL with ``reason``, and (``retry``) queue a clean retry of it.
-
-    On a database (SQLite, PostgreSQL) both happen in one transaction. Through the gRPC proxy
-    they are two calls: a worker killed between them leaves the trial failed without its retry.
-    """
-    storage = _optuna.study_storage(study)
-    rdb = rdb_of(storage)
-    if rdb is not None:
-        return with_retries(storage, lambda: rdb.fail_and_requeue(trial_id, reason, retry=retry))
-    frozen = storage.get_trial(trial_id)
-    history = [*frozen.system_attrs.get(RETRY_HISTORY_ATTR, []), frozen.number]
-    if retry and len(history) > max_retry:
-        reason = f"{reason}; not retried: all {max_retry} retries of this configuration used"
-        retry = False
-    storage.set_trial_system_attr(trial_id, "fail_reason", reason)
-    storage.set_trial_user_attr(trial_id, "fail_reason", reason)
-    try:
-        storage.set_trial_state_values(trial_id, state=TrialState.FAIL)
-    except optuna.exceptions.UpdateFinishedTrialError:
-        return FailOutcome(False)
-    if not retry:
-        return FailOutcome(True, None, reason)
-    system = {k: v for k, v in frozen.system_attrs.items() if k not in ATTEMPT_ATTRS}
-    system.update({"failed_trial": system.get("failed_trial", frozen.number), RETRY_HISTORY_ATTR: history})
-    system["hpo:retry_of"] = frozen.number
-    study.add_trial(
-        optuna.trial.create_trial(
-            state=TrialState.WAITING,
-            params=frozen.params,
-            distributions=frozen.distributions,
-            system_attrs=system,
-        )
-    )
-    return FailOutcome(True, -1, reason)
-
-
-def heartbeat_interval(storage: BaseStorage) -> int | None:
-    """Seconds between heartbeats, or None when the storage has heartbeats off."""
-    getter = getattr(storage, "get_heartbeat_interval", None)
-    return getter() if callable(getter) else None
-
-
-def _inner(storage: BaseStorage) -> BaseStorage:
-    """The storage under hpo's retrying layer: calls that must not block on an outage use it."""
-    inner = getattr(storage, "inner", None)
-    return inner if isinstance(inner, BaseStorage) else storage
-
-
-class Heartbeat:
-    """Records a heartbeat for a running trial every ``interval`` seconds from a daemon thread.
-
-    Missed beats (the database is down) are not retried: the next interval beats again.
-    """
-
-    def __init__(self, storage: BaseStorage, trial_id: int) -> None:
-        self._storage = _inner(storage)
-        self._trial_id = trial_id
-        self._stop = threading.Event()
-        self._interval = heartbeat_interval(storage)
-        self._thread: threading.Thread | None = None
-
-    def __enter__(self) -> Heartbeat:
-        if self._interval is not None:
-            self._thread = threading.Thread(target=self._run, name="hpo-heartbeat", daemon=True)
-            self._thread.start()
-        return self
-
-    def _run(self) -> None:
-        assert self._interval is not None
-        while not self._stop.wait(self._interval):
-            with contextlib.suppress(Exception):
-                self._storage.record_heartbeat(self._trial_id)  # type: ignore[attr-defined]
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=30)
-
-
-class Interrupts:
-    """SIGTERM/SIGINT only set a flag (and wake waits); the worker acts on it at its next check,
-    so a storage transaction is never abandoned half-way."""
-
-    def __init__(self) -> None:
-        self.pending: str | None = None
-        self.wake = threading.Event()
-
-    def _handler(self, signum: int, frame: FrameType | None) -> None:
-        self.pending = self.pending or signal.Signals(signum).name
-        self.wake.set()
-
-    @contextlib.contextmanager
-    def installed(self) -> Iterator[None]:
-        if threading.current_thread() is not threading.main_thread():
-            yield  # signals are delivered to the main thread only
-            return
-        previous = {sig: signal.signal(sig, self._handler) for sig in (signal.SIGTERM, signal.SIGINT)}
-        try:
-            yield
-        finally:
-            for sig, old in previous.items():
-                signal.signal(sig, old)
-
-    def check(self) -> None:
-        if self.pending:
-            raise WorkerInterrupted(self.pending)
-
-    def sleep(self, seconds: float) -> None:
-        self.wake.wait(seconds)
-        self.check()
-
-
 class Prepared(NamedTuple):
     """A claimed trial ready to train: its Optuna trial, its job, and its system attributes as read
     while preparing it (unfinished trials are not in Optuna's cache: read once)."""
@@ -297,307 +131,6 @@ class Prepared(NamedTuple):
     trial: optuna.Trial
     job: TrialJob
     system_attrs: dict[str, Any]
-
-
-class TrainerDied(Exception):
-    def __init__(self, exitcode: int | None) -> None:
-        super().__init__(describe_exit(exitcode))
-        self.exitcode = exitcode
-
-
-class Trainer:
-    """The trainer child process (spawned; see :mod:`hpo.trainer`), started on first use and
-    again after it died."""
-
-    def __init__(self, threads: int | None, warm: TrialJob | None = None) -> None:
-        """``warm``: a job standing for the trials to come; each new trainer is sent it to import
-        their objective before the first one is claimed (see :func:`hpo.trainer._warm`)."""
-        self.threads = threads
-        self.warm = warm
-        self._process: Any = None
-        self._conn: Connection | None = None
-        # Whether the current process answered "ready" (and its warm-up was sent and waited for).
-        self._ready = False
-        self._spawned_at = 0.0
-        # Counts the trainers started: a message sent to one is not in a later one's pipe.
-        self.generation = 0
-
-    @property
-    def pid(self) -> int | None:
-        return self._process.pid if self._process is not None else None
-
-    def spawn(self) -> None:
-        """Start a trainer process and return at once: :meth:`ensure_started` waits for it.
-
-        ``hpo worker`` spawns its trainer before it opens the storage and imports the objective
-        itself, so that the trainer's own imports (PyTorch, then ``torch._dynamo`` on its first
-        optimizer: seconds) run on another core meanwhile instead of after them."""
-        self.close()
-        context = multiprocessing.get_context("spawn")
-        parent, child = context.Pipe(duplex=True)
-        # spawn copies the environment when the process starts: set the thread counts for it
-        # (OpenMP/MKL read theirs at load time, PyTorch's pool is sized in hpo.trainer).
-        names = (THREADS_ENV, "OMP_NUM_THREADS", "MKL_NUM_THREADS")
-        previous = {name: os.environ.get(name) for name in names}
-        if self.threads is not None:
-            os.environ.update(dict.fromkeys(names, str(self.threads)))
-        try:
-            process = context.Process(
-                target=trainer_main, args=(child, os.getpid()), name="hpo-trainer", daemon=False
-            )
-            process.start()
-        finally:
-            for name, value in previous.items():
-                if value is None:
-                    os.environ.pop(name, None)
-                else:
-                    os.environ[name] = value
-        child.close()
-        self._process, self._conn = process, parent
-        self._spawned_at = time.monotonic()
-        self.generation += 1
-
-    def ensure_started(self, interrupts: Interrupts) -> None:
-        """A trainer that answered "ready" and did its warm-up (or waited TRAINER_WARM_WAIT_S for
-        it): the one :meth:`spawn` started, or a new one if none runs (the first, or after one
-        died)."""
-        alive = self._process is not None and self._process.is_alive()
-        if alive and self._ready:
-            return
-        if not alive:
-            self.spawn()
-        deadline = self._spawned_at + TRAINER_START_TIMEOUT_S
-        warm_until: float | None = None  # set once the warm-up job is sent
-        while True:
-            try:
-                message = self._receive(POLL_S)
-                if message is not None and message[0] == "ready" and self.warm is not None:
-                    self.send(("warm", asdict(self.warm)))  # answered ("warm",) once imported
-                    warm_until = time.monotonic() + TRAINER_WARM_WAIT_S
-                elif message is not None and message[0] in ("ready", "warm"):
-                    self._ready = True
-                    return
-            except TrainerDied:
-                if warm_until is None:
-                    raise
-                # Importing the objective killed the trainer (a crash in native code): start one
-                # without the warm-up; the first trial meets the same crash and records it.
-                self.warm = None
-                self.close()
-                self.ensure_started(interrupts)
-                return
-            interrupts.check()
-            if warm_until is not None and time.monotonic() > warm_until:
-                self._ready = True
-                return  # a slow import: the first trial waits for it (poll drops the late answer)
-            if warm_until is None and time.monotonic() > deadline:
-                self.kill()
-                raise HpoError(f"the trainer process did not start within {TRAINER_START_TIMEOUT_S:g}s")
-
-    def send(self, message: tuple[Any, ...]) -> None:
-        assert self._conn is not None
-        try:
-            self._conn.send(message)
-        except (BrokenPipeError, ConnectionResetError, EOFError, OSError):
-            raise TrainerDied(self._exitcode()) from None
-
-    def poll(self, timeout: float) -> tuple[Any, ...] | None:
-        """The trainer's next message, None if none came within ``timeout``; TrainerDied if it died."""
-        message = self._receive(timeout)
-        return None if message == ("warm",) else message  # a warm-up answered after its wait
-
-    def _receive(self, timeout: float) -> tuple[Any, ...] | None:
-        assert self._conn is not None
-        try:
-            if self._conn.poll(timeout):
-                return tuple(self._conn.recv())
-        except (EOFError, ConnectionResetError, OSError):
-            raise TrainerDied(self._exitcode()) from None
-        if not self._process.is_alive():
-            raise TrainerDied(self._exitcode())
-        return None
-
-    def _exitcode(self) -> int | None:
-        self._process.join(timeout=5)
-        return self._process.exitcode
-
-    def kill(self) -> None:
-        if self._process is not None and self._process.is_alive():
-            self._process.kill()
-            self._process.join(timeout=10)
-        self.close()
-
-    def stop(self) -> None:
-        """End the trainer: SIGTERM (the training code stops where it is), then SIGKILL."""
-        if self._process is not None and self._process.is_alive():
-            self._process.terminate()
-            self._process.join(timeout=TRAINER_STOP_GRACE_S)
-        self.kill()
-
-    def shutdown(self) -> None:
-        """Ask an idle trainer to exit, then make sure it has."""
-        if self._process is not None and self._process.is_alive() and self._conn is not None:
-            with contextlib.suppress(Exception):
-                self._conn.send(("exit",))
-            self._process.join(timeout=TRAINER_STOP_GRACE_S)
-        self.kill()
-
-    def close(self) -> None:
-        if self._conn is not None:
-            with contextlib.suppress(Exception):
-                self._conn.close()
-        self._conn = None
-        self._process = None
-        self._ready = False
-
-
-class InlineTrainer(Trainer):
-    """The trainer as a thread of this process (no isolation; see :func:`hpo.trainer.inline_main`)."""
-
-    def __init__(self, objective: Objective, cache: dict[str, Any]) -> None:
-        super().__init__(threads=None)
-        self._objective = objective
-        self._cache = cache
-
-    def ensure_started(self, interrupts: Interrupts) -> None:
-        if self._process is not None and self._process.is_alive():
-            return
-        self.close()
-        parent, child = multiprocessing.Pipe(duplex=True)
-        thread = threading.Thread(
-            target=inline_main, args=(child, self._objective, self._cache), name="hpo-trainer", daemon=True
-        )
-        thread.start()
-        self._process, self._conn = _ThreadHandle(thread, child), parent
-        self.generation += 1
-        while self.poll(POLL_S) is None:
-            interrupts.check()
-
-
-class _ThreadHandle:
-    """What :class:`Trainer` asks of its process, for a thread (which cannot be killed: closing
-    its pipe ends it at its next message)."""
-
-    pid = None
-    exitcode = None
-
-    def __init__(self, thread: threading.Thread, conn: Connection) -> None:
-        self._thread = thread
-        self._conn = conn
-
-    def is_alive(self) -> bool:
-        return self._thread.is_alive()
-
-    def join(self, timeout: float | None = None) -> None:
-        self._thread.join(timeout=min(timeout or 0.0, 1.0))
-
-    def terminate(self) -> None:
-        self.kill()
-
-    def kill(self) -> None:
-        with contextlib.suppress(Exception):
-            self._conn.close()
-
-
-class Recorder:
-    """Writes one trial's intermediate records, never blocking the training on an outage.
-
-    Each write is tried once on the storage under the retrying layer; a write that fails because
-    the database is unreachable is kept, in order, and tried again later, and while any is
-    pending no pruning decision is taken (the trial trains on). A write refused because the trial
-    is already finished means the lease was lost (another worker failed the trial as stale and
-    queued its retry): the trial is given up.
-    """
-
-    RETRY_EVERY_S = 2.0
-
-    def __init__(
-        self,
-        study: optuna.Study,
-        trial_id: int,
-        say: Callable[[str], None],
-    ) -> None:
-        """``study`` is bound to the storage under the retrying layer (see ``Worker``)."""
-        self._storage = _optuna.study_storage(study)
-        self._study = study
-        self._trial_id = trial_id
-        self.say = say
-        self._pending: list[Callable[[], None]] = []
-        self._reported: set[int] = set()
-        self._down_since: float | None = None
-        self._last_try = 0.0
-        self.lost = False
-
-    def report(self, value: float, step: int) -> None:
-        if step in self._reported:
-            return  # a resumed trial re-reports restored epochs; Optuna keeps the first
-        self._reported.add(step)
-        self._do(lambda: self._storage.set_trial_intermediate_value(self._trial_id, step, value))
-
-    def user_attr(self, key: str, value: Any) -> None:
-        self._do(lambda: self._storage.set_trial_user_attr(self._trial_id, key, value))
-
-    def system_attr(self, key: str, value: Any) -> None:
-        self._do(lambda: self._storage.set_trial_system_attr(self._trial_id, key, value))
-
-    def should_prune(self) -> bool:
-        if self._pending or self.lost:
-            return False
-        try:
-            frozen = self._storage.get_trial(self._trial_id)
-            return bool(self._study.pruner.prune(self._study, frozen))
-        except Exception as exc:
-            if not is_transient(exc):
-                raise
-            self._went_down(exc)
-            return False
-
-    def _do(self, write: Callable[[], None]) -> None:
-        if not self.lost:
-            self._pending.append(write)
-            self.drain()
-
-    def drain(self) -> bool:
-        """Try the pending writes; True when none is left."""
-        self._last_try = time.monotonic()
-        while self._pending and not self.lost:
-            try:
-                self._pending[0]()
-            except optuna.exceptions.UpdateFinishedTrialError:
-                self.lost = True
-                self._pending.clear()
-                return True
-            except Exception as exc:
-                if not is_transient(exc):
-                    raise
-                self._went_down(exc)
-                return False
-            self._pending.pop(0)
-        if self._down_since is not None:
-            self.say(f"database reachable again after {time.monotonic() - self._down_since:.1f}s")
-            self._down_since = None
-        return True
-
-    def retry_due(self) -> None:
-        if self._pending and time.monotonic() - self._last_try >= self.RETRY_EVERY_S:
-            self.drain()
-
-    def drain_blocking(self, patience: float, interrupts: Interrupts) -> None:
-        """Write everything pending, waiting for the database up to ``patience`` seconds."""
-        deadline = time.monotonic() + patience
-        while not self.drain():
-            if time.monotonic() > deadline:
-                raise StorageUnavailable(
-                    f"the database stayed unreachable for {patience:g}s while trial records were "
-                    "pending (fix: check the database server; raise --storage-patience)"
-                )
-            interrupts.wake.wait(self.RETRY_EVERY_S)
-
-    def _went_down(self, exc: BaseException) -> None:
-        if self._down_since is None:
-            self._down_since = time.monotonic()
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            self.say(f"database unreachable, training on and keeping this trial's records: {first[:200]}")
 
 
 def _format_params(params: Mapping[str, Any]) -> str:
@@ -655,16 +188,7 @@ class Worker:
         self.objective_path = tuple(objective_path)
         if not isinstance(objective, Objective):
             self.objective = objective
-            warm = TrialJob(
-                number=-1,
-                definition=self._definition,
-                objective=objective,
-                params={},
-                max_epochs=0,
-                device=options.device,
-                checkpoint_dir="",
-                objective_path=self.objective_path,
-            )
+            warm = warm_job(self._definition, objective, self.objective_path, options.device)
             if trainer is None or trainer.threads != options.threads:
                 if trainer is not None:  # spawned for other thread counts: not this worker's
                     trainer.kill()
@@ -678,7 +202,7 @@ class Worker:
         self._fast: optuna.Study | None = None
         # The dashboard's per-metric figures (hpo._dashboard_data); never fail a trial.
         self.curves = CurvePublisher(
-            _inner(_optuna.study_storage(study)),
+            inner_storage(_optuna.study_storage(study)),
             _optuna.study_id(study),
             spec.metric,
             spec.direction,
@@ -753,7 +277,10 @@ class Worker:
                 for outcome in self._fail_stale():
                     self.say(f"failed a stale trial of a dead worker: {outcome.reason[:120]}")
                 stale_checked = time.monotonic()
-            self.trainer.ensure_started(self.interrupts)  # warm before the first claim
+            if self._groups is None or not self._groups.sent_ahead:
+                # Warm before the first claim. A trainer sent the next fused group ahead is
+                # checked by that group: restarted here, its death would go unrecorded.
+                self.trainer.ensure_started(self.interrupts)
             results: list[tuple[int, TrialState | None]] | None
             if self._groups is not None:
                 left = None if self.options.n_trials is None else self.options.n_trials - summary.total
@@ -810,7 +337,7 @@ class Worker:
     # ------------------------------------------------------------------ one trial
     def _run_trial(self, trial_id: int, number: int) -> TrialState | None:
         t0 = time.monotonic()
-        storage = _inner(_optuna.study_storage(self.study))  # for show: never waits out an outage
+        storage = inner_storage(_optuna.study_storage(self.study))  # for show: never waits out an outage
         study_id = _optuna.study_id(self.study)
         self.counts = read_counts(storage, study_id, self.spec.n_trials, self.direction)
         with Heartbeat(_optuna.study_storage(self.study), trial_id):
@@ -924,7 +451,7 @@ class Worker:
         """The study on the storage under the retrying layer, for writes that must not block."""
         if self._fast is None:
             self._fast = optuna.Study(
-                self.study.study_name, storage=_inner(_optuna.study_storage(self.study))
+                self.study.study_name, storage=inner_storage(_optuna.study_storage(self.study))
             )
         self._fast.pruner = self.study.pruner
         return self._fast

@@ -18,10 +18,10 @@ from conftest import run_cli, start_cli
 from hpo_bohb_objectives import branin
 from optuna.trial import FrozenTrial, TrialState
 
+from hpo._rdb import WORKER_ATTR
 from hpo.bohb import SLOT_ATTR, BOHBSampler, HyperbandSchedule, budget_epochs, plan_for
 from hpo.objective import BUDGET_ATTR
 from hpo.space import parse_space, suggest
-from hpo.worker import WORKER_ATTR
 
 pytestmark = pytest.mark.postgres
 

@@ -100,7 +100,14 @@ def test_read_only_commands_never_create_a_database(tmp_path: Path, command: lis
     ("flags", "fragment"),
     [
         (["--storage-patience", "0"], "--storage-patience must be a positive number"),
+        (["--storage-patience", "nan"], "--storage-patience must be a positive number"),
         (["--threads", "0"], "--threads must be at least 1"),
+        (["--n-trials", "-2"], "--n-trials must be at least 1, got -2"),
+        (["--timeout", "-5"], "--timeout must be a positive number of seconds, got -5"),
+        (["--timeout", "nan"], "--timeout must be a positive number of seconds, got nan"),
+        (["--max-retry", "-1"], "--max-retry must be 0 or more, got -1"),
+        (["--max-consecutive-failures", "0"], "--max-consecutive-failures must be at least 1, got 0"),
+        (["--grace-period", "5", "--heartbeat-interval", "10"], "--grace-period must exceed"),
         (["--allow-objective", "evil.mod:obj"], "contains ':'"),
     ],
 )
@@ -112,6 +119,22 @@ def test_bad_worker_flags_are_one_clear_line(tmp_path: Path, flags: list[str], f
     assert result.returncode == 2 and "Traceback" not in result.stderr
     (line,) = result.stderr.strip().splitlines()
     assert fragment in line, line
+
+
+def test_more_threads_than_cores_and_trials_per_gpu_without_gpus_are_noted(tmp_path: Path) -> None:
+    """Allowed, as PyTorch allows them, but said: more threads than cores slow trials down, and
+    --trials-per-gpu does nothing on a worker without GPUs."""
+    from studyfiles import quadratic_study
+
+    from hpo.launcher import available_cores
+
+    path = quadratic_study(tmp_path)
+    threads = available_cores() + 1
+    flags = ["--n-trials", "1", "--threads", str(threads), "--gpus", "none", "--trials-per-gpu", "3"]
+    result = run_cli(["worker", str(path), "--storage", f"sqlite:///{tmp_path / 'hpo.db'}", *flags])
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"note: --threads {threads} is more threads than the" in result.stdout, result.stdout
+    assert "--trials-per-gpu 3 applies to GPUs, and this worker has none" in result.stdout, result.stdout
 
 
 def test_a_non_positive_trial_timeout_is_refused_at_load(tmp_path: Path) -> None:

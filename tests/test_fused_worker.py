@@ -499,8 +499,7 @@ def test_a_trainer_killed_in_the_group_sent_ahead_loses_and_doubles_nothing(
 ) -> None:
     # The second group is sent to the trainer before the first group's results are told; the
     # trainer is SIGKILLed (as by the OOM killer) one epoch into that group. The first group's
-    # results, held until then, are told; the second group's trials are failed and retried once
-    # (had the worker seen the death before it waited on that group: sent to a new trainer).
+    # results, held until then, are told; the second group's trials are failed and retried once.
     result = run_group_study(tmp_path, sqlite_url, "died_ahead", die_with=4)
     out = result.stdout + result.stderr
     assert result.returncode == 0, out
@@ -519,6 +518,30 @@ def test_a_trainer_killed_in_the_group_sent_ahead_loses_and_doubles_nothing(
     assert all("killed by SIGKILL" in t.system_attrs["fail_reason"] for t in failed)
     retries = Counter(t.system_attrs.get(RETRY_OF_ATTR) for t in trials if RETRY_OF_ATTR in t.system_attrs)
     assert retries == Counter(t.number for t in failed), "each failed member retried exactly once"
+
+
+def test_a_trainer_dead_before_the_worker_supervises_the_group_sent_ahead_fails_its_members(
+    tmp_path: Path, sqlite_url: str
+) -> None:
+    # The trainer dies as the group sent ahead starts, while the worker still tells the first
+    # group's results: the worker finds it dead when it turns to that group. The group is not
+    # sent again, unrecorded, to a new trainer: its members fail with the cause, counted as any
+    # death of a group's trainer, and each retry runs alone.
+    result = run_group_study(tmp_path, sqlite_url, "died_unseen", die_at_start_with=4)
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, out
+    assert (tmp_path / "markers" / "trainer-died").read_text() == "4,5,6,7", out
+    trials = optuna.load_study(study_name="died_unseen", storage=sqlite_url).get_trials()
+    assert [t.state for t in trials[:4]] == [TrialState.COMPLETE] * 4, out
+    assert [t.state for t in trials[4:8]] == [TrialState.FAIL] * 4, out
+    assert all("killed by SIGKILL" in t.system_attrs["fail_reason"] for t in trials[4:8]), out
+    assert "runs alone: a retry after its fused group's trainer died (trainer killed by SIGKILL" in out, out
+    retries = Counter(t.system_attrs.get(RETRY_OF_ATTR) for t in trials if RETRY_OF_ATTR in t.system_attrs)
+    assert retries == Counter({4: 1, 5: 1, 6: 1, 7: 1}), out
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert sorted(t.params["x"] for t in complete) == GROUP_XS, out  # every point once
+    for trial in complete:
+        assert sorted(trial.intermediate_values) == [1, 2, 3, 4, 5]
 
 
 def test_a_member_that_kills_its_trainer_fails_alone_and_its_groups_retries_complete(
@@ -679,6 +702,9 @@ def test_bad_fuse_values_are_one_line_errors_and_create_no_database(tmp_path: Pa
         "1": "--fuse must be a number of trials >= 2 or auto, got '1' (fix: e.g. --fuse 8)",
         "many": "--fuse must be a number of trials >= 2 or auto, got 'many'",
         "-3": "--fuse must be a number of trials >= 2 or auto, got '-3'",
+        # str.isdigit() takes these; int() refuses the first and reads the second as 3
+        "\u00b2": "--fuse must be a number of trials >= 2 or auto, got '\u00b2'",
+        "\u0663": "--fuse must be a number of trials >= 2 or auto, got '\u0663'",
     }
     for value, message in cases.items():
         result = run_cli(["worker", str(study), "--storage", f"sqlite:///{db}", f"--fuse={value}"], env=ENV)

@@ -17,8 +17,8 @@ from conftest import cli_env, run_cli, start_cli
 from optuna.trial import TrialState
 from studyfiles import quadratic_study
 
+from hpo._rdb import WORKER_ATTR
 from hpo.studies import stored_definition
-from hpo.worker import WORKER_ATTR
 
 pytestmark = pytest.mark.postgres
 

@@ -22,7 +22,7 @@ from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 from studyfiles import quadratic_study
 
-from hpo.worker import WORKER_ATTR
+from hpo._rdb import WORKER_ATTR
 
 
 @pytest.fixture

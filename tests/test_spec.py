@@ -81,6 +81,9 @@ MALFORMED = [
     (("budget: {max_epochs: 3}", "budget: {max_epochs: 3, min_epochs: 5}"), "budget", "min_epochs"),
     (("budget: {max_epochs: 3}", "budget: {epochs: 3}"), "budget.epochs", "unknown field"),
     (("sampler: {name: tpe, seed: 1}", "sampler: {name: annealing}"), "sampler.name", "unknown sampler"),
+    # named as the field at fault, not as the sampler's options that the seed reaches
+    (("n_trials: 4", "n_trials: 4\nseed: -1"), " seed:", "greater than or equal to 0"),
+    (("seed: 1}", "seed: 5000000000}"), "sampler.seed", "less than or equal to 4294967295"),
     (
         ("sampler: {name: tpe, seed: 1}", "sampler: {name: tpe, options: {n_startup: 3}}"),
         "sampler.options",

@@ -150,13 +150,14 @@ def test_a_warm_up_slower_than_its_wait_overlaps_the_first_trial(
 ) -> None:
     """The worker claims after TRAINER_WARM_WAIT_S at most; the late ("warm",) answer is dropped, so
     the trial's own messages come through as usual."""
-    import hpo.worker
+    import hpo._interrupts
+    import hpo._trainer_handle
     from hpo.spec import load_study_file
     from hpo.trainer import TrialJob
 
     import_s = 6.0
     (tmp_path / "slowimport.py").write_text(SLOW_IMPORT.format(import_s=import_s))
-    monkeypatch.setattr(hpo.worker, "TRAINER_WARM_WAIT_S", 0.3)
+    monkeypatch.setattr(hpo._trainer_handle, "TRAINER_WARM_WAIT_S", 0.3)
     study_file = tmp_path / "warm.yaml"
     study_file.write_text(STUDY.format(module="slowimport", n_trials=1))
     definition = load_study_file(study_file).definition()
@@ -171,10 +172,10 @@ def test_a_warm_up_slower_than_its_wait_overlaps_the_first_trial(
         prunes=False,
         objective_path=(str(tmp_path),),
     )
-    trainer = hpo.worker.Trainer(threads=1, warm=job)
+    trainer = hpo._trainer_handle.Trainer(threads=1, warm=job)
     try:
         began = time.monotonic()
-        trainer.ensure_started(hpo.worker.Interrupts())
+        trainer.ensure_started(hpo._interrupts.Interrupts())
         waited = time.monotonic() - began
         assert waited < import_s  # claimed without waiting for the whole import
         trainer.send(job.to_message())
@@ -233,6 +234,48 @@ def test_the_trainer_process_starts_before_the_worker_imports_the_objective(tmp_
     result, url = _worker(tmp_path, "childrenprobe", CHILDREN_AT_IMPORT.format(), 1)
     assert result.returncode == 0, result.stdout + result.stderr
     assert (tmp_path / "children_at_import.txt").read_text() == "1"
+    (trial,) = optuna.load_study(study_name="warm", storage=url).trials
+    assert trial.state == optuna.trial.TrialState.COMPLETE
+
+
+# Records, for each process importing it (the worker, which checks the objective, and its
+# trainer, which warms up), when its import began and ended; the import takes IMPORT_S seconds.
+IMPORT_TIMES = """
+import multiprocessing
+import time
+from pathlib import Path
+
+from hpo.objective import Objective
+
+_began = time.time()
+time.sleep({import_s})
+with open(Path(__file__).with_name("import_times.txt"), "a") as out:
+    out.write(f"{{multiprocessing.current_process().name}} {{_began}} {{time.time()}}\\n")
+
+
+def train(run):
+    run.report(1, {{"loss": 0.0}})
+    return run.final_value()
+
+
+OBJECTIVE = Objective(train=train, metrics=("loss",))
+"""
+
+
+def test_the_trainer_imports_the_objective_while_the_worker_still_imports_it(tmp_path: Path) -> None:
+    """Once the policy allows the objective, the worker sends its trainer the warm-up before it
+    imports the objective itself (to check it), so the two imports overlap instead of the
+    trainer's following the worker's."""
+    import_s = 6.0
+    result, url = _worker(tmp_path, "importtimes", IMPORT_TIMES.format(import_s=import_s), 1)
+    assert result.returncode == 0, result.stdout + result.stderr
+    times = {}
+    for line in (tmp_path / "import_times.txt").read_text().splitlines():
+        name, began, ended = line.split()
+        times[name] = (float(began), float(ended))
+    assert set(times) == {"MainProcess", "hpo-trainer"}, times
+    # The trainer began its import before the worker had finished its own.
+    assert times["hpo-trainer"][0] < times["MainProcess"][1], times
     (trial,) = optuna.load_study(study_name="warm", storage=url).trials
     assert trial.state == optuna.trial.TrialState.COMPLETE
 
@@ -319,10 +362,11 @@ def test_the_trainer_exits_at_once_when_the_worker_ends_and_keeps_its_output(tmp
     assert result.returncode == 0, result.stdout + result.stderr
     assert "last words of trial 1" in result.stdout, result.stdout
 
-    import hpo.worker
+    import hpo._interrupts
+    import hpo._trainer_handle
 
-    trainer = hpo.worker.Trainer(threads=1)  # imports PyTorch, as every worker's trainer does
-    trainer.ensure_started(hpo.worker.Interrupts())
+    trainer = hpo._trainer_handle.Trainer(threads=1)  # imports PyTorch, as every worker's trainer does
+    trainer.ensure_started(hpo._interrupts.Interrupts())
     process = trainer._process
     trainer.shutdown()
     assert process.exitcode == 0  # it ended on its own, not killed after the grace period

@@ -31,6 +31,18 @@ def lazy_command(module: str, name: str) -> Command:
     return run
 
 
+def check_heartbeat_flags(args: argparse.Namespace) -> None:
+    """One-line errors for ``--heartbeat-interval``, ``--grace-period`` and ``--max-retry``."""
+    from hpo.errors import HpoError
+
+    if args.heartbeat_interval < 1 or args.grace_period <= args.heartbeat_interval:
+        raise HpoError("--grace-period must exceed --heartbeat-interval, and both must be >= 1 second")
+    if args.max_retry < 0:
+        raise HpoError(
+            f"--max-retry must be 0 or more, got {args.max_retry} (fix: e.g. --max-retry 3; 0 never retries)"
+        )
+
+
 def add_retry_arguments(p: argparse.ArgumentParser) -> None:
     """``--grace-period`` and ``--max-retry``: when a silent trial's worker counts as dead, and how
     often its trial is retried (``hpo worker`` and ``hpo serve-storage`` share them)."""

@@ -4,7 +4,7 @@
 same study name, the study's own sampler), with the changes hpo's guarantees need:
 
 * trials: instead of ``study.ask()``, which creates a new trial when none is queued, it claims a
-  queued WAITING trial exactly like a plain worker (:func:`hpo.worker.claim_trial`), so Ray and
+  queued WAITING trial exactly like a plain worker (:func:`hpo._lease.claim_trial`), so Ray and
   plain workers together run exactly ``n_trials``; the claimed trial then goes through
   ``OptunaSearch``'s define-by-run path (our :func:`hpo.space.suggest`, conditional spaces and
   fixed grid points included), sampled by the study's sampler seeded from the study seed and
@@ -38,7 +38,8 @@ from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from hpo import _optuna
-from hpo._rdb import fail_stale, set_trial_params
+from hpo._lease import claim_trial, fail_and_requeue, worker_identity
+from hpo._rdb import WORKER_ATTR, fail_stale, set_trial_params
 from hpo.ray_backend._schedulers import EPOCH_KEY
 from hpo.ray_backend._trainable import (
     FINAL_KEY,
@@ -51,7 +52,6 @@ from hpo.samplers import make_sampler, trial_seed
 from hpo.space import SearchSpace, suggest
 from hpo.spec import StudySpec
 from hpo.storage import HeartbeatSettings
-from hpo.worker import WORKER_ATTR, claim_trial, fail_and_requeue, worker_identity
 
 
 class _DefineByRun:

@@ -37,13 +37,14 @@ from optuna.trial import FrozenTrial, TrialState
 from ray import tune
 
 from hpo import _optuna
+from hpo._lease import worker_identity
+from hpo._rdb import WORKER_ATTR
 from hpo.errors import HpoError
 from hpo.objective import BUDGET_ATTR, TrialRun, resolve_objective
 from hpo.ray_backend._schedulers import EPOCH_KEY
 from hpo.storage import open_storage
 from hpo.studies import checkpoint_folder, load_study_spec, trial_checkpoint_dir
 from hpo.trainer import tune_malloc
-from hpo.worker import WORKER_ATTR, worker_identity
 
 # Ray trial config key holding the Optuna trial id claimed by the driver.
 TRIAL_ID_KEY = "hpo_trial_id"

@@ -145,7 +145,8 @@ def _fused_quadratic(runs: Sequence[TrialRun], on_leave: Callable[[Any], None]) 
     ``settings.group_raises``: a group of two or more raises MemoryError in its second epoch;
     ``settings.always_raises``: every group, and every lone trial, raises the same ValueError;
     ``settings.die_with``: the first group holding that trial
-    number SIGKILLs its trainer after epoch 1 (once per ``$HPO_TEST_MARKERS`` folder). With
+    number SIGKILLs its trainer after epoch 1 (once per ``$HPO_TEST_MARKERS`` folder);
+    ``settings.die_at_start_with``: the same as the group starts, before its first epoch. With
     ``$HPO_TEST_COUNTS`` set, each member leaves a file there as :func:`counted` does."""
     import signal as signal_module
 
@@ -162,6 +163,9 @@ def _fused_quadratic(runs: Sequence[TrialRun], on_leave: Callable[[Any], None]) 
     )
     fail_below = int(config.get("fail_below", -1))
     die_with = config.get("die_with")
+    die_at_start_with = config.get("die_at_start_with")
+    if die_at_start_with is not None and any(run.number == int(die_at_start_with) for run in runs):
+        _die_once(runs)
     members = [_Leaving(run) for run in runs]
     training = list(members)
     for epoch in range(1, max(run.max_epochs for run in runs) + 1):
@@ -189,12 +193,20 @@ def _fused_quadratic(runs: Sequence[TrialRun], on_leave: Callable[[Any], None]) 
         if epoch == 1 and any(_poisoned(run) for run in runs):
             os.kill(os.getpid(), signal_module.SIGKILL)
         if die_with is not None and epoch == 1 and any(run.number == int(die_with) for run in runs):
-            marker = Path(os.environ["HPO_TEST_MARKERS"]) / "trainer-died"
-            if not marker.exists():
-                marker.parent.mkdir(parents=True, exist_ok=True)
-                marker.write_text(",".join(str(run.number) for run in runs))
-                os.kill(os.getpid(), signal_module.SIGKILL)  # as the OOM killer would
+            _die_once(runs)
     return members
+
+
+def _die_once(runs: Sequence[TrialRun]) -> None:
+    """SIGKILL this process (as the OOM killer would), the first time only: a marker
+    ``trainer-died`` in ``$HPO_TEST_MARKERS`` names the group's trials."""
+    import signal as signal_module
+
+    marker = Path(os.environ["HPO_TEST_MARKERS"]) / "trainer-died"
+    if not marker.exists():
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(",".join(str(run.number) for run in runs))
+        os.kill(os.getpid(), signal_module.SIGKILL)
 
 
 def _poisoned(run: TrialRun) -> bool:
