@@ -508,8 +508,8 @@ class Worker:
 
     def lost_outcome(self, number: int) -> _Outcome:
         note = (
-            "given up: its lease expired while this worker could not reach the database, and another "
-            "worker failed and re-queued it"
+            "given up: its lease expired (this worker's heartbeats did not reach the database in time: "
+            "an outage, or this worker paused or starved of CPU), and another worker failed and re-queued it"
         )
         return _Outcome(None, note, keep_checkpoint=True)
 
