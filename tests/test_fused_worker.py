@@ -494,6 +494,14 @@ def assert_claimed_ahead(trials: list[FrozenTrial]) -> None:
     assert claimed < min(t.datetime_complete for t in trials[:4] if t.datetime_complete is not None)
 
 
+def assert_every_point_complete_once(trials: list[FrozenTrial], out: str) -> None:
+    """Each grid point COMPLETE exactly once, with all its epochs (nothing lost or doubled)."""
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert sorted(t.params["x"] for t in complete) == GROUP_XS, out
+    for trial in complete:
+        assert sorted(trial.intermediate_values) == [1, 2, 3, 4, 5]
+
+
 def test_a_trainer_killed_in_the_group_sent_ahead_loses_and_doubles_nothing(
     tmp_path: Path, sqlite_url: str
 ) -> None:
@@ -509,10 +517,7 @@ def test_a_trainer_killed_in_the_group_sent_ahead_loses_and_doubles_nothing(
     assert [t.state for t in trials[:4]] == [TrialState.COMPLETE] * 4, out  # held results: told
     assert_claimed_ahead(trials)
     assert {t.state for t in trials} <= {TrialState.COMPLETE, TrialState.FAIL}, out
-    complete = [t for t in trials if t.state == TrialState.COMPLETE]
-    assert sorted(t.params["x"] for t in complete) == GROUP_XS, out  # every point once
-    for trial in complete:
-        assert sorted(trial.intermediate_values) == [1, 2, 3, 4, 5]
+    assert_every_point_complete_once(trials, out)
     failed = [t for t in trials if t.state == TrialState.FAIL]
     assert {t.number for t in failed} <= {4, 5, 6, 7}, out
     assert all("killed by SIGKILL" in t.system_attrs["fail_reason"] for t in failed)
@@ -538,10 +543,7 @@ def test_a_trainer_dead_before_the_worker_supervises_the_group_sent_ahead_fails_
     assert "runs alone: a retry after its fused group's trainer died (trainer killed by SIGKILL" in out, out
     retries = Counter(t.system_attrs.get(RETRY_OF_ATTR) for t in trials if RETRY_OF_ATTR in t.system_attrs)
     assert retries == Counter({4: 1, 5: 1, 6: 1, 7: 1}), out
-    complete = [t for t in trials if t.state == TrialState.COMPLETE]
-    assert sorted(t.params["x"] for t in complete) == GROUP_XS, out  # every point once
-    for trial in complete:
-        assert sorted(trial.intermediate_values) == [1, 2, 3, 4, 5]
+    assert_every_point_complete_once(trials, out)
 
 
 def test_a_member_that_kills_its_trainer_fails_alone_and_its_groups_retries_complete(
