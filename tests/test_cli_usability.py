@@ -135,6 +135,12 @@ def test_more_threads_than_cores_and_trials_per_gpu_without_gpus_are_noted(tmp_p
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"note: --threads {threads} is more threads than the" in result.stdout, result.stdout
     assert "--trials-per-gpu 3 applies to GPUs, and this worker has none" in result.stdout, result.stdout
+    # an OMP_NUM_THREADS that str.isdigit() takes and int() refuses is not a thread count: ignored
+    odd = run_cli(
+        ["worker", str(path), "--storage", f"sqlite:///{tmp_path / 'hpo.db'}", "--n-trials", "1"],
+        env=cli_env({"OMP_NUM_THREADS": "\u00b2"}),
+    )
+    assert odd.returncode == 0 and "Traceback" not in odd.stderr, odd.stdout + odd.stderr
 
 
 def test_a_non_positive_trial_timeout_is_refused_at_load(tmp_path: Path) -> None:
