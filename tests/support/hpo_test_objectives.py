@@ -58,11 +58,18 @@ QUADRATIC = Objective(train=quadratic, description="test objective")
 def counted(run: TrialRun) -> float:
     """:func:`quadratic` that first leaves one file per training in ``$HPO_TEST_COUNTS``, so a test
     counts the trainings the objective itself ran (not what the database says)."""
+    _leave_count_file(run)
+    return quadratic(run)
+
+
+def _leave_count_file(run: TrialRun) -> None:
+    """One file per training in ``$HPO_TEST_COUNTS`` (when set), named by the trial's x and y."""
+    if "HPO_TEST_COUNTS" not in os.environ:
+        return
     counts = Path(os.environ["HPO_TEST_COUNTS"])
     counts.mkdir(parents=True, exist_ok=True)
     config = run.config
     (counts / f"{config['x']}_{config['y']}_{os.getpid()}_{time.monotonic_ns()}").write_text(str(run.number))
-    return quadratic(run)
 
 
 def poison(run: TrialRun) -> float:
@@ -150,12 +157,8 @@ def _fused_quadratic(runs: Sequence[TrialRun], on_leave: Callable[[Any], None]) 
     ``$HPO_TEST_COUNTS`` set, each member leaves a file there as :func:`counted` does."""
     import signal as signal_module
 
-    if "HPO_TEST_COUNTS" in os.environ:
-        counts = Path(os.environ["HPO_TEST_COUNTS"])
-        counts.mkdir(parents=True, exist_ok=True)
-        for run in runs:
-            name = f"{run.config['x']}_{run.config['y']}_{os.getpid()}_{time.monotonic_ns()}"
-            (counts / name).write_text(str(run.number))
+    for run in runs:
+        _leave_count_file(run)
     config = runs[0].config
     # settings.group_slowdown: a group's epoch takes this many times one trial's (compute-bound)
     sleep = float(config.get("sleep", 0.0)) * (
@@ -215,8 +218,11 @@ def _poisoned(run: TrialRun) -> bool:
 
 
 def _quadratic_unless_poisoned(run: TrialRun) -> float:
-    """:func:`quadratic`; the trial whose x is ``settings.poison_x`` SIGKILLs its process after epoch 1."""
+    """:func:`quadratic`; the trial whose x is ``settings.poison_x`` SIGKILLs its process after epoch 1.
+    It counts its training as the fused trainer does: a group of one runs here, not there."""
     import signal as signal_module
+
+    _leave_count_file(run)
 
     if run.config.get("always_raises"):
         raise ValueError("the objective is broken")
