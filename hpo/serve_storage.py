@@ -24,6 +24,7 @@ import threading
 import warnings
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from types import FrameType
 
 import grpc
@@ -135,18 +136,32 @@ class _StaleTrialReaper(threading.Thread):
                 print(f"warning: checking for stale trials failed: {exc}", file=sys.stderr)
 
 
-def serve(
+@dataclass
+class RunningProxy:
+    """A started proxy (:func:`start`): its gRPC server, its stale-trial reaper and the URL
+    workers should use."""
+
+    server: grpc.Server
+    reaper: _StaleTrialReaper
+    url: str
+
+    def stop(self, grace: float | None = None) -> None:
+        """Stop serving; ``grace`` seconds let the calls in flight finish."""
+        self.reaper.stop.set()
+        self.server.stop(grace=grace)
+
+
+def start(
     storage_url: str,
     host: str = DEFAULT_HOST,
     port: int = DEFAULT_PORT,
     heartbeat: HeartbeatSettings | None = None,
     threads: int = 16,
-    on_ready: Callable[[str], None] | None = None,
-) -> None:
-    """Serve ``storage_url`` (a database URL) over gRPC on ``host:port`` until SIGINT/SIGTERM.
+) -> RunningProxy:
+    """Start serving ``storage_url`` (a database URL) over gRPC on ``host:port``.
 
     Raises :class:`HpoError` before serving when the URL or the database is unusable or the
-    port cannot be bound. ``on_ready`` receives the ``grpc://`` URL workers should use.
+    port cannot be bound.
     """
     if is_grpc(storage_url):
         raise StorageError(
@@ -181,19 +196,32 @@ def serve(
     reaper = _StaleTrialReaper(backend, heartbeat.interval)
     server.start()
     reaper.start()
+    return RunningProxy(server, reaper, f"grpc://{address.public_host}:{bound}")
+
+
+def serve(
+    storage_url: str,
+    host: str = DEFAULT_HOST,
+    port: int = DEFAULT_PORT,
+    heartbeat: HeartbeatSettings | None = None,
+    threads: int = 16,
+    on_ready: Callable[[str], None] | None = None,
+) -> None:
+    """:func:`start`, then serve until SIGINT/SIGTERM. ``on_ready`` receives the ``grpc://`` URL
+    workers should use."""
+    proxy = start(storage_url, host, port, heartbeat, threads)
 
     def stop(signum: int, frame: FrameType | None) -> None:
-        server.stop(grace=5)  # lets calls in flight finish, so no write is cut in half
+        proxy.server.stop(grace=5)  # lets calls in flight finish, so no write is cut in half
 
     previous = signal.signal(signal.SIGTERM, stop)
     try:
         if on_ready is not None:
-            on_ready(f"grpc://{address.public_host}:{port}")
-        server.wait_for_termination()
+            on_ready(proxy.url)
+        proxy.server.wait_for_termination()
     finally:
         signal.signal(signal.SIGTERM, previous)
-        reaper.stop.set()
-        server.stop(grace=None)
+        proxy.stop(grace=None)
 
 
 def cmd_serve_storage(args: argparse.Namespace) -> int:
