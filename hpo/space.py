@@ -204,7 +204,7 @@ def parse_param(source: str, name: str, raw: Any, declared: Mapping[str, Param])
     if not isinstance(raw, Mapping):
         raise SpecError(source, where, f"must be a mapping, got {raw!r}", _EXAMPLE)
     kind = raw.get("type")
-    if kind not in _PARAM_KEYS:
+    if not isinstance(kind, str) or kind not in _PARAM_KEYS:
         raise SpecError(
             source, f"{where}.type", f"must be one of float, int, categorical, got {kind!r}", _EXAMPLE
         )

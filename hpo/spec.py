@@ -188,7 +188,18 @@ def _read_yaml(path: Path, what: str) -> Any:
             str(path), "", f"{what} not found", "check the path (relative to the current directory)"
         )
     try:
-        return yaml.safe_load(path.read_text())
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise SpecError(
+            str(path),
+            "",
+            f"is not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start})",
+            "save the file as UTF-8",
+        ) from None
+    except OSError as exc:
+        raise SpecError(str(path), "", f"cannot read the {what}: {exc.strerror}", "check the file") from None
+    try:
+        return yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -274,7 +285,9 @@ def parse_study(raw: Any, source: str, base_dir: Path | None = None) -> StudySpe
         if isinstance(raw.get(key), str):
             raw[key] = {"name": raw[key]}
     sampler_name = (raw.get("sampler") or {}).get("name") if isinstance(raw.get("sampler"), Mapping) else None
-    if sampler_name is not None and sampler_name not in SAMPLER_BUILDERS:
+    if sampler_name is not None and (
+        not isinstance(sampler_name, str) or sampler_name not in SAMPLER_BUILDERS
+    ):
         raise SpecError(
             source,
             "sampler.name",
@@ -365,7 +378,8 @@ def _resolve_path_settings(settings: Mapping[str, Any], base_dir: Path) -> dict[
     resolved = dict(settings)
     for key, value in settings.items():
         if (
-            key.endswith(PATH_SETTING_SUFFIX)
+            isinstance(key, str)  # any other key is refused where the settings are validated
+            and key.endswith(PATH_SETTING_SUFFIX)
             and isinstance(value, str)
             and value
             and not value.startswith(ARTIFACT_PREFIX)

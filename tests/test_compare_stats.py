@@ -221,6 +221,9 @@ def test_results_round_trip_through_json(tmp_path: Path) -> None:
     path.write_text('{"format": "something else"}')
     with pytest.raises(SpecError, match="format"):
         load_results(path)
+    path.write_bytes(b'{"format": "\xff"}')  # was: UnicodeDecodeError, a traceback
+    with pytest.raises(HpoError, match="cannot read comparison results"):
+        load_results(path)
 
 
 # --------------------------------------------------------------------------- clocks
@@ -306,6 +309,9 @@ def test_table_files_round_trip_and_malformed_ones_name_the_field(tmp_path: Path
         load_table(path)
     with pytest.raises(SpecError, match="replay table not found"):
         load_table(tmp_path / "missing.json")
+    path.write_bytes(b"\x80" + path.read_bytes())  # was: UnicodeDecodeError, a traceback
+    with pytest.raises(SpecError, match=r"t\.json: is not a JSON replay table"):
+        load_table(path)
 
 
 # --------------------------------------------------------------------------- planning

@@ -130,6 +130,14 @@ def test_malformed_study_files_name_file_and_field(
 def test_missing_files_and_non_mapping(tmp_path: Path) -> None:
     with pytest.raises(SpecError, match="study file not found"):
         load_study_file(tmp_path / "nope.yaml")
+    latin1 = tmp_path / "latin1.yaml"
+    latin1.write_bytes(
+        BASE.replace("direction: minimize", "description: caf\xe9\ndirection: minimize").encode("latin-1")
+    )
+    with pytest.raises(
+        SpecError, match=r"latin1.yaml: is not UTF-8 text \(byte 0xe9 at offset \d+\) \(fix: save"
+    ):
+        load_study_file(latin1)  # was: UnicodeDecodeError, a traceback
     with pytest.raises(SpecError, match="must be a YAML mapping"):
         load_study_file(write_study(tmp_path, "- a\n- b\n"))
     body = BASE.replace(

@@ -182,7 +182,7 @@ def load_table(path: str | Path) -> ReplayTable:
         raise SpecError(source, "", "replay table not found", "write one with `hpo tabulate STUDY_FILE`")
     try:
         raw = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise SpecError(
             source, "", f"is not a JSON replay table ({exc})", "write one with hpo tabulate"
         ) from None

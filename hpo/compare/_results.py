@@ -105,7 +105,7 @@ def load_results(path: str | Path) -> ComparisonResults:
     path = Path(path)
     try:
         raw = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise HpoError(f"{path}: cannot read comparison results ({exc})") from None
     if not isinstance(raw, dict) or raw.get("format") != RESULTS_FORMAT:
         raise SpecError(
