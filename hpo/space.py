@@ -391,6 +391,11 @@ def grid_values(param: Param, source: str = "search space") -> tuple[Choice, ...
     )
 
 
+# A grid is queued point by point when its study is created: past this it would take hours (and
+# the memory of every point) before saying anything.
+MAX_GRID_POINTS = 100_000
+
+
 def grid_points(space: SearchSpace, source: str = "search space") -> list[dict[str, ParamValue]]:
     """Every configuration of the grid, each holding only the parameters active in it.
 
@@ -406,6 +411,13 @@ def grid_points(space: SearchSpace, source: str = "search space") -> list[dict[s
                 expanded.append(point)
                 continue
             expanded.extend({**point, param.name: value} for value in values)
+            if len(expanded) > MAX_GRID_POINTS:
+                raise SpecError(
+                    source,
+                    f"{param.name}.grid",
+                    f"makes the grid larger than {MAX_GRID_POINTS:,} points",
+                    "fewer grid values, or sample the space with random or tpe",
+                )
         points = expanded
     # Deduplicate while keeping order (identical points arise only from degenerate conditions).
     seen: set[tuple[tuple[str, Any], ...]] = set()

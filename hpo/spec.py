@@ -33,7 +33,7 @@ from pydantic import (
 
 from hpo.errors import HpoError, SpecError
 from hpo.samplers import SAMPLER_BUILDERS, make_pruner, make_sampler
-from hpo.space import SearchSpace, grid_points, parse_space, space_to_dict
+from hpo.space import MAX_GRID_POINTS, SearchSpace, grid_points, parse_space, space_to_dict
 
 _T = TypeVar("_T")
 PRUNER_NAMES = ("none", "median", "percentile", "successive_halving", "hyperband", "patient")
@@ -50,6 +50,9 @@ class _Frozen(BaseModel):
 
 # What NumPy's RandomState, which Optuna's samplers seed, accepts.
 MAX_SEED = 2**32 - 1
+# create-study queues every trial of the budget as a database row (hpo.studies): a budget past
+# this would take hours to create (2**70 hung it), and no training study needs it.
+MAX_TRIALS = MAX_GRID_POINTS
 
 
 class SamplerSpec(_Frozen):
@@ -116,7 +119,7 @@ class StudySpec(_Frozen):
     # single name stays a string, so definitions stored before multi-objective studies still match).
     metrics: tuple[str, ...] = Field(alias="metric", min_length=1)
     directions: tuple[Direction, ...] = Field(alias="direction", min_length=1)
-    n_trials: PositiveInt
+    n_trials: int = Field(gt=0, le=MAX_TRIALS)
     budget: BudgetSpec
     seed: int = Field(0, ge=0, le=MAX_SEED)
     sampler: SamplerSpec

@@ -149,10 +149,20 @@ def test_grid_needs_values_for_continuous_params() -> None:
         grid_points(space, "s.yaml")
 
 
+def test_a_grid_past_its_limit_is_refused_as_it_grows_not_enumerated() -> None:
+    # 10**8 points: enumerated, it took minutes and gigabytes before create-study said anything.
+    ten = {"type": "int", "low": 0, "high": 9, "grid": list(range(10))}
+    space = parse_space({name: ten for name in "abcdefgh"}, "s.yaml")
+    with pytest.raises(SpecError, match=r"s.yaml: f.grid: makes the grid larger than 100,000 points"):
+        grid_points(space, "s.yaml")
+    assert len(grid_points(parse_space({name: ten for name in "abcde"}, "s.yaml"))) == 100_000
+
+
 @pytest.mark.parametrize(
     ("raw", "field", "fragment"),
     [
         ({"lr": {"type": "floaty", "low": 0, "high": 1}}, "lr.type", "must be one of"),
+        ({"lr": {"type": ["float"], "low": 0, "high": 1}}, "lr.type", "must be one of"),
         ({"lr": {"type": "float", "high": 1}}, "lr.low", "is required"),
         ({"lr": {"type": "float", "low": 2, "high": 1}}, "lr.low", "greater than high"),
         ({"lr": {"type": "float", "low": 0, "high": 1, "log": True}}, "lr.low", "log-scale"),

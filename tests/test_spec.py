@@ -109,6 +109,9 @@ MALFORMED = [
     (("sampler: {name: tpe, seed: 1}", "sampler: {name: grid}"), "search_space.x.grid", "grid"),
     (("n_trials: 4", "n_trials: 4\nearly_stopping: {rule: sometimes}"), "early_stopping.rule", "patience"),
     (("direction: minimize", "direction: minimize\n  bad_indent: ["), " line", "invalid YAML"),
+    # create-study queued 2**70 trials, one row each: it hung
+    (("n_trials: 4", "n_trials: 1180591620717411303424"), "n_trials", "less than or equal to 100000"),
+    (("sampler: {name: tpe, seed: 1}", "sampler: {name: [tpe]}"), "sampler.name", "unknown sampler"),
 ]
 
 
