@@ -28,11 +28,13 @@ RUN if ! command -v gcc >/dev/null; then \
 
 # Dependencies (torch is most of the image) in a layer of their own, built from pyproject.toml
 # alone with empty packages and an empty README, so that editing hpo's code or README rebuilds in
-# seconds.
-COPY pyproject.toml ./
+# seconds. CONSTRAINTS: the versions hpo is tested with (CI's image build names a copy without the
+# CUDA build of torch, to install a CPU wheel).
+ARG CONSTRAINTS=constraints.txt
+COPY pyproject.toml constraints.txt ./
 RUN mkdir -p hpo objectives \
     && touch hpo/__init__.py objectives/__init__.py README.md \
-    && pip install . \
+    && pip install . -c "${CONSTRAINTS}" \
     && pip uninstall -y hpo \
     && rm -rf hpo objectives README.md build
 

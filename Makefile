@@ -7,20 +7,29 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STORAGE ?= sqlite:///storage/hpo.db
 
-.PHONY: quickstart test lint typecheck pytest system-deps dashboard clean
+.PHONY: quickstart test lint typecheck pytest system-deps dashboard clean lock
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 
-# Re-install when the dependencies change; the stamp records the last install.
-$(VENV)/.installed-runtime: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q -e .
+# Re-install when the dependencies change; the stamp records the last install. constraints.txt
+# holds the tested versions (the same numbers and lint rules on every fresh clone).
+$(VENV)/.installed-runtime: pyproject.toml constraints.txt | $(BIN)/python
+	$(BIN)/pip install -q -c constraints.txt -e .
 	touch $@
 
-$(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q -e '.[dev]'
+$(VENV)/.installed-dev: pyproject.toml constraints.txt | $(BIN)/python
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
 	touch $@ $(VENV)/.installed-runtime
+
+# Refresh constraints.txt: the newest versions pyproject.toml allows, installed in a fresh venv and
+# frozen (its header kept). Run `make test` on the result before committing it.
+lock:
+	rm -rf .venv-lock && $(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/pip install -q --upgrade pip && .venv-lock/bin/pip install -q '.[dev]'
+	{ sed -n '/^#/p' constraints.txt; .venv-lock/bin/pip freeze --exclude-editable | grep -v '^hpo\b'; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt && rm -rf .venv-lock
 
 quickstart: $(VENV)/.installed-runtime
 	$(BIN)/hpo worker studies/digits_quickstart.yaml --storage $(STORAGE)

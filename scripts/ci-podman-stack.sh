@@ -185,12 +185,18 @@ PY
     # wheels): this step's worker has no GPU either way.
     cpu_torch=$(find $(cat "$WORK/pip/mounts") -maxdepth 2 -name 'torch-*+cpu-cp311-*.whl' 2>/dev/null |
         sort -V | tail -n 1)
+    # The project's tested versions (constraints.txt), less the CUDA build of torch when the CPU
+    # wheel replaces it (its torchvision and CUDA libraries follow from it).
+    cp "$ROOT/constraints.txt" "$WORK/pip/project-constraints.txt"
     if [ -n "$cpu_torch" ]; then
         echo "torch==$(basename "$cpu_torch" | cut -d- -f2)" >>"$WORK/pip/constraints.txt"
+        grep -v -i -E '^(torch|torchvision|triton|nvidia-[a-z0-9-]+|cuda-[a-z-]+)==' "$ROOT/constraints.txt" \
+            >"$WORK/pip/project-constraints.txt"
     fi
     echo "pip sources: $(tr '\n' ' ' <"$WORK/pip/mounts")+ PyPI; constraints:" \
         "$(grep -v '^#' "$WORK/pip/constraints.txt" | tr '\n' ' ')"
     timeout "$(remaining)" podman build --network host --build-arg "BASE_IMAGE=$BASE_IMAGE" \
+        --build-arg CONSTRAINTS=/etc/xdg/pip/project-constraints.txt \
         --label hpo-ci=1 "${mounts[@]}" -t "$HPO_IMAGE" "$ROOT" >"$WORK/build.log" 2>&1 ||
         { tail -n 40 "$WORK/build.log"; return 1; }
     # The images this script built before and no longer names (only the changed top layers).

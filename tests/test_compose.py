@@ -318,7 +318,10 @@ def test_the_dockerfile_installs_the_project_from_files_the_build_context_sends(
     ]
     assert _dockerignored(".env", patterns) and _dockerignored(".venv", patterns)
     sources = [src for line in instructions if line.startswith("COPY ") for src in line.split()[1:-1]]
-    assert {"pyproject.toml", "hpo/", "objectives/"} <= set(sources)
+    assert {"pyproject.toml", "constraints.txt", "hpo/", "objectives/"} <= set(sources)
+    # The image installs the versions CI tested, not whatever is newest on the day it is built.
+    assert "ARG CONSTRAINTS=constraints.txt" in instructions
+    assert any('pip install . -c "${CONSTRAINTS}"' in line for line in instructions)
     for source in sources:
         assert (ROOT / source).exists(), source
         assert not _dockerignored(source.rstrip("/"), patterns), f"{source} is excluded by .dockerignore"
