@@ -32,11 +32,14 @@ from optuna.trial import TrialState
 from hpo import _optuna
 from hpo._lease import queue_retry
 from hpo._rdb import RETRY_HISTORY_ATTR, FailOutcome, rdb_of
+from hpo.errors import INPUT_ERROR_TYPES
 
 # This many first trials of a worker failing with the same error make the objective look broken.
 BROKEN_AFTER = 2
 # Appended to the fail reason of the trials re-queued because of that.
 BROKEN_NOTE = "the objective looks broken"
+# The same, when what they failed on is the study's input (a study file, a dataset path).
+INPUT_NOTE = "the study's input is wrong"
 
 _FRAME = re.compile(r'^\s*File "(?P<file>[^"]*)", line (?P<line>\d+), in (?P<name>.*)$')
 _T = TypeVar("_T")
@@ -137,6 +140,11 @@ class FirstFailures:
             if requeued
             else "they were not re-queued (their configurations used all of --max-retry)"
         )
+        if error.exc_type in INPUT_ERROR_TYPES:  # its message names the file, the field and the fix
+            return (
+                f"{INPUT_NOTE}: {_first_line(error.message)}; the first "
+                f"{len(self._failed)} trials of this worker ({numbers}) failed on it and {counted}"
+            )
         return (
             f"the objective looks broken: the first {len(self._failed)} trials of this worker "
             f"({numbers}) failed with the same error, {error.exc_type}: {_first_line(error.message)}"

@@ -28,12 +28,22 @@ POLL_S = 0.2
 # How long a new trainer's warm-up (importing the objective) may hold back the first claim; a
 # slower import then overlaps the first trial instead.
 TRAINER_WARM_WAIT_S = 120.0
+# How many trainers in a row may die before they are ready (the out-of-memory killer during their
+# imports, say) before the worker gives up: a crash that repeats is no passing accident.
+TRAINER_START_ATTEMPTS = 3
 
 
 class TrainerDied(Exception):
-    def __init__(self, exitcode: int | None) -> None:
-        super().__init__(describe_exit(exitcode))
+    """The trainer process ended. ``starting``: how many trainers in a row died before they were
+    ready (:meth:`Trainer.ensure_started` gave up), 0 for one that died while it worked."""
+
+    def __init__(self, exitcode: int | None, starting: int = 0) -> None:
+        reason = describe_exit(exitcode)
+        if starting:
+            reason = f"{starting} trainer processes in a row died while starting; the last: {reason}"
+        super().__init__(reason)
         self.exitcode = exitcode
+        self.starting = starting
 
 
 class Trainer:
@@ -93,7 +103,22 @@ class Trainer:
     def ensure_started(self, interrupts: Interrupts) -> None:
         """A trainer that answered "ready" and did its warm-up (or waited TRAINER_WARM_WAIT_S for
         it): the one :meth:`spawn` started, or a new one if none runs (the first, or after one
-        died)."""
+        died).
+
+        A trainer that dies before it is ready (the out-of-memory killer during its imports, a
+        crash importing the objective) is replaced, up to TRAINER_START_ATTEMPTS in a row; then
+        :class:`TrainerDied` (``starting`` set). No trial is sent to a trainer before it is ready,
+        so a replaced one took none with it."""
+        for attempt in range(1, TRAINER_START_ATTEMPTS + 1):
+            try:
+                self._start(interrupts)
+                return
+            except TrainerDied as died:
+                self.close()
+                if attempt == TRAINER_START_ATTEMPTS:
+                    raise TrainerDied(died.exitcode, starting=attempt) from None
+
+    def _start(self, interrupts: Interrupts) -> None:
         alive = self._process is not None and self._process.is_alive()
         if alive and self._ready:
             return
@@ -104,22 +129,20 @@ class Trainer:
         while True:
             try:
                 message = self._receive(POLL_S)
-                if message is not None and message[0] == "ready" and self.warm is not None:
-                    if not self._warm_sent:
-                        self.send(("warm", asdict(self.warm)))  # answered ("warm",) once imported
-                        self._warm_sent = True
-                    warm_until = time.monotonic() + TRAINER_WARM_WAIT_S
-                elif message is not None and message[0] in ("ready", "warm"):
-                    self._ready = True
-                    return
             except TrainerDied:
-                if warm_until is None:
-                    raise
-                # Importing the objective killed the trainer (a crash in native code): start one
-                # without the warm-up; the first trial meets the same crash and records it.
-                self.warm = None
-                self.close()
-                self.ensure_started(interrupts)
+                if warm_until is not None:
+                    # Importing the objective killed the trainer (a crash in native code): the
+                    # next one starts without the warm-up; the first trial meets the same crash
+                    # and records it.
+                    self.warm = None
+                raise
+            if message is not None and message[0] == "ready" and self.warm is not None:
+                if not self._warm_sent:
+                    self.send(("warm", asdict(self.warm)))  # answered ("warm",) once imported
+                    self._warm_sent = True
+                warm_until = time.monotonic() + TRAINER_WARM_WAIT_S
+            elif message is not None and message[0] in ("ready", "warm"):
+                self._ready = True
                 return
             interrupts.check()
             if warm_until is not None and time.monotonic() > warm_until:

@@ -135,6 +135,10 @@ def _child_args(
     return child
 
 
+# More PyTorch/OpenMP threads than any machine has cores: refused, not passed on.
+MAX_THREADS = 4096
+
+
 def _threads_from_env() -> int | None:
     """A positive OMP_NUM_THREADS the user exported: their choice of threads per trainer."""
     value = os.environ.get("OMP_NUM_THREADS", "")
@@ -161,8 +165,15 @@ def cmd_worker(args: argparse.Namespace) -> int:
     if args.threads is not None and args.threads < 1:
         raise HpoError(f"--threads must be at least 1, got {args.threads}")
     chosen = args.threads or _threads_from_env()
+    where = "--threads" if args.threads else "OMP_NUM_THREADS="
+    if chosen is not None and chosen > MAX_THREADS:
+        # OpenMP sizes its pool at once: 10**9 threads asked libgomp for 216 GB and every trial
+        # died at start-up, blamed on the training code.
+        raise HpoError(
+            f"{where}{'' if where.endswith('=') else ' '}{chosen} is more than {MAX_THREADS} threads "
+            f"per trainer (fix: at most {available_cores()}, the cores this worker may use, or leave it out)"
+        )
     if chosen is not None and chosen > available_cores():
-        where = "--threads" if args.threads else "OMP_NUM_THREADS="
         print(
             f"note: {where}{'' if where.endswith('=') else ' '}{chosen} is more threads than the "
             f"{available_cores()} cores this worker may use: its trials train slower, not faster "
@@ -349,7 +360,13 @@ def cmd_export(args: argparse.Namespace) -> int:
     study = inspect_.load(storage, args.study_name)
     text = inspect_.export(study, args.format)
     if args.output:
-        Path(args.output).write_text(text)
+        try:
+            Path(args.output).write_text(text)
+        except OSError as exc:  # a folder, a missing parent, a full disk, no permission
+            raise HpoError(
+                f"-o {args.output}: cannot write it: {exc.strerror or exc} "
+                "(fix: name a file in an existing folder this user can write, e.g. -o trials.csv)"
+            ) from None
         print(f"wrote {len(study.trials)} trials to {args.output}")
     else:
         sys.stdout.write(text)

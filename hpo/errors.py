@@ -31,3 +31,9 @@ class StorageError(HpoError):
 
 class StudyDefinitionMismatch(HpoError):
     """A study exists with a stored definition that differs from the file that was given."""
+
+
+# The exception types (their names, as a trainer reports them) of a mistake in a study's input, a
+# study file or the data it names, rather than in the training code: their message names the file,
+# the field and the fix, so a worker prints that line, not the traceback, and says to fix the input.
+INPUT_ERROR_TYPES = frozenset({HpoError.__name__, SpecError.__name__})

@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-import yaml
 from optuna.artifacts import FileSystemArtifactStore
 from optuna.artifacts.exceptions import ArtifactNotFound
 from optuna.storages import BaseStorage
@@ -43,7 +42,7 @@ from hpo._rdb import rdb_of
 from hpo.artifacts import resolve_artifact_dir
 from hpo.errors import HpoError
 from hpo.space import SearchSpace
-from hpo.spec import StudySpec, definition_diff
+from hpo.spec import MAX_TRIALS, StudySpec, definition_diff, read_yaml_file
 from hpo.storage import open_storage, redact, resolve_storage_url, study_lock
 from hpo.studies import (
     _load,
@@ -80,6 +79,17 @@ def extend_study(storage: BaseStorage, study_name: str, n_trials: int) -> tuple[
         definition = stored_definition(study)
         assert definition is not None  # load_study_spec refuses a study without one
         total = spec.n_trials + n_trials
+        if total > MAX_TRIALS:  # checked before anything is written: the stored study stays valid
+            room = MAX_TRIALS - spec.n_trials
+            raise HpoError(
+                f"study {study_name!r} has n_trials={spec.n_trials}: {n_trials} more would make "
+                f"{total}, above hpo's limit of {MAX_TRIALS:,} trials a study (fix: "
+                + (
+                    f"--n-trials {room} at most)"
+                    if room > 0
+                    else "create a new study with --study-name NEW_NAME)"
+                )
+            )
         record = {"action": "extend", "n_trials": n_trials, "at": _now()}
         store_records(
             storage,
@@ -164,13 +174,7 @@ def read_configs(params: str | None, from_file: str | None) -> list[Any]:
         source = "--params"
     else:
         assert from_file is not None
-        path = Path(from_file)
-        if not path.is_file():
-            raise HpoError(f"{from_file}: not found (fix: check the path)")
-        try:
-            raw = yaml.safe_load(path.read_text())  # YAML is a superset of JSON
-        except yaml.YAMLError as exc:
-            raise HpoError(f"{from_file}: invalid YAML/JSON: {str(exc).splitlines()[0]}") from None
+        raw = read_yaml_file(Path(from_file), "file of configurations")  # YAML is a superset of JSON
         source = from_file
     configs = raw if isinstance(raw, list) else [raw]
     if not configs:

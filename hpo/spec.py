@@ -41,7 +41,22 @@ Direction = Literal["minimize", "maximize"]
 DIRECTIONS: tuple[Direction, ...] = ("minimize", "maximize")
 # Samplers Optuna cannot run on a study with several objectives (they raise at the first trial).
 SINGLE_OBJECTIVE_SAMPLERS = ("cmaes", "bohb")
-_STUDY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-/]*$")
+_STUDY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-/]*")
+# Study names become folder names (checkpoints, artifacts): short enough for a file name, and no
+# ".." step out of the folder they are meant for.
+MAX_STUDY_NAME = 200
+STUDY_NAME_FIX = (
+    f"use letters, digits, _ . - /, at most {MAX_STUDY_NAME} characters, starting with a letter or digit"
+)
+
+
+def valid_study_name(name: str) -> bool:
+    """Whether hpo creates a study of this name (a study made elsewhere keeps whatever name it has)."""
+    return (
+        len(name) <= MAX_STUDY_NAME
+        and _STUDY_NAME.fullmatch(name) is not None
+        and ".." not in name.split("/")
+    )
 
 
 class _Frozen(BaseModel):
@@ -185,7 +200,9 @@ PATH_SETTING_SUFFIX = "_checkpoint"
 ARTIFACT_PREFIX = "artifact:"
 
 
-def _read_yaml(path: Path, what: str) -> Any:
+def read_yaml_file(path: Path, what: str) -> Any:
+    """The YAML (or JSON) document in ``path``; a one-line :class:`SpecError` naming the file if it
+    is missing, unreadable, not UTF-8 or not valid YAML. ``what``: the file's role, for messages."""
     if not path.is_file():
         raise SpecError(
             str(path), "", f"{what} not found", "check the path (relative to the current directory)"
@@ -212,7 +229,7 @@ def _read_yaml(path: Path, what: str) -> Any:
 
 def load_space_file(path: str | Path) -> SearchSpace:
     path = Path(path)
-    return parse_space(_read_yaml(path, "search-space file"), str(path))
+    return parse_space(read_yaml_file(path, "search-space file"), str(path))
 
 
 def _fields_at(loc: tuple[Any, ...]) -> list[str]:
@@ -313,10 +330,9 @@ def parse_study(raw: Any, source: str, base_dir: Path | None = None) -> StudySpe
         raw["enqueue"] = _check_enqueue(raw["enqueue"], space, sampler_name, source)
     if base_dir is not None and isinstance(raw.get("settings"), Mapping):
         raw["settings"] = _resolve_path_settings(raw["settings"], base_dir)
-    if isinstance(raw.get("name"), str) and not _STUDY_NAME.match(raw["name"]):
-        raise SpecError(
-            source, "name", f"{raw['name']!r} is not a valid study name", "use letters, digits, _ . - /"
-        )
+    if isinstance(raw.get("name"), str) and not valid_study_name(raw["name"]):
+        shown = raw["name"] if len(raw["name"]) <= 60 else raw["name"][:60] + "..."
+        raise SpecError(source, "name", f"{shown!r} is not a valid study name", STUDY_NAME_FIX)
     try:
         spec = StudySpec(space=space, **raw)
     except ValidationError as exc:
@@ -484,7 +500,7 @@ def parse_study_file(path: str | Path) -> StudySpec:
     """Read and validate a study file, without importing its objective (:func:`load_study_file`
     checks that too)."""
     path = Path(path)
-    return parse_study(_read_yaml(path, "study file"), str(path), base_dir=path.parent)
+    return parse_study(read_yaml_file(path, "study file"), str(path), base_dir=path.parent)
 
 
 def load_study_file(path: str | Path, search_path: Sequence[str] | None = None) -> StudySpec:

@@ -118,12 +118,20 @@ def open_storage(
     engine_kwargs: dict[str, object] = {}
     if parsed.get_backend_name() == "sqlite":
         path = sqlite_path(url)
-        if path is not None and (must_exist or read_only) and not path.is_file():
+        if path is None:
+            raise StorageError(
+                f"storage URL {url!r}: an in-memory SQLite database lives only as long as one "
+                "process, and each hpo command (worker, status, dashboard) is a process of its own "
+                "(fix: name a file, e.g. sqlite:///storage/hpo.db)"
+            )
+        if path.is_file():
+            _check_sqlite_file(url, path)
+        if (must_exist or read_only) and not path.is_file():
             raise StorageError(
                 f"storage URL {url!r}: there is no database file {str(path)!r} (fix: check the path, "
                 "relative to the current directory; or pass --storage / set $OPTUNA_STORAGE)"
             )
-        if path is not None and read_only:
+        if read_only:
             return _open_sqlite_read_only(url, path)
         if path is not None:
             try:
@@ -175,6 +183,39 @@ def open_storage(
         ) from None
     except sqlalchemy.exc.ArgumentError as exc:
         raise StorageError(f"storage URL {redact(url)!r}: {exc} (fix: use {_EXAMPLES})") from None
+
+
+# Optuna's schema (optuna/storages/_rdb/models.py): a database holding tables, none of them these,
+# or these without their key columns, belongs to another application.
+_OPTUNA_KEY_COLUMNS = {"studies": "study_name", "trials": "trial_id", "version_info": "schema_version"}
+
+
+def _check_sqlite_file(url: str, path: Path) -> None:
+    """Refuse, before anything is written, an existing file that is not an SQLite database or is
+    another application's: Optuna would otherwise add its 23 tables and indexes to it, then fail
+    on a table of the same name (a traceback, and the other application's file changed)."""
+    try:
+        location = f"file:{urllib.parse.quote(str(path.absolute()))}?mode=ro"
+        with contextlib.closing(sqlite3.connect(location, uri=True, timeout=SQLITE_BUSY_TIMEOUT_S)) as db:
+            tables = {
+                name: {column[1] for column in db.execute(f'PRAGMA table_info("{name}")')}
+                for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+            }
+    except sqlite3.OperationalError:
+        return  # unreadable or locked: the open that follows says why, in its own words
+    except sqlite3.DatabaseError as exc:
+        raise StorageError(
+            f"storage URL {url!r}: {str(path)!r} is not an SQLite database ({exc}) (fix: {_SQLITE_PATH_FIX})"
+        ) from None
+    ours = set(tables) & set(_OPTUNA_KEY_COLUMNS)
+    foreign = bool(tables) and not ours
+    foreign = foreign or any(_OPTUNA_KEY_COLUMNS[name] not in tables[name] for name in ours)
+    if foreign:
+        shown = ", ".join(sorted(tables)[:5]) + (", ..." if len(tables) > 5 else "")
+        raise StorageError(
+            f"storage URL {url!r}: {str(path)!r} is another application's SQLite database "
+            f"(tables {shown}), not an Optuna one (fix: {_SQLITE_PATH_FIX})"
+        )
 
 
 @contextlib.contextmanager

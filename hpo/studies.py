@@ -14,6 +14,7 @@ idempotent: a creation interrupted half-way is completed by the next ``create-st
 from __future__ import annotations
 
 import json
+import tempfile
 import uuid
 from collections import Counter
 from collections.abc import Mapping
@@ -29,7 +30,7 @@ from hpo._dashboard_data import store_records
 from hpo.errors import HpoError, StudyDefinitionMismatch
 from hpo.samplers import make_pruner, make_sampler
 from hpo.space import grid_points
-from hpo.spec import StudySpec, definition_diff, spec_from_definition
+from hpo.spec import STUDY_NAME_FIX, StudySpec, definition_diff, spec_from_definition, valid_study_name
 from hpo.storage import study_lock
 
 DEFINITION_ATTR = _records.DEFINITION_KEY
@@ -160,6 +161,9 @@ def create_study(
     name = study_name or spec.name
     with study_lock(storage, name):
         study = _load(storage, name)
+        if study is None and not valid_study_name(name):  # the file's own name: checked on load
+            shown = name if len(name) <= 60 else name[:60] + "..."
+            raise HpoError(f"--study-name {shown!r} is not a valid study name (fix: {STUDY_NAME_FIX})")
         if study is not None:
             effective = _check_same(name, study, spec)
             if stored_definition(study) is None:
@@ -244,9 +248,29 @@ def study_uid(study: optuna.Study) -> str:
     return uid if isinstance(uid, str) else f"id{_optuna.study_id(study)}"
 
 
+# A file name is at most 255 bytes: a longer study name is cut (the unique id keeps it apart).
+_FOLDER_NAME_BYTES = 200
+
+
 def checkpoint_folder(root: Path, study: optuna.Study) -> Path:
     """The study's folder of trial checkpoints under ``root`` (its name plus its unique id)."""
-    return root / f"{study.study_name.replace('/', '_')}-{study_uid(study)[:12]}"
+    name = study.study_name.replace("/", "_").encode()[:_FOLDER_NAME_BYTES].decode(errors="ignore")
+    return root / f"{name}-{study_uid(study)[:12]}"
+
+
+def check_checkpoint_root(root: Path, flag: str = "--checkpoint-dir") -> None:
+    """One line now, before a trial is claimed, if this user cannot create and write checkpoints
+    under ``root``: found by the first trial instead, every trial failed for good, each with its
+    own path in the reason (so not even the broken-objective rule stopped the worker)."""
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=root, prefix=".hpo-write-check-"):
+            pass
+    except OSError as exc:
+        raise HpoError(
+            f"{flag} {str(root)!r}: checkpoints cannot be written there: {exc.strerror or exc} "
+            f"(fix: {flag} a folder this user can write, e.g. storage/checkpoints)"
+        ) from None
 
 
 def trial_checkpoint_dir(study_folder: Path, number: int, system_attrs: Mapping[str, Any]) -> Path:

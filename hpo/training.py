@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import glob
 import os
 import random
 import threading
@@ -161,10 +162,54 @@ def checkpoint_state(
 def _write_checkpoint(directory: Path, state: dict[str, Any]) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / CHECKPOINT_FILE
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # a crash mid-write never leaves a truncated checkpoint
+    # A temporary file of this process's own: two trainers may write one trial's folder at once
+    # (a paused worker's trainer training on after its lease went to the retry), and with one
+    # shared name one's rename took the other's file away (FileNotFoundError failed the retry)
+    # or both wrote into it. Each rename is atomic, so the checkpoint is always one writer's whole
+    # file; the trial's epochs are seeded, so both write the same states.
+    tmp = directory / _temporary_name()
+    _remove_dead_writers_files(directory)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)  # a crash mid-write never leaves a truncated checkpoint
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()  # a write that failed (a full disk) leaves no partial file
     return path
+
+
+_TMP_PREFIX = f".{CHECKPOINT_FILE}."
+
+
+def _temporary_name() -> str:
+    return f"{_TMP_PREFIX}{_host()}.{os.getpid()}.{threading.get_ident()}.tmp"
+
+
+def _host() -> str:
+    return os.uname().nodename.replace(".", "_") or "host"
+
+
+def _remove_dead_writers_files(directory: Path) -> None:
+    """Delete the temporary files of this host's writers that died mid-write (SIGKILL, out of
+    memory): one each, up to the model's size. Other hosts' files are left alone (a checkpoint
+    folder on a shared file system; their process numbers mean nothing here)."""
+    prefix = f"{_TMP_PREFIX}{_host()}."
+    for leftover in directory.glob(f"{glob.escape(prefix)}*.tmp"):
+        pid_text = leftover.name[len(prefix) :].split(".", 1)[0]
+        if not pid_text.isdigit() or int(pid_text) == os.getpid() or _alive(int(pid_text)):
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            leftover.unlink()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
 
 
 def _snapshot(obj: Any) -> Any:

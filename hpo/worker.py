@@ -48,7 +48,7 @@ from hpo._continuation import (
     take_over_parent_checkpoint,
 )
 from hpo._dashboard_data import CurvePublisher
-from hpo._first_failures import BROKEN_NOTE, FirstFailures, TrialError
+from hpo._first_failures import BROKEN_NOTE, INPUT_NOTE, FirstFailures, TrialError
 from hpo._interrupts import Interrupts, WorkerInterrupted
 from hpo._lease import (
     Heartbeat,
@@ -69,13 +69,14 @@ from hpo._rdb import (
 from hpo._recorder import Recorder
 from hpo._trainer_handle import POLL_S, InlineTrainer, Trainer, TrainerDied
 from hpo._trial_note import save_failure_note
+from hpo.errors import INPUT_ERROR_TYPES, HpoError
 from hpo.objective import BUDGET_ATTR, Objective
 from hpo.resilient import StorageUnavailable
 from hpo.samplers import make_pruner, make_sampler, trial_seed
 from hpo.shared_data import sweep_unused
 from hpo.space import suggest
 from hpo.spec import StudySpec
-from hpo.studies import checkpoint_folder, trial_checkpoint_dir
+from hpo.studies import check_checkpoint_root, checkpoint_folder, trial_checkpoint_dir
 from hpo.trainer import GROUP_FAILURE, TrialJob, warm_job
 
 if TYPE_CHECKING:
@@ -196,6 +197,7 @@ class Worker:
             trainer.warm = warm
             self.trainer = trainer
         self.storage_patience = storage_patience
+        check_checkpoint_root(options.checkpoint_root)
         self._checkpoint_root = checkpoint_folder(options.checkpoint_root, study)
         self._printed_traceback = False
         self._first_failures = FirstFailures()
@@ -280,7 +282,13 @@ class Worker:
             if self._groups is None or not self._groups.sent_ahead:
                 # Warm before the first claim. A trainer sent the next fused group ahead is
                 # checked by that group: restarted here, its death would go unrecorded.
-                self.trainer.ensure_started(self.interrupts)
+                try:
+                    self.trainer.ensure_started(self.interrupts)
+                except TrainerDied as died:  # no trial is claimed yet: nothing to record
+                    raise HpoError(
+                        f"{died}; stopping this worker before it claims a trial (fix: free memory "
+                        "on this machine, and read any error the trainer printed above)"
+                    ) from None
             results: list[tuple[int, TrialState | None]] | None
             if self._groups is not None:
                 left = None if self.options.n_trials is None else self.options.n_trials - summary.total
@@ -466,7 +474,8 @@ class Worker:
             exc_type, text, details = str(message[1]), str(message[2]), str(message[3])
             if not self._printed_traceback:
                 self._printed_traceback = True  # the first failure in full, the rest in one line
-                self.say(details.rstrip())
+                # A wrong study file or dataset path: its one line says what to fix.
+                self.say(f"error: {text}" if exc_type in INPUT_ERROR_TYPES else details.rstrip())
             reason = f"{exc_type}: {text}"
             storage = _optuna.study_storage(self.study)
             # Best effort: the failure itself is recorded below whether or not these two writes land.
@@ -489,7 +498,8 @@ class Worker:
                 return self.record_failure(trial_id, reason, retry=True, keep_checkpoint=True)
             if self._first_failures.failed(trial_id, trial.number, TrialError(exc_type, text, details)):
                 # This worker's first trials all failed alike: re-queue them, don't spend the budget.
-                reason = f"{reason}; {BROKEN_NOTE}"
+                note = INPUT_NOTE if exc_type in INPUT_ERROR_TYPES else BROKEN_NOTE
+                reason = f"{reason}; {note}"
                 self._first_failures.requeue_earlier(self.study, reason, self.options.max_retry)
                 return self.record_failure(trial_id, reason, retry=True)
             return self.record_failure(trial_id, reason)

@@ -178,6 +178,11 @@ with CheckpointWriter(asynchronous=True) as writer:
 """
 
 
+def in_flight(directory: Path) -> list[Path]:
+    """The temporary files of checkpoint writes under way (or of writers that died mid-write)."""
+    return list(directory.glob(".checkpoint.pt.*.tmp"))
+
+
 @pytest.mark.parametrize("kill_when", ["mid-write", "after-a-while"])
 def test_sigkill_during_an_asynchronous_write_leaves_the_previous_whole_checkpoint(
     tmp_path: Path, kill_when: str
@@ -200,9 +205,9 @@ def test_sigkill_during_an_asynchronous_write_leaves_the_previous_whole_checkpoi
             asked = int(child.stdout.readline())
         if kill_when == "mid-write":
             deadline = time.monotonic() + 60
-            while not (directory / "checkpoint.tmp").exists() and time.monotonic() < deadline:
+            while not in_flight(directory) and time.monotonic() < deadline:
                 time.sleep(0.001)
-            assert (directory / "checkpoint.tmp").exists(), "no write was seen in flight"
+            assert in_flight(directory), "no write was seen in flight"
         else:
             time.sleep(0.05)
         child.send_signal(signal.SIGKILL)
@@ -217,6 +222,85 @@ def test_sigkill_during_an_asynchronous_write_leaves_the_previous_whole_checkpoi
     assert len(state["history"]["val_loss"]) == epoch
     for name, tensor in state["model"].items():
         assert bool((tensor == epoch).all()), name
+    # The retry's first write removes what the killed writer left mid-write (up to the model's
+    # size, once per kill).
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    save_checkpoint(
+        directory, model=model, optimizer=optimizer, scheduler=None, epoch=1, config={}, history={}
+    )
+    assert in_flight(directory) == []
+
+
+CONCURRENT_WRITER = """
+import sys
+from pathlib import Path
+
+import torch
+
+from hpo.training import save_checkpoint
+
+torch.manual_seed(0)
+model = torch.nn.Linear(256, 256)
+optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+for epoch in range(1, 301):
+    save_checkpoint(Path(sys.argv[1]), model=model, optimizer=optimizer, scheduler=None, epoch=epoch,
+                    config={"writer": sys.argv[2]}, history={"val_loss": [0.0] * epoch})
+"""
+
+
+def test_two_processes_checkpointing_one_trial_at_once_never_fail_or_tear_it(tmp_path: Path) -> None:
+    """A paused worker's trainer goes on training while the trial's retry trains in the same
+    folder: both write its checkpoint. Neither may fail (one's rename took away the other's
+    temporary file: FileNotFoundError failed the retry for good) and the checkpoint is always one
+    writer's whole file."""
+    script = tmp_path / "writer.py"
+    script.write_text(CONCURRENT_WRITER)
+    directory = tmp_path / "trial-0"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent), "OMP_NUM_THREADS": "1"}
+    writers = [
+        subprocess.Popen(
+            [sys.executable, str(script), str(directory), name], env=env, stderr=subprocess.PIPE, text=True
+        )
+        for name in ("paused", "retry")
+    ]
+    errors = [w.communicate(timeout=300)[1] for w in writers]
+    assert [w.returncode for w in writers] == [0, 0], errors
+    state = torch.load(directory / CHECKPOINT_FILE, weights_only=True)
+    assert state["config"]["writer"] in ("paused", "retry") and state["epoch"] == 300
+    assert state["model"]["weight"].shape == (256, 256)
+    assert in_flight(directory) == []
+
+
+def test_only_a_dead_writers_temporary_file_is_removed(tmp_path: Path) -> None:
+    host = os.uname().nodename.replace(".", "_")
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    try:
+        names = {
+            "dead": f".checkpoint.pt.{host}.{dead.pid}.1.tmp",  # a writer SIGKILLed mid-write
+            "live": f".checkpoint.pt.{host}.{live.pid}.1.tmp",  # another trainer writing now
+            "other host": f".checkpoint.pt.elsewhere.{dead.pid}.1.tmp",  # a shared file system
+        }
+        for name in names.values():
+            (tmp_path / name).write_bytes(b"partial")
+        model = torch.nn.Linear(2, 2)
+        save_checkpoint(
+            tmp_path,
+            model=model,
+            optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+            scheduler=None,
+            epoch=1,
+            config={},
+            history={},
+        )
+    finally:
+        live.kill()
+        live.wait()
+    left = {path.name for path in in_flight(tmp_path)}
+    assert left == {names["live"], names["other host"]}
+    assert (tmp_path / CHECKPOINT_FILE).is_file()
 
 
 def test_asynchronous_checkpoints_hold_what_synchronous_ones_do(colours: Path, tmp_path: Path) -> None:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
 
+import optuna
 import pytest
 from conftest import ROOT, cli_env, run_cli
 
@@ -102,6 +105,7 @@ def test_read_only_commands_never_create_a_database(tmp_path: Path, command: lis
         (["--storage-patience", "0"], "--storage-patience must be a positive number"),
         (["--storage-patience", "nan"], "--storage-patience must be a positive number"),
         (["--threads", "0"], "--threads must be at least 1"),
+        (["--threads", "1000000000"], "--threads 1000000000 is more than 4096 threads per trainer"),
         (["--n-trials", "-2"], "--n-trials must be at least 1, got -2"),
         (["--timeout", "-5"], "--timeout must be a positive number of seconds, got -5"),
         (["--timeout", "nan"], "--timeout must be a positive number of seconds, got nan"),
@@ -119,6 +123,19 @@ def test_bad_worker_flags_are_one_clear_line(tmp_path: Path, flags: list[str], f
     assert result.returncode == 2 and "Traceback" not in result.stderr
     (line,) = result.stderr.strip().splitlines()
     assert fragment in line, line
+
+
+def test_an_exported_omp_num_threads_of_99999_is_one_clear_line(tmp_path: Path) -> None:
+    # It was passed on: libgomp's pool then failed every trial at start-up (MemoryError), each
+    # blamed on the training code, until the study's retries were spent.
+    from studyfiles import quadratic_study
+
+    path = quadratic_study(tmp_path)
+    env = cli_env({"OMP_NUM_THREADS": "99999"})
+    result = run_cli(["worker", str(path), "--storage", f"sqlite:///{tmp_path / 'hpo.db'}"], env=env)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert "OMP_NUM_THREADS=99999 is more than 4096 threads per trainer" in line, line
 
 
 def test_more_threads_than_cores_and_trials_per_gpu_without_gpus_are_noted(tmp_path: Path) -> None:
@@ -281,3 +298,99 @@ def test_a_failure_note_is_the_trials_note_in_the_dashboard(tmp_path: Path) -> N
     assert notes[1]["version"] == 1
     assert notes[1]["body"].startswith("**Failed**: ZeroDivisionError: division by zero\n\n```text\n")
     assert traceback in notes[1]["body"]  # all of it, across several attribute chunks
+
+
+def _foreign_database(path: Path) -> Path:
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        db.execute("CREATE TABLE studies (id INTEGER PRIMARY KEY, title TEXT)")
+        db.execute("INSERT INTO studies (title) VALUES ('not optuna')")
+        db.commit()
+    return path
+
+
+def _schema(path: Path) -> list[str]:
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        return sorted(name for (name,) in db.execute("SELECT name FROM sqlite_master"))
+
+
+@pytest.mark.parametrize(
+    ("kind", "fragment"),
+    [
+        ("sqlite://", "in-memory SQLite database"),
+        ("sqlite:///", "in-memory SQLite database"),
+        ("sqlite:///:memory:", "in-memory SQLite database"),
+        ("random bytes", "is not an SQLite database"),
+        ("another application's", "is another application's SQLite database (tables studies)"),
+    ],
+)
+@pytest.mark.parametrize("command", ["create-study", "status", "dashboard"])
+def test_sqlite_urls_that_cannot_hold_a_study_are_one_line_and_change_nothing(
+    tmp_path: Path, kind: str, fragment: str, command: str
+) -> None:
+    from studyfiles import quadratic_study
+
+    path = None
+    url = kind
+    if kind == "random bytes":
+        path = tmp_path / "junk.db"
+        path.write_bytes(bytes(range(256)) * 64)
+        url = f"sqlite:///{path}"
+    elif kind == "another application's":
+        path = _foreign_database(tmp_path / "app.db")
+        url = f"sqlite:///{path}"
+    before = path.read_bytes() if path is not None else b""
+    args = {
+        "create-study": ["create-study", str(quadratic_study(tmp_path))],
+        "status": ["status"],
+        "dashboard": ["dashboard", "--port", "39187"],  # refused before it listens
+    }[command]
+    result = run_cli([*args, "--storage", url], timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert fragment in line and "fix:" in line, line
+    if path is not None:  # not a table or an index added to someone else's file
+        assert path.read_bytes() == before
+        if kind == "another application's":
+            assert _schema(path) == ["studies"]
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["../../../tmp/evil_hpo", "a/../b", "a\nb", " ", "*", "x" * 201, "trailing-newline\n"],
+)
+def test_a_study_name_hpo_cannot_use_is_refused_before_the_study_is_created(
+    tmp_path: Path, name: str
+) -> None:
+    # Names become folders (checkpoints, artifacts): a 300-character name failed every trial with
+    # "File name too long", on PostgreSQL over 512 characters a traceback.
+    from studyfiles import quadratic_study
+
+    url = f"sqlite:///{tmp_path / 'hpo.db'}"
+    result = run_cli(["create-study", str(quadratic_study(tmp_path)), "--storage", url, "--study-name", name])
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert "--study-name" in line and "not a valid study name" in line and "at most 200" in line, line
+    assert optuna.get_all_study_names(storage=url) == []
+
+
+def test_a_long_valid_study_name_trains_and_checkpoints(tmp_path: Path) -> None:
+    from studyfiles import quadratic_study
+
+    url = f"sqlite:///{tmp_path / 'hpo.db'}"
+    name = "n" * 200
+    path = quadratic_study(
+        tmp_path, n_trials=1, sampler="random", objective="hpo_test_objectives:checkpointed"
+    )
+    flags = [
+        "--storage",
+        url,
+        "--study-name",
+        name,
+        "--checkpoint-dir",
+        str(tmp_path / "ck"),
+        "--no-progress",
+    ]
+    result = run_cli(["worker", str(path), *flags])
+    assert result.returncode == 0, result.stdout + result.stderr
+    [trial] = optuna.load_study(study_name=name, storage=url).get_trials()
+    assert trial.state == optuna.trial.TrialState.COMPLETE, trial.system_attrs.get("fail_reason")

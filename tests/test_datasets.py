@@ -360,6 +360,20 @@ def test_root_defaults_to_a_folder_under_hpo_data_root(
 # --- missing and malformed data --------------------------------------------------------------
 
 
+def test_a_tree_that_leaves_nothing_to_validate_on_or_to_tell_apart_is_refused(tmp_path: Path) -> None:
+    # Both trained to val_loss 0 in every trial, the best value there is: each trial looked perfect.
+    make_imagefolder(tmp_path / "one_each", classes=3, per_class=1)
+    with pytest.raises(SpecError, match=r"data\.val_fraction: leaves no validation images"):
+        load(format="imagefolder", root=str(tmp_path / "one_each"), image_size=8)
+    make_imagefolder(tmp_path / "one_class", classes=1, per_class=6)
+    with pytest.raises(SpecError, match=r"data\.root: .*has 1 class \(.*\): nothing to tell apart"):
+        load(format="imagefolder", root=str(tmp_path / "one_class"), image_size=8)
+    # Two images of one class and one of another: the larger class still validates.
+    make_imagefolder(tmp_path / "uneven", classes=2, per_class=[2, 1])
+    data = load(format="imagefolder", root=str(tmp_path / "uneven"), image_size=8)
+    assert len(data.val_targets) == 1 and len(data.train_targets) == 2
+
+
 def _rewrite(path: Path, old: str, new: str) -> None:
     path.write_text(path.read_text().replace(old, new, 1))
 

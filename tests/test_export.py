@@ -146,3 +146,18 @@ def test_long_csv_through_the_cli(storage_url: str, study: optuna.Study) -> None
     rows = _rows(result.stdout)
     assert len(rows) == sum(max(1, len(t.intermediate_values)) for t in study.trials)
     assert {"epoch", "loss", "acc", "lr"} <= set(rows[0])
+
+
+@pytest.mark.parametrize("target", ["a folder", "missing/parent/x.csv", "/dev/full"])
+def test_export_to_a_path_that_cannot_be_written_is_one_line(
+    storage_url: str, tmp_path: Path, target: str
+) -> None:
+    output = {
+        "a folder": str(tmp_path),
+        "missing/parent/x.csv": str(tmp_path / "missing" / "parent" / "x.csv"),
+    }
+    path = output.get(target, target)
+    result = run_cli(["export", "curves", "--storage", storage_url, "-o", path])
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith(f"error: -o {path}: cannot write it:") and "fix:" in line, line

@@ -84,6 +84,23 @@ def test_extend_refuses_grid_and_bad_counts(tmp_path: Path, sqlite_url: str) -> 
     assert enq.returncode == 2 and "grid" in enq.stderr
 
 
+def test_extend_past_the_trial_limit_is_refused_before_anything_is_written(
+    tmp_path: Path, sqlite_url: str
+) -> None:
+    study_file = quadratic_study(tmp_path, n_trials=3, sampler="random")
+    assert run_cli(["create-study", str(study_file), "--storage", sqlite_url]).returncode == 0
+    refused = run_cli(["extend", "quad", "--n-trials", "99998", "--storage", sqlite_url])
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1, refused.stderr
+    assert "100,000" in refused.stderr and "--n-trials 99997 at most" in refused.stderr
+    # The study is untouched and still works: it was broken for good when the total was stored
+    # first and only then found invalid.
+    study = _load(sqlite_url)
+    assert (stored_definition(study) or {})["n_trials"] == 3 and history(study) == []
+    assert run_cli(["extend", "quad", "--n-trials", "2", "--storage", sqlite_url]).returncode == 0
+    status = run_cli(["status", "quad", "--storage", sqlite_url])
+    assert status.returncode == 0 and "0/5 done" in status.stdout, status.stdout + status.stderr
+
+
 def _enqueue_runs_first(url: str, tmp_path: Path) -> None:
     study_file = quadratic_study(tmp_path, n_trials=3, sampler="tpe")
     assert run_cli(["create-study", str(study_file), "--storage", url]).returncode == 0
@@ -221,3 +238,25 @@ def test_create_study_replace_through_the_cli_prints_the_difference(tmp_path: Pa
     assert replaced.returncode == 0, replaced.stderr
     assert "+  max_epochs: 5" in replaced.stdout and "replaced" in replaced.stdout
     assert [t.state for t in _load(sqlite_url).trials] == [TrialState.WAITING] * 3
+
+
+@pytest.mark.parametrize(
+    ("content", "fragment"),
+    [
+        (bytes(range(128, 256)), "is not UTF-8 text (byte 0x80 at offset 0)"),
+        (b"- {x: 1\n", "invalid YAML"),
+        (None, "file of configurations not found"),
+    ],
+)
+def test_enqueue_from_a_bad_file_is_one_line(
+    tmp_path: Path, sqlite_url: str, content: bytes | None, fragment: str
+) -> None:
+    study_file = quadratic_study(tmp_path, n_trials=3, sampler="random")
+    assert run_cli(["create-study", str(study_file), "--storage", sqlite_url]).returncode == 0
+    configs = tmp_path / "configs.yaml"
+    if content is not None:
+        configs.write_bytes(content)
+    result = run_cli(["enqueue", "quad", "--from", str(configs), "--storage", sqlite_url])
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert str(configs) in line and fragment in line, line

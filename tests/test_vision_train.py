@@ -353,6 +353,23 @@ def test_bad_dataset_path_fails_the_trial_with_the_path_and_layout(tmp_path: Pat
     reason = _fail_reason(sqlite_url)
     assert f"data.root: {missing} does not exist" in reason
     assert "root/<class>/<image>" in reason  # the expected layout
+    # A mistake in the study's input is printed as its one line, not as the trainer's traceback.
+    assert "Traceback" not in result.stdout + result.stderr
+    assert f"error: study file: data.root: {missing} does not exist" in result.stdout, result.stdout
+
+
+@pytest.mark.slow
+def test_a_worker_whose_first_trials_all_miss_the_data_says_to_fix_the_input(
+    tmp_path: Path, sqlite_url: str
+) -> None:
+    missing = tmp_path / "no_such_folder"
+    study = _worker_study(tmp_path, {"format": "imagefolder", "root": str(missing), "image_size": 8})
+    result = run_cli(["worker", str(study), "--storage", sqlite_url, "--no-progress"])
+    assert result.returncode == 1, result.stdout + result.stderr
+    output = result.stdout + result.stderr
+    assert "Traceback" not in output and "the objective looks broken" not in output, output
+    assert f"the study's input is wrong: study file: data.root: {missing} does not exist" in output, output
+    assert "the first 2 trials of this worker (0, 1) failed on it" in output, output
 
 
 @pytest.mark.slow

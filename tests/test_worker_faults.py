@@ -435,3 +435,74 @@ def test_a_worker_paused_past_its_lease_neither_writes_twice_nor_deletes_the_ret
     assert retry.state == TrialState.COMPLETE and retry.system_attrs[RETRY_OF_ATTR] == first.number
     assert retry.user_attrs["resumed_from_epoch"] >= before - 1  # resumed: the checkpoint survived
     assert sorted(retry.intermediate_values) == list(range(1, 31))
+
+
+def _trainers(worker_pid: int) -> list[int]:
+    """The worker's trainer processes (multiprocessing's spawned children)."""
+    found = []
+    for pid in _process_tree(worker_pid)[1:]:
+        try:
+            if b"--multiprocessing-fork" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                found.append(pid)
+        except OSError:  # it ended meanwhile
+            continue
+    return found
+
+
+def test_trainers_killed_while_they_start_are_replaced_and_every_trial_runs_once(
+    tmp_path: Path, sqlite_url: str
+) -> None:
+    """The out-of-memory killer takes a trainer during its imports, twice: the worker starts
+    another each time (no trial was sent to it) instead of dying with a traceback."""
+    counts = tmp_path / "counts"
+    path = quadratic_study(tmp_path, n_trials=3, sampler="random", objective="hpo_test_objectives:counted")
+    worker = start_cli(
+        ["worker", str(path), "--storage", sqlite_url, *FAST_BEAT],
+        env=cli_env({"HPO_TEST_COUNTS": str(counts)}),
+    )
+    output = Output(worker)
+    try:
+        killed: list[int] = []
+        deadline = time.monotonic() + 120
+        while len(killed) < 2:  # the first trainer, then its replacement, each before it is ready
+            assert time.monotonic() < deadline and worker.poll() is None, output.text
+            for pid in _trainers(worker.pid):
+                if pid not in killed:
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(pid)
+            time.sleep(0.005)
+        assert output.finish(timeout=300) == 0, output.text
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+    assert "Traceback" not in output.text, output.text
+    trials = optuna.load_study(study_name="quad", storage=sqlite_url).get_trials()
+    assert Counter(t.state for t in trials) == {TrialState.COMPLETE: 3}, output.text
+    assert sum(trainings(counts).values()) == 3
+
+
+TRAINER_KILLER = """
+import os, signal, sys
+if "--multiprocessing-fork" in sys.argv:  # a spawned trainer: dies as the OOM killer would kill it
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_a_trainer_that_always_dies_while_starting_stops_the_worker_with_one_line(
+    tmp_path: Path, sqlite_url: str
+) -> None:
+    killer = tmp_path / "killer"
+    killer.mkdir()
+    (killer / "sitecustomize.py").write_text(TRAINER_KILLER)
+    path = quadratic_study(tmp_path, n_trials=3, sampler="random")
+    env = cli_env()
+    env["PYTHONPATH"] = os.pathsep.join([str(killer), env["PYTHONPATH"]])
+    result = run_cli(["worker", str(path), "--storage", sqlite_url, *FAST_BEAT], env=env)
+    assert result.returncode == 2, result.stdout + result.stderr  # hpo's exit code for an error
+    assert "Traceback" not in result.stdout + result.stderr
+    error = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(error) == 1 and "3 trainer processes in a row died while starting" in error[0], result.stderr
+    assert "SIGKILL" in error[0] and "fix:" in error[0]
+    # Nothing was claimed: every trial still waits for a worker that can train it.
+    trials = optuna.load_study(study_name="quad", storage=sqlite_url).get_trials()
+    assert Counter(t.state for t in trials) == {TrialState.WAITING: 3}

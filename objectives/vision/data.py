@@ -305,6 +305,8 @@ def load_image_data(
 
     catalog = _digits_catalog() if config.format == "digits" else read_catalog(config, root or Path(), source)
 
+    _check_learnable(catalog, config, root, source)
+
     def decode() -> ImageData:
         train_pool, val_pool = _pools(catalog, config.val_fraction, _stream(seed, 0))
         train_split, train_idx = train_pool
@@ -335,6 +337,15 @@ def load_image_data(
             test_ignore=test_ignore,
             has_images=config.inputs == "images",
         )
+        if len(data.val_targets) == 0:
+            # Every trial would be scored on nothing: val_loss 0, the best value there is.
+            raise SpecError(
+                source,
+                "data.val_fraction",
+                f"leaves no validation images under {root} (a class gives validation an image only "
+                "when it has 2 or more)",
+                "add images (at least 2 per class), or give a validation split of its own",
+            )
         extra: list[tuple[torch.Tensor, _pretext.Draw]] = []
         if catalog.unlabeled is not None:  # stl10, unlabeled: true (pretext tasks only)
             pool = catalog.unlabeled
@@ -435,6 +446,19 @@ def _stream(seed: int, purpose: int) -> np.random.Generator:
     3: test subset; 4, 5, 6: pretext draws for the train, val and test split on disk; 7: unlabeled
     subset; 8: its pretext draws)."""
     return np.random.default_rng([seed % 2**63, purpose])
+
+
+def _check_learnable(catalog: Catalog, config: DataConfig, root: Path | None, source: str) -> None:
+    """A single-label dataset of one class (a tree with one class folder) trains to a loss of 0
+    whatever the hyperparameters: every trial would look perfect. Refused, before any decoding."""
+    if catalog.task == "multiclass" and len(catalog.classes) < 2 and config.pretext == "none":
+        raise SpecError(
+            source,
+            "data.root",
+            f"{root} has {len(catalog.classes)} class ({', '.join(map(str, catalog.classes))}): "
+            "nothing to tell apart",
+            "point data.root at the folder that holds one folder per class, at least 2 of them",
+        )
 
 
 def _pools(
