@@ -70,9 +70,14 @@ _MODELS_FOLDER = "hpo-models"
 _LABEL = re.compile(r"(top[1-9][0-9]*|trial(0|[1-9][0-9]*))")
 
 
-def _pointer(directory: Path, study_name: str, label: str) -> Path:
+def models_folder(directory: Path, study_name: str) -> Path:
+    """The folder of study ``study_name``'s published models in the artifact folder ``directory``."""
     # One folder per study; quoted, so a study name with "/" or ".." stays inside the folder.
-    return directory / _MODELS_FOLDER / quote(study_name, safe="") / f"{label}.json"
+    return directory / _MODELS_FOLDER / quote(study_name, safe="")
+
+
+def _pointer(directory: Path, study_name: str, label: str) -> Path:
+    return models_folder(directory, study_name) / f"{label}.json"
 
 
 def publish_model(

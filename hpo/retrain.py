@@ -26,6 +26,13 @@ What it records, for each retrained configuration (``topR`` is its rank, 1 = bes
   (:func:`hpo.artifacts.resolve_model_reference`).
 
 Every retrain starts from scratch (a leftover checkpoint in ``OUTPUT/topR`` is removed first).
+``STUDY_NAME`` is the stored study's name (``--study-name`` at creation), not the study file's
+``name:``: it names the retrain study and the published model.
+
+Every place the results go (``OUTPUT``, its ``topR`` folders, the artifact folder) is created and
+checked writable before anything trains, so a bad ``--output`` or ``--artifact-dir`` costs no
+training; a retrain trial that was started ends FAIL with a ``fail_reason`` whatever goes wrong
+later (a checkpoint that cannot be read, a full disk, Ctrl-C), never stays RUNNING.
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ import csv
 import json
 import math
 import shutil
+import tempfile
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -51,6 +59,9 @@ from hpo import _optuna
 from hpo._dashboard_data import store_records
 from hpo._objective_path import objective_path
 from hpo.artifacts import (
+    ENV_ARTIFACT_DIR,
+    models_folder,
+    open_artifact_store,
     publish_model,
     resolve_artifact_dir,
     upload_trial_artifact,
@@ -58,7 +69,14 @@ from hpo.artifacts import (
 from hpo.errors import HpoError
 from hpo.objective import Objective, TrialRun, resolve_objective
 from hpo.policy import ObjectivePolicy
-from hpo.spec import BudgetSpec, EarlyStoppingSpec, PrunerSpec, SamplerSpec, StudySpec
+from hpo.spec import (
+    BudgetSpec,
+    EarlyStoppingSpec,
+    PrunerSpec,
+    SamplerSpec,
+    StudySpec,
+    valid_study_name,
+)
 from hpo.storage import open_storage, resolve_storage_url
 from hpo.studies import UID_ATTR, load_study_spec
 
@@ -112,12 +130,19 @@ def chosen_trials(study: optuna.Study, numbers: Sequence[int]) -> list[FrozenTri
     return chosen
 
 
-def retrain_spec(spec: StudySpec, epochs: int, n_trials: int) -> StudySpec:
-    """The search's definition with a fixed budget, no pruning and no early stopping."""
+def retrain_spec(spec: StudySpec, epochs: int, n_trials: int, study_name: str | None = None) -> StudySpec:
+    """The search's definition with a fixed budget, no pruning and no early stopping, named after
+    the searched study ``study_name`` (the stored study's name; default the definition's). A study
+    made elsewhere may have a name hpo would not give (``valid_study_name``), which a stored
+    definition must not carry: the definition keeps its own name then."""
+    study_name = study_name or spec.name
+    name = study_name + RETRAIN_SUFFIX
+    if not valid_study_name(name):
+        name = spec.name + RETRAIN_SUFFIX
     return spec.model_copy(
         update={
-            "name": spec.name + RETRAIN_SUFFIX,
-            "description": f"{spec.name} best configurations trained for {epochs} epochs",
+            "name": name,
+            "description": f"{study_name} best configurations trained for {epochs} epochs",
             "n_trials": n_trials,
             "budget": BudgetSpec(max_epochs=epochs),
             "early_stopping": EarlyStoppingSpec(),
@@ -175,6 +200,66 @@ def _save_model(checkpoint: Path, target: Path, meta: Mapping[str, Any]) -> Path
     return target
 
 
+def _probe_writable(folder: Path) -> None:
+    """Raise OSError unless a file can be created in ``folder``."""
+    with tempfile.NamedTemporaryFile(dir=folder, prefix=".hpo-write-check-"):
+        pass
+
+
+def _reason(exc: OSError) -> str:
+    return exc.strerror or str(exc)
+
+
+def _fresh_folder(folder: Path) -> None:
+    """``folder`` emptied (a retrain starts from scratch) and created; OSError if it cannot be."""
+    if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
+        folder.unlink()
+    elif folder.is_dir():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+
+
+def prepare_outputs(output: Path, labels: Sequence[str], artifact_dir: Path, study_name: str) -> None:
+    """Create every place the results go and check each is writable, before anything trains:
+    ``output``, the artifact folder and the study's folder of published models in it, then
+    ``output``'s ``labels`` folders (emptied). A failure is one :class:`HpoError` line naming the
+    flag to change."""
+    output_fix = "(fix: --output DIR naming a writable folder)"
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise HpoError(
+            f"output folder {str(output)!r}: cannot create it: {_reason(exc)} {output_fix}"
+        ) from None
+    try:
+        _probe_writable(output)
+    except OSError as exc:
+        raise HpoError(
+            f"output folder {str(output)!r}: cannot write in it: {_reason(exc)} {output_fix}"
+        ) from None
+
+    artifact_fix = f"(fix: --artifact-dir DIR or ${ENV_ARTIFACT_DIR} naming a writable folder)"
+    open_artifact_store(artifact_dir)  # creates it, or an HpoError naming --artifact-dir
+    models = models_folder(artifact_dir, study_name)
+    try:
+        _probe_writable(artifact_dir)
+        models.mkdir(parents=True, exist_ok=True)
+        _probe_writable(models)
+    except OSError as exc:
+        raise HpoError(
+            f"artifact folder {str(artifact_dir)!r}: cannot write in it: {_reason(exc)} {artifact_fix}"
+        ) from None
+    # Last: earlier results are removed only once every check passed.
+    for label in labels:
+        folder = output / label
+        try:
+            _fresh_folder(folder)
+        except OSError as exc:
+            raise HpoError(
+                f"output folder {str(folder)!r}: cannot replace it: {_reason(exc)} {output_fix}"
+            ) from None
+
+
 def _best_epoch(values: list[float], direction: str) -> tuple[int, float] | None:
     if not values:
         return None
@@ -224,10 +309,11 @@ def retrain(
     )
     output = output or DEFAULT_OUTPUT_ROOT / study_name.replace("/", "_")
     artifact_dir = artifact_dir or resolve_artifact_dir()
+    prepare_outputs(output, labels, artifact_dir, study_name)  # before anything is recorded or trains
 
     target = _retrain_study(storage, study_name, spec)
     already = len(target.get_trials(deepcopy=False))
-    definition_spec = retrain_spec(spec, epochs, already + len(sources))
+    definition_spec = retrain_spec(spec, epochs, already + len(sources), study_name)
     store_records(
         _optuna.study_storage(target),
         _optuna.study_id(target),
@@ -238,15 +324,13 @@ def retrain(
     cache: dict[str, Any] = {}  # datasets decoded once for all retrained configurations
     results = []
     for rank, (source, label) in enumerate(zip(sources, labels, strict=True), start=1):
-        folder = output / label
-        shutil.rmtree(folder, ignore_errors=True)
-        folder.mkdir(parents=True, exist_ok=True)
+        folder = output / label  # emptied by prepare_outputs
         searched = f"{spec.metric}={source.value:.6g}" if source.value is not None else source.state.name
         console.print(
             f"retrain {label}: trial {source.number} ({searched} in the search) "
             f"for {epochs} epochs on {device}: {source.params}"
         )
-        place = _Place(rank, label, folder)
+        place = _Place(study_name, rank, label, folder)
         results.append(
             _retrain_one(
                 target, definition_spec, objective, source, place, device, cache, console, artifact_dir
@@ -257,8 +341,10 @@ def retrain(
 
 @dataclass(frozen=True)
 class _Place:
-    """Where a retrained configuration goes: its rank, its label (``topR``/``trialN``), its folder."""
+    """Where a retrained configuration goes: the searched study's name (the stored one, which names
+    the published model), its rank, its label (``topR``/``trialN``), its folder."""
 
+    study_name: str
     rank: int
     label: str
     folder: Path
@@ -277,7 +363,7 @@ def _retrain_one(
 ) -> RetrainResult:
     epochs = spec.budget.max_epochs
     rank, label, folder = place.rank, place.label, place.folder
-    source_study = spec.name.removesuffix(RETRAIN_SUFFIX)
+    source_study = place.study_name
     study.enqueue_trial(
         source.params,
         user_attrs={
@@ -294,66 +380,91 @@ def _retrain_one(
         shown = "  ".join(f"{k}={v:.4g}" for k, v in metrics.items())
         console.print(f"  {label} epoch {epoch}/{epochs}: {shown}")
 
-    run = TrialRun(
-        trial=trial,
-        spec=spec,
-        params=dict(trial.params),
-        max_epochs=epochs,
-        device=device,
-        checkpoint_dir=checkpoint_dir,
-        cache=cache,
-        on_epoch=on_epoch,
-    )
     error = None
-    value = math.nan
+    history: dict[str, list[float]] = {}
+    model_file = None
+    # From here on the trial is RUNNING: whatever fails, it ends FAIL with its reason.
     try:
-        value = float(objective.train(run))
-        run.flush()  # TrialRun writes the curves at most every few seconds; store the last epochs
-    except BaseException as exc:  # one failing configuration must not lose the others' results
-        with contextlib.suppress(Exception):
-            run.flush()  # keep the curve of a failing configuration
-        error = f"{type(exc).__name__}: {exc}"
-        _optuna.study_storage(study).set_trial_system_attr(_optuna.trial_id(trial), "fail_reason", error)
-        study.tell(trial, state=TrialState.FAIL)
+        run = TrialRun(
+            trial=trial,
+            spec=spec,
+            params=dict(trial.params),
+            max_epochs=epochs,
+            device=device,
+            checkpoint_dir=checkpoint_dir,
+            cache=cache,
+            on_epoch=on_epoch,
+        )
+        value = math.nan
+        try:
+            value = float(objective.train(run))
+            run.flush()  # TrialRun writes the curves at most every few seconds; store the last epochs
+        except BaseException as exc:  # one failing configuration must not lose the others' results
+            with contextlib.suppress(Exception):
+                run.flush()  # keep the curve of a failing configuration
+            error = _fail_trial(study, trial, exc)
+            if not isinstance(exc, Exception):  # KeyboardInterrupt, SystemExit: stop here
+                raise
+            console.print(f"  {label} FAILED: {error}")
+        history = run.history
+        meta = {
+            "study": source_study,
+            "source_trial": source.number,
+            "source_value": source.value,
+            "retrain_study": study.study_name,
+            "retrain_trial": trial.number,
+            "objective": spec.objective,
+            "metric": spec.metric,
+            "direction": spec.direction,
+            "epochs": len(history.get(spec.metric, [])),
+            "params": dict(source.params),
+            "config": resolved_config(objective, run.config),
+            "data": dict(spec.data),
+            "seed": spec.seed,
+        }
+        write_curves(folder, history, meta)
+        if error is None:
+            model_file = _save_model(checkpoint_dir / "checkpoint.pt", folder / "model.pt", meta)
+            shutil.rmtree(checkpoint_dir, ignore_errors=True)  # optimizer state is not needed any more
+            stored = ""
+            if model_file is not None:
+                # Before tell: Optuna records an artifact with a trial that is still running.
+                artifact_id = upload_trial_artifact(trial, model_file, artifact_dir)
+                publish_model(artifact_dir, source_study, label, artifact_id, meta)
+                reference = f"artifact:{source_study}{'' if label == 'top1' else f'#{label}'}"
+                stored = f" ({reference} in {artifact_dir})"
+            study.tell(trial, value)
+            best = _best_epoch(history.get(spec.metric, []), spec.direction)
+            no_model = "no model (the objective wrote no checkpoint)"
+            where = f"model {model_file}{stored}" if model_file else no_model
+            best_text = f"; best {spec.metric}={best[1]:.6g} at epoch {best[0]}" if best else ""
+            console.print(f"  {label} done: final {spec.metric}={value:.6g}{best_text}; curves and {where}")
+    except BaseException as exc:  # after training: storing the results failed
+        if _is_running(study, trial):
+            error = _fail_trial(study, trial, exc)
+            if isinstance(exc, Exception):
+                console.print(f"  {label} FAILED after training: {error}")
+        elif error is None:  # the trial was already told COMPLETE
+            raise
+        elif isinstance(exc, Exception):  # a failed configuration whose curves could not be written
+            console.print(f"  {label}: curves not written: {type(exc).__name__}: {exc}")
         if not isinstance(exc, Exception):  # KeyboardInterrupt, SystemExit: stop here
             raise
-        console.print(f"  {label} FAILED: {error}")
-    history = run.history
-    meta = {
-        "study": source_study,
-        "source_trial": source.number,
-        "source_value": source.value,
-        "retrain_study": study.study_name,
-        "retrain_trial": trial.number,
-        "objective": spec.objective,
-        "metric": spec.metric,
-        "direction": spec.direction,
-        "epochs": len(history.get(spec.metric, [])),
-        "params": dict(source.params),
-        "config": resolved_config(objective, run.config),
-        "data": dict(spec.data),
-        "seed": spec.seed,
-    }
-    write_curves(folder, history, meta)
-    model_file = None
-    if error is None:
-        model_file = _save_model(checkpoint_dir / "checkpoint.pt", folder / "model.pt", meta)
-        shutil.rmtree(checkpoint_dir, ignore_errors=True)  # optimizer state is not needed any more
-        stored = ""
-        if model_file is not None:
-            # Before tell: Optuna records an artifact with a trial that is still running.
-            artifact_id = upload_trial_artifact(trial, model_file, artifact_dir)
-            publish_model(artifact_dir, source_study, label, artifact_id, meta)
-            stored = f" (artifact:{source_study}{'' if label == 'top1' else f'#{label}'} in {artifact_dir})"
-        study.tell(trial, value)
-        best = _best_epoch(history.get(spec.metric, []), spec.direction)
-        where = (
-            f"model {model_file}{stored}" if model_file else "no model (the objective wrote no checkpoint)"
-        )
-        best_text = f"; best {spec.metric}={best[1]:.6g} at epoch {best[0]}" if best else ""
-        console.print(f"  {label} done: final {spec.metric}={value:.6g}{best_text}; curves and {where}")
     frozen = _optuna.study_storage(study).get_trial(_optuna.trial_id(trial))
     return RetrainResult(rank, source, frozen.number, frozen.state, history, folder, model_file, error)
+
+
+def _fail_trial(study: optuna.Study, trial: optuna.Trial, exc: BaseException) -> str:
+    """Finish ``trial`` as FAIL with ``exc`` as its ``fail_reason``; returns the reason."""
+    reason = f"{type(exc).__name__}: {exc}"
+    _optuna.study_storage(study).set_trial_system_attr(_optuna.trial_id(trial), "fail_reason", reason)
+    study.tell(trial, state=TrialState.FAIL)
+    return reason
+
+
+def _is_running(study: optuna.Study, trial: optuna.Trial) -> bool:
+    frozen = _optuna.study_storage(study).get_trial(_optuna.trial_id(trial))
+    return frozen.state == TrialState.RUNNING
 
 
 def _default_device() -> str:

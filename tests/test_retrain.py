@@ -12,7 +12,7 @@ import optuna
 import pytest
 import torch
 import yaml
-from conftest import ROOT, run_cli
+from conftest import ROOT, cli_env, run_cli
 from optuna.trial import TrialState
 from studyfiles import quadratic_study
 from synthetic_data import make_celeba, make_imagefolder
@@ -20,6 +20,7 @@ from synthetic_data import make_celeba, make_imagefolder
 from hpo._records import trial_metrics
 from hpo.artifacts import resolve_model_reference
 from hpo.errors import HpoError
+from hpo.studies import stored_definition
 from objectives.digits import DigitsConfig, build_model
 from objectives.vision.models import ModelOptions
 from objectives.vision.models import build_model as build_vision_model
@@ -249,3 +250,122 @@ def test_failing_configuration_is_recorded_and_exit_code_is_1(tmp_path: Path, sq
     (trial,) = optuna.load_study(study_name="moved/retrain", storage=sqlite_url).get_trials()
     assert trial.state == TrialState.FAIL
     assert f"data.root: {root} does not exist" in trial.system_attrs["fail_reason"]
+
+
+def _retrain_trials(url: str, name: str) -> list[optuna.trial.FrozenTrial]:
+    """The trials of the retrain study of ``name`` (none when it was never created)."""
+    if f"{name}/retrain" not in optuna.get_all_study_names(url):
+        return []
+    return optuna.load_study(study_name=f"{name}/retrain", storage=url).get_trials()
+
+
+def test_bad_output_locations_fail_before_training(tmp_path: Path, sqlite_url: str) -> None:
+    """A bad --output or --artifact-dir ($HPO_ARTIFACT_DIR) is one error line, before anything
+    trains or a retrain trial starts (it used to fail after training, the trial left RUNNING)."""
+    study = quadratic_study(tmp_path, n_trials=1, epochs=1, sampler="random")
+    _run(["worker", str(study), "--storage", sqlite_url, "--no-progress"])
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a folder\n")
+    retrain = ["retrain", "quad", "--epochs", "1", "--storage", sqlite_url, "--device", "cpu"]
+    good_output = ["--output", str(tmp_path / "out")]
+    cases = [
+        (run_cli([*retrain, *good_output, "--artifact-dir", str(a_file)]), "--artifact-dir"),
+        (
+            run_cli(
+                [*retrain, *good_output],
+                env=cli_env({"HPO_ARTIFACT_DIR": str(a_file / "sub")}),
+            ),
+            "$HPO_ARTIFACT_DIR",
+        ),
+        (run_cli([*retrain, "--output", str(a_file)]), "--output"),
+        (run_cli([*retrain, "--output", str(a_file / "sub")]), "--output"),
+    ]
+    for result, flag in cases:
+        assert result.returncode == 2, result.stdout + result.stderr
+        assert result.stderr.startswith("error: ") and "Traceback" not in result.stderr, result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+        assert f"(fix: {flag} " in result.stderr or f"or {flag} naming" in result.stderr, result.stderr
+        assert "retrain top1" not in result.stdout  # nothing trained
+    assert _retrain_trials(sqlite_url, "quad") == []  # no trial started, none left RUNNING
+    assert a_file.read_text() == "not a folder\n"
+
+    # A leftover file where the topR folder goes is replaced, as a leftover folder is.
+    (tmp_path / "out").mkdir(exist_ok=True)
+    (tmp_path / "out" / "top1").write_text("leftover\n")
+    _run([*retrain, *good_output])
+    assert (tmp_path / "out" / "top1" / "curves.json").is_file()
+    assert [t.state for t in _retrain_trials(sqlite_url, "quad")] == [TrialState.COMPLETE]
+
+
+BAD_CHECKPOINT = """
+from hpo_test_objectives import quadratic
+
+
+def train(run):
+    \"\"\"quadratic, leaving a checkpoint.pt that is no torch checkpoint.\"\"\"
+    run.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    (run.checkpoint_dir / "checkpoint.pt").write_bytes(b"not a torch checkpoint")
+    return quadratic(run)
+"""
+
+
+def test_a_failure_after_training_leaves_the_retrain_trial_failed(tmp_path: Path, sqlite_url: str) -> None:
+    """Whatever fails once a retrain trial started (here: its final checkpoint cannot be read)
+    finishes the trial FAIL with the reason; it used to stay RUNNING forever."""
+    (tmp_path / "hpo_badckpt_objectives.py").write_text(BAD_CHECKPOINT)
+    study = quadratic_study(
+        tmp_path, n_trials=1, epochs=1, sampler="random", objective="hpo_badckpt_objectives:train"
+    )
+    _run(["worker", str(study), "--storage", sqlite_url, "--no-progress"])
+    args = ["retrain", "quad", "--epochs", "1", "--storage", sqlite_url, "--device", "cpu"]
+    args += ["--output", str(tmp_path / "out"), "--objective-path", str(tmp_path)]
+    result = run_cli(args)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "top1 FAILED after training: UnpicklingError" in result.stdout, result.stdout
+    assert "retrained 0 of 1" in result.stdout
+    (trial,) = _retrain_trials(sqlite_url, "quad")
+    assert trial.state == TrialState.FAIL
+    assert trial.system_attrs["fail_reason"].startswith("UnpicklingError")
+    assert sorted(trial.intermediate_values) == [1]  # the curve is kept
+    assert (tmp_path / "out" / "top1" / "curves.json").is_file()
+
+
+@pytest.mark.slow
+def test_the_stored_study_name_names_the_model_and_the_retrain_study(tmp_path: Path, sqlite_url: str) -> None:
+    """A study created with --study-name from a file named otherwise is published as
+    artifact:STORED_NAME, never under the file's ``name:`` (which another study may share)."""
+    study_file = _copy_study(
+        ROOT / "studies" / "digits_quickstart.yaml",
+        tmp_path,
+        n_trials=1,
+        budget={"max_epochs": 1},
+        settings={"hidden_units": 16, "hidden_layers": 1},
+    )
+    _run(["create-study", str(study_file), "--study-name", "team/digits", "--storage", sqlite_url])
+    _run(["worker", "--study-name", "team/digits", "--storage", sqlite_url, "--no-progress"])
+    artifacts = tmp_path / "artifacts"
+    stdout = _run(
+        [
+            "retrain",
+            "team/digits",
+            "--epochs",
+            "1",
+            "--storage",
+            sqlite_url,
+            "--device",
+            "cpu",
+            "--output",
+            str(tmp_path / "out"),
+            "--artifact-dir",
+            str(artifacts),
+        ]
+    )
+    assert f"(artifact:team/digits in {artifacts})" in stdout, stdout
+    published = resolve_model_reference("artifact:team/digits", artifacts)
+    saved = torch.load(published, weights_only=True)
+    assert saved["study"] == "team/digits" and saved["retrain_study"] == "team/digits/retrain"
+    with pytest.raises(HpoError, match="has no retrained top1 model"):
+        resolve_model_reference("artifact:digits_quickstart", artifacts)
+    retrained = optuna.load_study(study_name="team/digits/retrain", storage=sqlite_url)
+    assert (stored_definition(retrained) or {})["name"] == "team/digits/retrain"
+    assert [t.state for t in retrained.get_trials()] == [TrialState.COMPLETE]
