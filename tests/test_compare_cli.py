@@ -251,3 +251,44 @@ def test_real_comparison_is_shared_by_workers_continued_by_a_rerun_and_guarded_a
     assert "clashes with study 'quad/random/seed-0'" in error.splitlines()[0]
     assert "--name NEW_NAME" in error
     assert len(study_names(postgres_url)) == 4
+
+
+def test_bad_output_paths_and_report_flags_are_refused_before_any_run(tmp_path: Path) -> None:
+    """A typo in -o (or a report flag that cannot work) must not cost a whole comparison or grid:
+    one line naming the flag and the fix, before any study is created or trained."""
+    url = f"sqlite:///{tmp_path / 'hpo.db'}"
+    study = write_study(tmp_path, QUAD)
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a folder\n")
+    a_folder = tmp_path / "a_folder"
+    a_folder.mkdir()
+    long_name = "x" * 5000
+    compare = ["compare", str(study), "--samplers", "random,tpe", "--seeds", "2", "--storage", url]
+    tabulate = ["tabulate", str(study), "--storage", url]
+    cases = [
+        ([*tabulate, "-o", str(a_file / "t.json")], f"{a_file} is a file, not a folder"),
+        ([*tabulate, "-o", str(a_folder)], "is a folder, not a file"),
+        ([*tabulate, "-o", ""], "-o: the file name is empty"),
+        ([*tabulate, "-o", str(tmp_path / long_name)], "File name too long"),
+        ([*compare, "-o", str(a_file)], "is a file, not a folder"),
+        ([*compare, "-o", str(a_file / "sub")], f"{a_file} is a file, not a folder"),
+        ([*compare, "--replay", ""], "--replay: the table's file name is empty"),
+        ([*compare, "--replay", long_name], "cannot read the replay table: File name too long"),
+        ([*compare, "--seeds", "100000000"], "--seeds 100000000 is too many"),
+        ([*compare, "--reference", "bogus"], "--reference: 'bogus' is not an algorithm of this comparison"),
+        ([*compare, "--target", "nan"], "--target: must be a finite metric value"),
+        ([*compare, "--axes", "x"], "--axes: names one parameter, the plot needs two (fix: e.g. --axes x,y)"),
+        ([*compare, "--axes", "x,x"], "--axes: 'x' named twice"),
+        ([*compare, "--axes", "x,z"], "--axes: 'z' is not a parameter"),
+        (["report", "quad", "--storage", url, "-o", str(a_file)], "is a file, not a folder"),
+        (["report", "quad", "--storage", url, "--target", "inf"], "--target: must be a finite metric value"),
+    ]
+    for args, message in cases:
+        error = one_line_error(run_cli(args))
+        assert message in error, (args[:6], error)
+        assert "(fix: " in error and len(error) < 400 and "\n" not in error, error
+    assert "--seeds" in one_line_error(run_cli([*compare, "--seeds", "100000000"])).split(":")[1]
+    assert study_names(url) == [], "nothing may be created or run"
+    # a name too long to be a file is a comparison name that is not there, said in one line
+    error = one_line_error(run_cli(["report", long_name, "--storage", url]))
+    assert "Traceback" not in error and len(error) < 600

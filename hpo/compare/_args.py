@@ -43,7 +43,7 @@ def _add_report_flags(p: argparse.ArgumentParser) -> None:
         help="metric value for 'epochs to reach target' (default: the reference's median final best)",
     )
     p.add_argument(
-        "--reference", default="random", help="algorithm the others are compared with (default random)"
+        "--reference", default=None, help="algorithm the others are compared with (default random)"
     )
     p.add_argument(
         "--axes", default=None, help="two parameters for the configurations plot, e.g. lr,batch_size"

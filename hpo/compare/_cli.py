@@ -15,11 +15,19 @@ from rich.console import Console
 
 from hpo._progress import ComparisonProgress, count_trials
 from hpo.compare._markdown import HEADER, markdown_table, table_rows
+from hpo.compare._paths import (
+    check_output_dir,
+    check_output_file,
+    check_report_flags,
+    check_target,
+    parse_axes,
+)
 from hpo.compare._plan import ComparisonPlan, base_spec, create_runs, parse_samplers, plan_comparison
 from hpo.compare._replay import load_table
 from hpo.compare._report import Report, ReportOptions, write_report
-from hpo.compare._results import collect_results, load_results
+from hpo.compare._results import ComparisonResults, collect_results, load_results
 from hpo.compare._tabulate import table_from_study, tabulate_spec, timed
+from hpo.errors import HpoError
 from hpo.launcher import cuda_device_count
 from hpo.objective import check_objective, resolve_objective
 from hpo.spec import load_study_file
@@ -35,19 +43,47 @@ def _device(value: str | None) -> str:
 
 
 def _report_options(args: argparse.Namespace) -> ReportOptions:
-    axes = tuple(a.strip() for a in args.axes.split(",") if a.strip()) if args.axes else ()
     return ReportOptions(
         statistic=args.statistic,
         band=args.band,
         target=args.target,
-        reference=args.reference,
-        axes=axes,
+        reference=_reference(args),
+        axes=parse_axes(args.axes),
         png=not args.no_png,
     )
 
 
+def _reference(args: argparse.Namespace) -> str:
+    return "random" if args.reference is None else str(args.reference)
+
+
 def _report_dir(args: argparse.Namespace, name: str) -> Path:
-    return Path(args.output) if args.output else Path("reports") / name.replace("/", "_")
+    return Path(args.output) if args.output is not None else Path("reports") / name.replace("/", "_")
+
+
+def _check_report(args: argparse.Namespace, name: str, params: list[str], samplers: tuple[str, ...]) -> None:
+    """Refuse report flags and a report folder that cannot work, before any run or drawing."""
+    check_report_flags(parse_axes(args.axes), args.target, args.reference, params, samplers)
+    check_output_dir(args.output if args.output is not None else _report_dir(args, name))
+
+
+def _is(check: str, path: Path) -> bool:
+    """``path.is_file()`` / ``path.is_dir()``, False for a path the system cannot even look up (a
+    name too long, for one): such an argument is a comparison name, or a mistake said later."""
+    try:
+        return bool(getattr(path, check)())
+    except OSError:
+        return False
+
+
+def _write_report(results: ComparisonResults, directory: Path, options: ReportOptions) -> Report:
+    try:
+        return write_report(results, directory, options)
+    except OSError as exc:  # checked up front, so rare (a full disk)
+        raise HpoError(
+            f"-o {directory}: cannot write the report: {exc.strerror or exc} (fix: free the space or name "
+            f"another folder with -o, then redraw it with hpo report)"
+        ) from None
 
 
 def _print_report(report: Report, reference: str) -> None:
@@ -117,7 +153,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
     base = base_spec(spec, source, args.subset)
     if args.subset is not None:
         check_objective(base, f"{source} with --subset {args.subset}")
-    table = load_table(args.replay) if args.replay else None
+    if args.replay == "":
+        raise HpoError(
+            "--replay: the table's file name is empty (fix: e.g. --replay storage/tables/NAME.json)"
+        )
+    table = load_table(args.replay) if args.replay is not None else None
     plan = plan_comparison(
         base,
         samplers,
@@ -128,6 +168,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
         replay_path=args.replay,
         vary_training_seed=args.vary_training_seed,
     )
+    if not args.no_run and not args.no_report:
+        _check_report(args, plan.name, list(plan.base.definition()["search_space"]), plan.samplers)
     in_memory = table is not None and not args.storage
     if in_memory:
         storage: BaseStorage = InMemoryStorage()
@@ -158,25 +200,30 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if args.no_report:
         return 0
     results = collect_results(storage, plan.name, plan.samplers)
-    report = write_report(results, _report_dir(args, plan.name), _report_options(args))
-    _print_report(report, args.reference)
+    report = _write_report(results, _report_dir(args, plan.name), _report_options(args))
+    _print_report(report, _reference(args))
     if in_memory:
         print(f"the in-memory studies are gone; redraw with: hpo report {report.directory / 'results.json'}")
     return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    if args.output is not None:  # a bad -o is said before the comparison is read
+        check_output_dir(args.output)
+    check_target(args.target)
+    parse_axes(args.axes)
     target = Path(args.comparison)
-    if target.suffix == ".json" and target.is_file():
+    if target.suffix == ".json" and _is("is_file", target):
         results = load_results(target)
-    elif target.is_dir() and (target / "results.json").is_file():
+    elif _is("is_dir", target) and _is("is_file", target / "results.json"):
         results = load_results(target / "results.json")
     else:
         # Drawing a report only reads: a mistyped path must not create an empty database.
         storage = open_storage(resolve_storage_url(args.storage), read_only=True)
         results = collect_results(storage, args.comparison)
-    report = write_report(results, _report_dir(args, results.name), _report_options(args))
-    _print_report(report, args.reference)
+    _check_report(args, results.name, list(results.space), tuple(results.samplers))
+    report = _write_report(results, _report_dir(args, results.name), _report_options(args))
+    _print_report(report, _reference(args))
     return 0
 
 
@@ -188,6 +235,13 @@ def cmd_tabulate(args: argparse.Namespace) -> int:
         check_objective(base, f"{source} with --subset {args.subset}")
     table_spec = tabulate_spec(base, source, args.points_per_param)
     name = args.study_name or table_spec.name
+    output = (
+        Path(args.output)
+        if args.output is not None
+        else Path("storage") / "tables" / f"{base.name.replace('/', '_')}.json"
+    )
+    if not args.no_run:  # a bad -o is said before the grid trains, not after
+        check_output_file(args.output if args.output is not None else output)
     url = resolve_storage_url(args.storage)
     storage = open_storage(url, HeartbeatSettings())
     create_study(storage, table_spec, name, skip_if_exists=True)
@@ -207,12 +261,13 @@ def cmd_tabulate(args: argparse.Namespace) -> int:
     if summary.stopped_because.startswith("interrupted"):
         return 130
     table = table_from_study(study, table_spec)
-    output = (
-        Path(args.output)
-        if args.output
-        else Path("storage") / "tables" / f"{base.name.replace('/', '_')}.json"
-    )
-    table.save(output)
+    try:
+        table.save(output)
+    except OSError as exc:  # checked up front, so rare (a full disk): the trained study is kept
+        raise HpoError(
+            f"-o {output}: cannot write the table: {exc.strerror or exc} (fix: free the space or name "
+            f"another file with -o; rerunning takes the trained configurations from study {name!r})"
+        ) from None
     failed = sum(e.state == "FAIL" for e in table.entries)
     print(f"wrote {output}: {len(table.entries)} configurations ({failed} failed, replayed as failures)")
     print(

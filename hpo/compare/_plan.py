@@ -32,7 +32,7 @@ from hpo.compare._results import COMPARISON_ATTR, comparison_study_names
 from hpo.errors import HpoError, SpecError
 from hpo.samplers import SAMPLER_BUILDERS
 from hpo.space import grid_points, grid_values
-from hpo.spec import StudySpec, definition_diff, parse_study
+from hpo.spec import MAX_SEED, StudySpec, definition_diff, parse_study
 from hpo.studies import create_study, stored_definition
 
 SEED_STRIDE = 1_000_000
@@ -153,6 +153,16 @@ def plan_comparison(
         )
     if not samplers:
         raise HpoError("--samplers: no sampler named (fix: e.g. --samplers random,tpe)")
+    # run K's sampler seed is sampler_seed + K * SEED_STRIDE (its training seed seed + K with
+    # --vary-training-seed): each must stay a valid seed, and the flag is what went too far
+    most = (MAX_SEED - base.sampler_seed) // SEED_STRIDE + 1
+    if vary_training_seed:
+        most = min(most, MAX_SEED - base.seed + 1)
+    if seeds > most:
+        raise HpoError(
+            f"--seeds {seeds} is too many: run K uses sampler seed {base.sampler_seed} + K x {SEED_STRIDE}, "
+            f"which must stay at most {MAX_SEED} (fix: --seeds {most} or fewer)"
+        )
     if "grid" in samplers:
         size = len(grid_points(base.space, source))
         if size != base.n_trials:

@@ -29,6 +29,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
+from hpo.compare._paths import shown
 from hpo.compare._results import REPLAY_SECONDS_ATTR, REPLAYED_PARAMS_ATTR
 from hpo.errors import HpoError, SpecError
 from hpo.objective import Objective, TrialRun
@@ -178,8 +179,15 @@ def load_table(path: str | Path) -> ReplayTable:
     """Read and validate a replay table; one clear error naming the file and field otherwise."""
     path = Path(path)
     source = str(path)
-    if not path.is_file():
-        raise SpecError(source, "", "replay table not found", "write one with `hpo tabulate STUDY_FILE`")
+    try:
+        found = path.is_file()
+    except OSError as exc:  # a name too long, for one
+        raise SpecError(
+            shown(source), "", f"cannot read the replay table: {exc.strerror}", "name the table file"
+        ) from None
+    if not found:
+        what = "is a folder, not a replay table" if path.is_dir() else "replay table not found"
+        raise SpecError(source, "", what, "write one with `hpo tabulate STUDY_FILE`")
     try:
         raw = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:

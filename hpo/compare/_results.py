@@ -19,6 +19,7 @@ import optuna
 from optuna.storages import BaseStorage
 from optuna.trial import FrozenTrial, TrialState
 
+from hpo.compare._paths import shown
 from hpo.errors import HpoError, SpecError
 from hpo.studies import load_study_spec
 
@@ -244,7 +245,8 @@ def collect_results(
     found = comparison_study_names(storage, name)
     if not found:
         raise HpoError(
-            f"no comparison named {name!r} in this storage: no study is named {name}/SAMPLER/seed-K "
+            f"no comparison named {shown(repr(name))} in this storage: no study is named "
+            f"{shown(name)}/SAMPLER/seed-K "
             "(fix: check the name and --storage, or run `hpo compare STUDY_FILE` first)"
         )
     runs = []
