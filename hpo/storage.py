@@ -13,6 +13,7 @@ import fcntl
 import functools
 import hashlib
 import os
+import re
 import sqlite3
 import time
 import urllib.parse
@@ -61,8 +62,14 @@ def parse_url(url: str) -> URL:
     """Validate a SQLAlchemy URL and pick psycopg 3 as PostgreSQL's driver when none is named."""
     try:
         parsed = make_url(url)
-    except sqlalchemy.exc.ArgumentError:
-        raise StorageError(f"storage URL {url!r} is not a database URL (fix: use {_EXAMPLES})") from None
+    except (sqlalchemy.exc.ArgumentError, ValueError):  # ValueError: a port that is not a number
+        shown = _hide_password(url)
+        raise StorageError(f"storage URL {shown!r} is not a database URL (fix: use {_EXAMPLES})") from None
+    if parsed.host and "@" in parsed.host:
+        raise StorageError(
+            f"storage URL {_hide_password(url)!r}: an '@' in the password or user name must be "
+            "written %40 (fix: e.g. postgresql+psycopg://user:p%40ss@host:5432/dbname)"
+        )
     backend = parsed.get_backend_name()
     if backend not in {"sqlite", "postgresql", "mysql"}:
         raise StorageError(
@@ -94,9 +101,20 @@ def redact(url: str) -> str:
     if is_grpc(url):
         return url
     try:
-        return parse_url(url).render_as_string(hide_password=True)
+        rendered = parse_url(url).render_as_string(hide_password=True)
     except StorageError:
-        return url
+        rendered = url
+    # Whatever stands between "user:" and the authority's last "@" is password: a password with
+    # an unescaped "@" (p@ss) is cut at its first "@" by the URL parser, which left "ss" shown,
+    # and a URL the parser refuses is shown as given.
+    return _hide_password(rendered)
+
+
+_PASSWORD = re.compile(r"(://[^:/@?#]*:)[^/?#]*@")
+
+
+def _hide_password(url: str) -> str:
+    return _PASSWORD.sub(r"\1***@", url)
 
 
 def open_storage(

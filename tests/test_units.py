@@ -190,6 +190,30 @@ def test_storage_urls(monkeypatch: pytest.MonkeyPatch) -> None:
         parse_url("::")
 
 
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://u:secret@h/db",
+        "postgresql://u:se@cret@h:5432/db",  # an unescaped "@": cut at the first one by the parser
+        "postgresql://u:secret@h:notaport/db",  # refused by the parser: shown as given, but masked
+        "mysql://u:secret@h/d?x=a@b",
+    ],
+)
+def test_no_part_of_a_password_is_ever_shown(url: str) -> None:
+    assert "secret" not in redact(url) and "cret" not in redact(url) and "***" in redact(url)
+    try:
+        parse_url(url)
+    except StorageError as refused:  # its message quotes the URL
+        assert "cret" not in str(refused)
+
+
+def test_a_malformed_url_is_one_error_naming_the_fix() -> None:
+    with pytest.raises(StorageError, match="not a database URL"):  # was a ValueError traceback
+        parse_url("postgresql://u@h:notaport/db")
+    with pytest.raises(StorageError, match=r"must be written %40"):
+        parse_url("postgresql://u:p@ss@h:5432/db")
+
+
 def test_gpu_children_get_every_flag_but_never_the_storage_url() -> None:
     from hpo.cli import _child_args, build_parser
     from hpo.policy import ObjectivePolicy
