@@ -170,17 +170,18 @@ def test_resize_then_center_crop_matches_torchvision(tmp_path: Path) -> None:
     height, width = 48, 64
     ys, xs = np.mgrid[0:height, 0:width]
     pixels = np.stack([xs * 4, ys * 5, (xs + ys) * 2], axis=-1).clip(0, 255).astype(np.uint8)
-    tree = tmp_path / "101_ObjectCategories" / "only"
-    tree.mkdir(parents=True)
-    for name in ("image_0001.png", "image_0002.png"):
-        Image.fromarray(pixels).save(tree / name)
+    for category in ("one", "other"):  # two classes of the same two images: one is nothing to learn
+        tree = tmp_path / "101_ObjectCategories" / category
+        tree.mkdir(parents=True)
+        for name in ("image_0001.png", "image_0002.png"):
+            Image.fromarray(pixels).save(tree / name)
     reference = transforms.Compose(
         [transforms.Resize(20), transforms.CenterCrop(16), transforms.PILToTensor()]
     )
     expected = reference(Image.fromarray(pixels)).float()
 
     data = load(format="caltech101", root=str(tmp_path), image_size=16, resize=20)
-    assert data.train_images.shape == (1, 3, 16, 16) and data.val_images.shape == (1, 3, 16, 16)
+    assert data.train_images.shape == (2, 3, 16, 16) and data.val_images.shape == (2, 3, 16, 16)
     cropped = data.train_images[0].float()
     plain = load(format="caltech101", root=str(tmp_path), image_size=16).train_images[0].float()
     assert (cropped - expected).abs().mean() < 2.0
