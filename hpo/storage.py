@@ -213,7 +213,10 @@ def _check_sqlite_file(url: str, path: Path) -> None:
     another application's: Optuna would otherwise add its 23 tables and indexes to it, then fail
     on a table of the same name (a traceback, and the other application's file changed)."""
     try:
-        location = f"file:{urllib.parse.quote(str(path.absolute()))}?mode=ro"
+        # immutable: a look that writes nothing, not even the -wal and -shm files a read of a
+        # database in WAL mode creates (tables made since the last checkpoint may be unseen:
+        # then the file passes this check, and Optuna's own open decides).
+        location = f"file:{urllib.parse.quote(str(path.absolute()))}?immutable=1"
         with contextlib.closing(sqlite3.connect(location, uri=True, timeout=SQLITE_BUSY_TIMEOUT_S)) as db:
             tables = {
                 name: {column[1] for column in db.execute(f'PRAGMA table_info("{name}")')}
