@@ -43,7 +43,6 @@ import csv
 import json
 import math
 import shutil
-import tempfile
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -78,7 +77,7 @@ from hpo.spec import (
     valid_study_name,
 )
 from hpo.storage import open_storage, resolve_storage_url
-from hpo.studies import UID_ATTR, load_study_spec
+from hpo.studies import UID_ATTR, load_study_spec, probe_writable
 
 RETRAIN_SUFFIX = "/retrain"
 RETRAIN_OF_ATTR = "hpo:retrain_of"
@@ -200,12 +199,6 @@ def _save_model(checkpoint: Path, target: Path, meta: Mapping[str, Any]) -> Path
     return target
 
 
-def _probe_writable(folder: Path) -> None:
-    """Raise OSError unless a file can be created in ``folder``."""
-    with tempfile.NamedTemporaryFile(dir=folder, prefix=".hpo-write-check-"):
-        pass
-
-
 def _reason(exc: OSError) -> str:
     return exc.strerror or str(exc)
 
@@ -232,7 +225,7 @@ def prepare_outputs(output: Path, labels: Sequence[str], artifact_dir: Path, stu
             f"output folder {str(output)!r}: cannot create it: {_reason(exc)} {output_fix}"
         ) from None
     try:
-        _probe_writable(output)
+        probe_writable(output)
     except OSError as exc:
         raise HpoError(
             f"output folder {str(output)!r}: cannot write in it: {_reason(exc)} {output_fix}"
@@ -242,9 +235,9 @@ def prepare_outputs(output: Path, labels: Sequence[str], artifact_dir: Path, stu
     open_artifact_store(artifact_dir)  # creates it, or an HpoError naming --artifact-dir
     models = models_folder(artifact_dir, study_name)
     try:
-        _probe_writable(artifact_dir)
+        probe_writable(artifact_dir)
         models.mkdir(parents=True, exist_ok=True)
-        _probe_writable(models)
+        probe_writable(models)
     except OSError as exc:
         raise HpoError(
             f"artifact folder {str(artifact_dir)!r}: cannot write in it: {_reason(exc)} {artifact_fix}"

@@ -258,14 +258,20 @@ def checkpoint_folder(root: Path, study: optuna.Study) -> Path:
     return root / f"{name}-{study_uid(study)[:12]}"
 
 
+def probe_writable(folder: Path) -> None:
+    """OSError unless this user can create a file in ``folder`` (what os.access cannot tell: a
+    read-only file system, a full disk's quota, a root-owned folder when running as root)."""
+    with tempfile.NamedTemporaryFile(dir=folder, prefix=".hpo-write-check-"):
+        pass
+
+
 def check_checkpoint_root(root: Path, flag: str = "--checkpoint-dir") -> None:
     """One line now, before a trial is claimed, if this user cannot create and write checkpoints
     under ``root``: found by the first trial instead, every trial failed for good, each with its
     own path in the reason (so not even the broken-objective rule stopped the worker)."""
     try:
         root.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=root, prefix=".hpo-write-check-"):
-            pass
+        probe_writable(root)
     except OSError as exc:
         raise HpoError(
             f"{flag} {str(root)!r}: checkpoints cannot be written there: {exc.strerror or exc} "

@@ -394,3 +394,25 @@ def test_a_long_valid_study_name_trains_and_checkpoints(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     [trial] = optuna.load_study(study_name=name, storage=url).get_trials()
     assert trial.state == optuna.trial.TrialState.COMPLETE, trial.system_attrs.get("fail_reason")
+
+
+@pytest.mark.parametrize("where", ["a file", "under a file"])
+def test_a_checkpoint_dir_that_cannot_hold_checkpoints_is_one_line_before_any_trial(
+    tmp_path: Path, where: str
+) -> None:
+    # Found by the first trial instead, every trial failed for good (NotADirectoryError), each with
+    # its own path in the reason, so not even the broken-objective rule stopped the worker.
+    from studyfiles import quadratic_study
+
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file where a folder is wanted\n")
+    root = blocker if where == "a file" else blocker / "checkpoints"
+    url = f"sqlite:///{tmp_path / 'hpo.db'}"
+    flags = ["--storage", url, "--checkpoint-dir", str(root), "--no-progress"]
+    result = run_cli(["worker", str(quadratic_study(tmp_path, n_trials=2, sampler="random")), *flags])
+    assert result.returncode == 2 and "Traceback" not in result.stdout + result.stderr, result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith(f"error: --checkpoint-dir '{root}': checkpoints cannot be written there"), line
+    assert "fix: --checkpoint-dir a folder this user can write" in line
+    trials = optuna.load_study(study_name="quad", storage=url).get_trials()
+    assert {t.state for t in trials} == {optuna.trial.TrialState.WAITING}  # nothing claimed or failed

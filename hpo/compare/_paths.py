@@ -69,16 +69,24 @@ def _check_creatable(path: Path, flag: str, fix: str) -> None:
         )
 
 
+def _existing(given: str | Path, flag: str, fix: str, kind: str) -> Path | None:
+    """``given`` as a path when it exists (the caller checks what it is); None when it does not
+    and can be created; :class:`HpoError` when it is empty or cannot be created."""
+    if not str(given):
+        raise HpoError(f"{flag}: the {kind} name is empty (fix: {fix})")
+    path = Path(given)
+    if _nearest_existing(path, flag, fix) != path:
+        _check_creatable(path, flag, fix)
+        return None
+    return path
+
+
 def check_output_dir(given: str | Path, flag: str = "-o", contents: Iterable[str] = REPORT_FILES) -> None:
     """Raise :class:`HpoError` unless ``path`` is, or can be created as, a writable folder into which
     the files ``contents`` can be written."""
     fix = "name a folder that this user can write, e.g. -o reports/NAME"
-    if not str(given):
-        raise HpoError(f"{flag}: the folder name is empty (fix: {fix})")
-    path = Path(given)
-    existing = _nearest_existing(path, flag, fix)
-    if existing != path:
-        _check_creatable(path, flag, fix)
+    path = _existing(given, flag, fix, "folder")
+    if path is None:
         return
     if not path.is_dir():
         raise HpoError(f"{flag} {shown(path)}: is a file, not a folder (fix: {fix})")
@@ -100,12 +108,8 @@ def check_output_dir(given: str | Path, flag: str = "-o", contents: Iterable[str
 def check_output_file(given: str | Path, flag: str = "-o", example: str = "storage/tables/NAME.json") -> None:
     """Raise :class:`HpoError` unless ``path`` is, or can be created as, a writable file."""
     fix = f"name a file that this user can write, e.g. {flag} {example}"
-    if not str(given):
-        raise HpoError(f"{flag}: the file name is empty (fix: {fix})")
-    path = Path(given)
-    existing = _nearest_existing(path, flag, fix)
-    if existing != path:
-        _check_creatable(path, flag, fix)
+    path = _existing(given, flag, fix, "file")
+    if path is None:
         return
     if path.is_dir():
         raise HpoError(
